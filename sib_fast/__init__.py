@@ -1,0 +1,16 @@
+"""sib_fast: the Spatial Information Bottleneck (S-IB) loss, fused.
+
+Public API (see README.md): ``input_vjp``, ``spatial_mask``, ``sib_terms``,
+``SIBTerms``, ``SIBLoss``, ``available_backends``, ``resolve_backend``.
+"""
+from sib_fast.dispatch import BackendUnavailableError, available_backends, resolve_backend
+from sib_fast.functional import SIBTerms, sib_terms, spatial_mask
+from sib_fast.loss import SIBLoss
+from sib_fast.vjp import input_vjp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError", "SIBLoss", "SIBTerms", "available_backends", "input_vjp",
+    "resolve_backend", "sib_terms", "spatial_mask",
+]

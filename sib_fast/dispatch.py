@@ -1,0 +1,134 @@
+"""Backend selection: which implementation of the S-IB head runs, and why.
+
+Backends:
+  ``reference``  plain PyTorch (``sib_fast.reference``), any device, always there;
+  ``cpu``        fused C++ kernels of the extension ``sib_fast._C`` on CPU tensors;
+  ``cuda``       fused C++/CUDA kernels of the same extension on CUDA tensors;
+  ``triton``     fused Triton kernels on CUDA tensors (CPU tensors too under
+                 ``TRITON_INTERPRET=1``, Triton's interpreter, for testing).
+
+``auto`` takes the fastest backend available for the tensors' device. It falls
+back to ``reference`` only with a one-time warning saying why the fused ones
+are unavailable; a backend asked for by name either runs or raises.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+import warnings
+
+import torch
+
+log = logging.getLogger("sib_fast")
+
+BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
+
+# Fastest first, per device type; measured by `sib-bench`.
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+_BACKEND_MODULES = {
+    "reference": "sib_fast.reference",
+    "cpu": "sib_fast.fused_ops",
+    "cuda": "sib_fast.fused_ops",
+    "triton": "sib_fast.triton_backend",
+}
+
+_FUSED_OP = "sib_fast::sib_head_forward"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run on this machine or device."""
+
+
+@functools.lru_cache(maxsize=None)
+def extension_status() -> str | None:
+    """None if the compiled extension ``sib_fast._C`` loaded, else why not."""
+    try:
+        importlib.import_module("sib_fast._C")
+    except ImportError as exc:
+        return (f"the compiled extension sib_fast._C is not built ({exc}); "
+                "build it with `pip install --no-build-isolation -e .`")
+    return None
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_FUSED_OP, dispatch_key)
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if ``backend`` can run on tensors of ``device_type``, else a reason."""
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        if device_type != backend:
+            return f"the '{backend}' backend runs on {backend} tensors, not {device_type} tensors"
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        reason = extension_status()
+        if reason is not None:
+            return reason
+        key = "CPU" if backend == "cpu" else "CUDA"
+        if not _has_kernel(key):
+            return f"sib_fast._C was built without {key} kernels for {_FUSED_OP}"
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if importlib.util.find_spec("sib_fast.triton_backend") is None:
+            return "the Triton backend is not part of this version of sib_fast"
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA GPU is available"
+        if device_type == "cpu" and _triton_interpreted():
+            return None
+        return f"the 'triton' backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), not {device_type}"
+    raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
+
+
+def available_backends(device=None) -> list[str]:
+    """Backends that can run here; for one device type if ``device`` is given."""
+    if device is not None:
+        device_types = [torch.device(device).type]
+    else:
+        device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [name for name in BACKEND_NAMES
+            if any(unavailable_reason(name, dt) is None for dt in device_types)]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(device_type: str, reasons: str) -> None:
+    warnings.warn(
+        f"sib_fast: backend='auto' runs the plain-PyTorch 'reference' backend on {device_type} "
+        f"tensors because no fused backend is available: {reasons}",
+        RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(device, backend: str = "auto") -> str:
+    """The name of the backend that will run for tensors on ``device``."""
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
+        raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
+    device_type = torch.device(device).type
+    if backend != "auto":
+        reason = unavailable_reason(backend, device_type)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend '{backend}' is unavailable: {reason}")
+        return backend
+    reasons = []
+    for name in _AUTO_ORDER.get(device_type, ()):
+        reason = unavailable_reason(name, device_type)
+        if reason is None:
+            return name
+        reasons.append(f"{name}: {reason}")
+    _warn_fallback(device_type, "; ".join(reasons) or f"none exists for {device_type} tensors")
+    return "reference"
+
+
+def backend_module(name: str):
+    """The module implementing backend ``name`` (``sib_terms`` and ``spatial_mask``)."""
+    return importlib.import_module(_BACKEND_MODULES[name])

@@ -1,0 +1,65 @@
+"""``SIBLoss``: cross-entropy plus the S-IB head, a drop-in training loss."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sib_fast.dispatch import BACKEND_NAMES, resolve_backend
+from sib_fast.functional import sib_terms
+from sib_fast.validation import check_hyperparameters
+from sib_fast.vjp import input_vjp
+
+
+class SIBLoss(nn.Module):
+    """loss = CE(logits, target) + lambda_bg * exp(BG) + lambda_fg * exp(-HSIC)  (SPEC section 6).
+
+    ``forward(logits, target, x)`` computes R = d phi/dx itself (double
+    backward, the paper's exact mode), so ``x`` must require grad and
+    ``logits`` must be computed from it. The head sees ``x`` detached: the
+    weights' gradient is unchanged (x does not depend on them) and the fused
+    backward then skips writing d loss/dx.
+
+    After each call, ``ce``, ``hsic``, ``bg`` and ``loss`` hold detached
+    0-dim tensors for logging (no device sync), and ``backend_used`` the name
+    of the backend that ran.
+    """
+
+    def __init__(self, lambda_fg: float = 0.01, lambda_bg: float = 1000.0, window_size: int = 31,
+                 temperature: float = 0.1, slope: float = 10.0, backend: str = "auto"):
+        super().__init__()
+        check_hyperparameters(window_size, temperature, slope)
+        for name, value in (("lambda_fg", lambda_fg), ("lambda_bg", lambda_bg)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if backend not in BACKEND_NAMES + ("auto",):
+            raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
+        self.lambda_fg = float(lambda_fg)
+        self.lambda_bg = float(lambda_bg)
+        self.window_size = int(window_size)
+        self.temperature = float(temperature)
+        self.slope = float(slope)
+        self.backend = backend
+        self.ce = self.hsic = self.bg = self.loss = None
+        self.backend_used: str | None = None
+
+    def extra_repr(self) -> str:
+        return (f"lambda_fg={self.lambda_fg}, lambda_bg={self.lambda_bg}, window_size={self.window_size}, "
+                f"temperature={self.temperature}, slope={self.slope}, backend={self.backend!r}")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        R = input_vjp(logits, x, create_graph=True)
+        return self.loss_from_vjp(logits, target, x, R)
+
+    def loss_from_vjp(self, logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
+                      R: torch.Tensor) -> torch.Tensor:
+        """The loss for an R computed elsewhere (the finite-difference training mode uses this)."""
+        self.backend_used = resolve_backend(R.device, self.backend)
+        terms = sib_terms(R, x.detach(), window_size=self.window_size, temperature=self.temperature,
+                          slope=self.slope, backend=self.backend_used)
+        ce = F.cross_entropy(logits, target)
+        loss = ce + self.lambda_bg * torch.exp(terms.bg) + self.lambda_fg * torch.exp(-terms.hsic)
+        self.ce, self.hsic, self.bg, self.loss = ce.detach(), terms.hsic.detach(), terms.bg.detach(), loss.detach()
+        return loss

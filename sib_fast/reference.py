@@ -1,0 +1,91 @@
+"""The S-IB head in plain PyTorch, written straight from SPEC sections 2-6.
+
+This is the ground truth every fused backend is tested against. It favours
+clarity over speed: full sorts, softmax weights over every rank, an
+``avg_pool2d`` box mean and materialised masked tensors. Inputs of lower
+precision than float32 are computed in float32 (SPEC section 6, scale note);
+float64 stays float64.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Quantile levels of SPEC section 3.
+Q_LOW, Q_MASK, Q_HIGH = 0.05, 0.80, 0.95
+RANGE_EPS = 1e-8  # added to hi - lo
+NORM_EPS = 1e-12  # floor of the vector norms in the HSIC term
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (reductions never in half)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def soft_quantile(v: torch.Tensor, q: float, temperature: float) -> torch.Tensor:
+    """SPEC section 2: Q(v, q) per row of ``v`` (shape (B, n)), by a full sort.
+
+    The sort is stable, so tied values take their ranks in index order; the
+    fused backends select ranks with the same tie-breaking.
+    """
+    n = v.shape[1]
+    sorted_v = torch.sort(v, dim=1, stable=True).values
+    t = q * (n - 1)
+    ranks = torch.arange(n, device=v.device, dtype=v.dtype)
+    w = torch.softmax(-(ranks - t).abs() / temperature, dim=0)
+    return (sorted_v * w).sum(dim=1)
+
+
+def box_mean(h: torch.Tensor, window_size: int) -> torch.Tensor:
+    """SPEC section 3: k x k mean, stride 1, zero padding k//2, divided by k*k."""
+    return F.avg_pool2d(h.unsqueeze(1), window_size, stride=1, padding=window_size // 2).squeeze(1)
+
+
+def spatial_mask(R: torch.Tensor, window_size: int = 31, temperature: float = 0.1,
+                 slope: float = 10.0) -> torch.Tensor:
+    """SPEC section 3: the soft mask M of shape (B, H, W)."""
+    R = R.to(compute_dtype(R))
+    B, _, H, W = R.shape
+    a = R.mean(dim=1).abs().reshape(B, H * W)
+    lo = soft_quantile(a, Q_LOW, temperature)[:, None]
+    hi = soft_quantile(a, Q_HIGH, temperature)[:, None]
+    u = (a - lo) / (hi - lo + RANGE_EPS)
+    t1 = soft_quantile(u, Q_MASK, temperature)[:, None]
+    h = torch.sigmoid(slope * (u - t1))
+    d = box_mean(h.reshape(B, H, W), window_size).reshape(B, H * W)
+    t2 = soft_quantile(d, Q_MASK, temperature)[:, None]
+    return torch.sigmoid(slope * (d - t2)).reshape(B, H, W)
+
+
+def hsic(R: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SPEC section 4: linear-kernel HSIC between R*M and x*M over the batch."""
+    B = R.shape[0]
+    m = mask.unsqueeze(1)
+    U = F.normalize((R * m).flatten(1), dim=1, eps=NORM_EPS)
+    V = F.normalize((x * m).flatten(1), dim=1, eps=NORM_EPS)
+    P = torch.eye(B, dtype=U.dtype, device=U.device) - 1.0 / B
+    Kc = P @ (U @ U.T) @ P
+    Lc = P @ (V @ V.T) @ P
+    return (Kc * Lc).sum() / (B - 1) ** 2
+
+
+def background_variance(R: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SPEC section 5: mean over images of the unbiased variance of R*(1-M)."""
+    r = (R * (1 - mask).unsqueeze(1)).flatten(1)
+    return r.var(dim=1, unbiased=True).mean()
+
+
+def sib_terms(R: torch.Tensor, x: torch.Tensor, window_size: int = 31,
+              temperature: float = 0.1, slope: float = 10.0):
+    """(hsic, bg, mask) of SPEC sections 3-5, in the compute dtype."""
+    dtype = compute_dtype(R, x)
+    R, x = R.to(dtype), x.to(dtype)
+    mask = spatial_mask(R, window_size, temperature, slope)
+    return hsic(R, x, mask), background_variance(R, mask), mask
+
+
+def sib_loss(logits: torch.Tensor, target: torch.Tensor, hsic_value: torch.Tensor,
+             bg_value: torch.Tensor, lambda_fg: float = 0.01, lambda_bg: float = 1000.0):
+    """SPEC section 6: CE + lambda_bg * exp(BG) + lambda_fg * exp(-HSIC)."""
+    ce = F.cross_entropy(logits, target)
+    return ce + lambda_bg * torch.exp(bg_value) + lambda_fg * torch.exp(-hsic_value)
