@@ -1,0 +1,492 @@
+// CPU kernels of sib_fast::sib_head_forward / sib_head_backward (SPEC sections 2-5, 7).
+//
+// Forward: one pass over R for the channel-mean plane, plane work per image
+// (rank selection instead of sorting, prefix-sum box mean), then one pass over
+// R, x and M that accumulates both raw Gram matrices and the background sums
+// without writing R*M, x*M or R*(1-M).
+// Backward: one pass over R and x writing dR (and dx) and accumulating the
+// mask's gradient, plane work for the mask chain's adjoint, and one pass adding
+// its share to dR. Reductions run over a fixed grid of row blocks and are
+// summed in block order, so results do not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "sib_head.h"
+
+namespace sib_fast {
+namespace {
+
+// Strided (B, C, H, W) access: any layout, channels_last included, without a copy.
+template <typename T>
+struct Strided4d {
+  T* data;
+  int64_t sb, sc, sh, sw;
+  explicit Strided4d(const at::Tensor& t)
+      : data(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sc(t.stride(1)), sh(t.stride(2)), sw(t.stride(3)) {}
+  T* row(int64_t b, int64_t c, int64_t h) const { return data + b * sb + c * sc + h * sh; }
+};
+
+struct Shape {
+  int64_t B, C, H, W, N, D;
+  explicit Shape(const at::Tensor& t)
+      : B(t.size(0)), C(t.size(1)), H(t.size(2)), W(t.size(3)), N(t.size(2) * t.size(3)),
+        D(t.size(1) * t.size(2) * t.size(3)) {}
+};
+
+// Row blocks of the big passes: a grid fixed by H alone, so that summing the
+// per-block partials in order is deterministic whatever the thread count.
+constexpr int64_t kMaxRowBlocks = 64;
+
+struct RowBlocks {
+  int64_t count, rows_per_block, H;
+  explicit RowBlocks(int64_t H_) : H(H_) {
+    count = std::min(H, kMaxRowBlocks);
+    rows_per_block = (H + count - 1) / count;
+    count = (H + rows_per_block - 1) / rows_per_block;
+  }
+  int64_t begin(int64_t blk) const { return blk * rows_per_block; }
+  int64_t end(int64_t blk) const { return std::min(H, (blk + 1) * rows_per_block); }
+};
+
+// k x k box mean with zero padding, divided by k*k (SPEC section 3): prefix sums
+// in double along rows, then along columns; O(1) per pixel for any k. The box
+// mean is self-adjoint, so the backward calls this same routine.
+template <typename acc_t>
+void box_mean_plane(const acc_t* in, acc_t* out, int64_t H, int64_t W, int64_t k,
+                    std::vector<double>& row_sums, std::vector<double>& prefix) {
+  const int64_t r = k / 2;
+  row_sums.resize(H * W);
+  prefix.resize(std::max(W, (H + 1) * W) + 1);
+  for (int64_t h = 0; h < H; ++h) {
+    prefix[0] = 0.0;
+    for (int64_t w = 0; w < W; ++w) prefix[w + 1] = prefix[w] + static_cast<double>(in[h * W + w]);
+    for (int64_t w = 0; w < W; ++w)
+      row_sums[h * W + w] = prefix[std::min(W, w + r + 1)] - prefix[std::max<int64_t>(0, w - r)];
+  }
+  // column prefix: prefix[(h + 1) * W + w] = sum of row_sums[0..h][w]
+  for (int64_t w = 0; w < W; ++w) prefix[w] = 0.0;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) prefix[(h + 1) * W + w] = prefix[h * W + w] + row_sums[h * W + w];
+  const double inv_area = 1.0 / static_cast<double>(k * k);
+  for (int64_t h = 0; h < H; ++h) {
+    const double* top = &prefix[std::max<int64_t>(0, h - r) * W];
+    const double* bottom = &prefix[std::min(H, h + r + 1) * W];
+    for (int64_t w = 0; w < W; ++w) out[h * W + w] = static_cast<acc_t>((bottom[w] - top[w]) * inv_area);
+  }
+}
+
+using RankKey = std::pair<uint64_t, int64_t>;  // (order bits of the value, flat index)
+
+// Soft quantiles of one plane at increasing levels (SPEC section 2): selects only
+// the ranks of each window (nth_element + partial_sort, ties by index as a stable
+// sort has them), records their indices and returns the weighted sums.
+template <typename acc_t>
+void soft_quantiles(const acc_t* plane, int64_t n, const int* quantiles, int count, double temperature,
+                    std::vector<RankKey>& keys, int64_t* rank_index, double* values) {
+  keys.resize(n);
+  for (int64_t i = 0; i < n; ++i) keys[i] = {order_bits(static_cast<double>(plane[i])), i};
+  int64_t sorted_until = 0;  // keys[0, sorted_until) hold their final ranks
+  double w[kRankWindow];
+  for (int qi = 0; qi < count; ++qi) {
+    const int quantile = quantiles[qi];
+    const double level = kQuantileLevel[quantile];
+    const RankWindow win = rank_window(n, level);
+    const int64_t end = win.first + win.count;
+    if (end > sorted_until) {
+      const int64_t start = std::max(win.first, sorted_until);
+      if (start > sorted_until) std::nth_element(keys.begin() + sorted_until, keys.begin() + start, keys.end());
+      std::partial_sort(keys.begin() + start, keys.begin() + end, keys.end());
+      sorted_until = end;
+    }
+    rank_weights(n, level, temperature, win, w);
+    double value = 0.0;
+    int64_t* index_row = rank_index + quantile * kRankWindow;
+    for (int k = 0; k < kRankWindow; ++k) {
+      if (k < win.count) {
+        const int64_t idx = keys[win.first + k].second;
+        index_row[k] = idx;
+        value += w[k] * static_cast<double>(plane[idx]);
+      } else {
+        index_row[k] = -1;
+      }
+    }
+    values[qi] = value;
+  }
+}
+
+// Scalars of the mask chain of one image, in the compute dtype.
+template <typename acc_t>
+struct MaskScalars {
+  acc_t lo, range, t1;
+  MaskScalars(acc_t lo_, acc_t q80, acc_t hi)
+      : lo(lo_), range(hi - lo_ + static_cast<acc_t>(kRangeEps)), t1((q80 - lo_) / range) {}
+  acc_t u(acc_t a) const { return (a - lo) / range; }
+};
+
+// Planes u -> h = sigmoid(s (u - t1)) -> d = box(h) from the channel-mean plane g.
+template <typename acc_t>
+void mask_planes(const acc_t* g, const MaskScalars<acc_t>& ms, acc_t slope, const Shape& sh, int64_t k,
+                 acc_t* h, acc_t* d, std::vector<double>& row_sums, std::vector<double>& prefix) {
+  for (int64_t p = 0; p < sh.N; ++p) h[p] = sigmoid(slope * (ms.u(std::abs(g[p])) - ms.t1));
+  box_mean_plane(h, d, sh.H, sh.W, k, row_sums, prefix);
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope,
+                    at::Tensor& hsic_out, at::Tensor& bg_out, at::Tensor& mask_out, at::Tensor& gram_out,
+                    at::Tensor& stats_out, at::Tensor& rank_out) {
+  const Shape sh(R);
+  const Strided4d<const scalar_t> Rs(R), xs(x);
+  acc_t* mask = mask_out.data_ptr<acc_t>();
+  acc_t* stats = stats_out.data_ptr<acc_t>();
+  int64_t* ranks = rank_out.data_ptr<int64_t>();
+  const acc_t s = static_cast<acc_t>(slope);
+
+  // Planes, one image per task: channel mean, quantiles of |g|, h, d, t2, M.
+  at::parallel_for(0, sh.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> g(sh.N), a(sh.N), h(sh.N), d(sh.N);
+    std::vector<double> row_sums, prefix;
+    std::vector<RankKey> keys;
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(g.begin(), g.end(), acc_t(0));
+      for (int64_t c = 0; c < sh.C; ++c)
+        for (int64_t y = 0; y < sh.H; ++y) {
+          const scalar_t* row = Rs.row(b, c, y);
+          acc_t* gy = &g[y * sh.W];
+          for (int64_t w = 0; w < sh.W; ++w) gy[w] += static_cast<acc_t>(row[w * Rs.sw]);
+        }
+      for (int64_t p = 0; p < sh.N; ++p) {
+        g[p] /= static_cast<acc_t>(sh.C);
+        a[p] = std::abs(g[p]);
+      }
+      const int a_quantiles[3] = {kQuantLow, kQuantMaskLevel, kQuantHigh};
+      double q[3];
+      soft_quantiles(a.data(), sh.N, a_quantiles, 3, temperature, keys, ranks + b * kQuantiles * kRankWindow, q);
+      acc_t* st = stats + b * kImageStats;
+      st[kStatLow] = static_cast<acc_t>(q[0]);
+      st[kStatMaskLevel] = static_cast<acc_t>(q[1]);
+      st[kStatHigh] = static_cast<acc_t>(q[2]);
+      const MaskScalars<acc_t> ms(st[kStatLow], st[kStatMaskLevel], st[kStatHigh]);
+      mask_planes(g.data(), ms, s, sh, window, h.data(), d.data(), row_sums, prefix);
+      const int d_quantile[1] = {kQuantT2};
+      double t2;
+      soft_quantiles(d.data(), sh.N, d_quantile, 1, temperature, keys, ranks + b * kQuantiles * kRankWindow, &t2);
+      st[kStatT2] = static_cast<acc_t>(t2);
+      acc_t* m = mask + b * sh.N;
+      for (int64_t p = 0; p < sh.N; ++p) m[p] = sigmoid(s * (d[p] - st[kStatT2]));
+    }
+  });
+
+  // One pass over R, x, M: raw Gram matrices of R*M and x*M and background sums.
+  const int64_t B = sh.B, W = sh.W;
+  const RowBlocks blocks(sh.H);
+  const int64_t partial_size = 2 * B * B + 2 * B;
+  std::vector<double> partials(blocks.count * partial_size, 0.0);
+  at::parallel_for(0, blocks.count, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> mr(B * W), mx(B * W);
+    for (int64_t blk = k0; blk < k1; ++blk) {
+      double* gram_u = &partials[blk * partial_size];
+      double* gram_v = gram_u + B * B;
+      double* bg_sum = gram_v + B * B;
+      double* bg_sumsq = bg_sum + B;
+      for (int64_t y = blocks.begin(blk); y < blocks.end(blk); ++y)
+        for (int64_t c = 0; c < sh.C; ++c) {
+          for (int64_t j = 0; j < B; ++j) {
+            const scalar_t* rrow = Rs.row(j, c, y);
+            const scalar_t* xrow = xs.row(j, c, y);
+            const acc_t* mrow = mask + j * sh.N + y * W;
+            acc_t s1 = 0, s2 = 0;
+            for (int64_t w = 0; w < W; ++w) {
+              const acc_t rv = static_cast<acc_t>(rrow[w * Rs.sw]);
+              const acc_t mv = mrow[w];
+              const acc_t background = rv * (acc_t(1) - mv);
+              mr[j * W + w] = mv * rv;
+              mx[j * W + w] = mv * static_cast<acc_t>(xrow[w * xs.sw]);
+              s1 += background;
+              s2 += background * background;
+            }
+            bg_sum[j] += s1;
+            bg_sumsq[j] += s2;
+          }
+          for (int64_t i = 0; i < B; ++i)
+            for (int64_t j = i; j < B; ++j) {
+              const acc_t* ui = &mr[i * W];
+              const acc_t* uj = &mr[j * W];
+              const acc_t* vi = &mx[i * W];
+              const acc_t* vj = &mx[j * W];
+              acc_t du = 0, dv = 0;
+#pragma omp simd reduction(+ : du, dv)
+              for (int64_t w = 0; w < W; ++w) {
+                du += ui[w] * uj[w];
+                dv += vi[w] * vj[w];
+              }
+              gram_u[i * B + j] += du;
+              gram_v[i * B + j] += dv;
+            }
+        }
+    }
+  });
+  std::vector<double> total(partial_size, 0.0);
+  for (int64_t blk = 0; blk < blocks.count; ++blk)
+    for (int64_t i = 0; i < partial_size; ++i) total[i] += partials[blk * partial_size + i];
+  std::vector<double> gram(2 * B * B);
+  for (int64_t m = 0; m < 2; ++m)
+    for (int64_t i = 0; i < B; ++i)
+      for (int64_t j = 0; j < B; ++j)
+        gram[m * B * B + i * B + j] = total[m * B * B + std::min(i, j) * B + std::max(i, j)];
+
+  std::vector<double> work(4 * B * B + 3 * B);
+  const double hsic = hsic_and_adjoint(gram.data(), gram.data() + B * B, B, 0.0, nullptr, nullptr, work.data());
+  double bg = 0.0;
+  const double D = static_cast<double>(sh.D);
+  for (int64_t b = 0; b < B; ++b) {
+    const double s1 = total[2 * B * B + b], s2 = total[2 * B * B + B + b];
+    bg += (s2 - s1 * s1 / D) / (D - 1.0);
+    stats[b * kImageStats + kStatBgSum] = static_cast<acc_t>(s1);
+    stats[b * kImageStats + kStatBgSumSq] = static_cast<acc_t>(s2);
+  }
+  hsic_out.fill_(hsic);
+  bg_out.fill_(bg / static_cast<double>(B));
+  acc_t* gram_acc = gram_out.data_ptr<acc_t>();
+  for (int64_t i = 0; i < 2 * B * B; ++i) gram_acc[i] = static_cast<acc_t>(gram[i]);
+}
+
+void check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
+  TORCH_CHECK(R.dim() == 4, "sib_head: R must be (B, C, H, W), got ", R.sizes());
+  TORCH_CHECK(R.sizes() == x.sizes(), "sib_head: R and x must have the same shape, got ", R.sizes(), " and ",
+              x.sizes());
+  TORCH_CHECK(R.scalar_type() == x.scalar_type(), "sib_head: R and x must have the same dtype, got ",
+              R.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(R.device().is_cpu() && x.device().is_cpu(), "sib_head (CPU kernel): R and x must be CPU tensors");
+  TORCH_CHECK(R.size(0) >= 2, "sib_head: needs a batch of at least 2 images, got ", R.size(0));
+  TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) >= 2, "sib_head: needs C*H*W >= 2");
+  TORCH_CHECK(window > 0 && window % 2 == 1, "sib_head: window_size must be a positive odd integer, got ", window);
+  TORCH_CHECK(temperature > 0 && slope > 0, "sib_head: temperature and slope must be > 0");
+}
+
+at::ScalarType compute_type(const at::Tensor& R) {
+  return R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sib_head_forward_cpu(
+    const at::Tensor& R, const at::Tensor& x, int64_t window_size, double temperature, double slope) {
+  check_maps(R, x, window_size, temperature, slope);
+  const Shape sh(R);
+  const auto opts = R.options().dtype(compute_type(R));
+  at::Tensor hsic = at::empty({}, opts), bg = at::empty({}, opts);
+  at::Tensor mask = at::empty({sh.B, sh.H, sh.W}, opts);
+  at::Tensor gram = at::empty({2, sh.B, sh.B}, opts);
+  at::Tensor stats = at::empty({sh.B, kImageStats}, opts);
+  at::Tensor ranks = at::empty({sh.B, kQuantiles, kRankWindow}, R.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(), "sib_head_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, acc_t>(R, x, window_size, temperature, slope, hsic, bg, mask, gram, stats, ranks);
+  });
+  return {hsic, bg, mask, gram, stats, ranks};
+}
+
+// Adjoint of the mask chain of one image (SPEC section 3 backwards): from dM to
+// dg, the gradient of the channel-mean plane. Nothing is detached, so the
+// quantiles pass gradient to the elements at their ranks.
+template <typename acc_t>
+void mask_chain_adjoint(const acc_t* g, const acc_t* M, const acc_t* dM, const acc_t* st, const int64_t* ranks,
+                        const Shape& sh, int64_t window, double temperature, acc_t s, acc_t* dg,
+                        std::vector<acc_t>& h, std::vector<acc_t>& d, std::vector<acc_t>& dd,
+                        std::vector<double>& row_sums, std::vector<double>& prefix) {
+  const int64_t N = sh.N;
+  const MaskScalars<acc_t> ms(st[kStatLow], st[kStatMaskLevel], st[kStatHigh]);
+  mask_planes(g, ms, s, sh, window, h.data(), d.data(), row_sums, prefix);
+  double w[kRankWindow];
+  auto scatter_to_ranks = [&](int quantile, double grad, acc_t* plane) {
+    const RankWindow win = rank_window(N, kQuantileLevel[quantile]);
+    rank_weights(N, kQuantileLevel[quantile], temperature, win, w);
+    for (int k = 0; k < win.count; ++k) {
+      const int64_t idx = ranks[quantile * kRankWindow + k];
+      if (idx >= 0) plane[idx] += static_cast<acc_t>(w[k] * grad);
+    }
+  };
+  // M = sigmoid(s (d - t2)), t2 = Q(d, 0.8)
+  double dt2 = 0.0;
+  for (int64_t p = 0; p < N; ++p) {
+    dd[p] = dM[p] * s * M[p] * (acc_t(1) - M[p]);
+    dt2 -= dd[p];
+  }
+  scatter_to_ranks(kQuantT2, dt2, dd.data());
+  // d = box(h), self-adjoint: dh = box(dd); reuse d's buffer for dh
+  acc_t* dh = d.data();
+  box_mean_plane(dd.data(), dh, sh.H, sh.W, window, row_sums, prefix);
+  // h = sigmoid(s (u - t1)), u = (a - lo) / S, t1 = (q80 - lo) / S, S = hi - lo + eps
+  double du_sum = 0.0, du_u_sum = 0.0;
+  const double S = static_cast<double>(ms.range);
+  for (int64_t p = 0; p < N; ++p) {
+    const acc_t du = dh[p] * s * h[p] * (acc_t(1) - h[p]);
+    const acc_t u = ms.u(std::abs(g[p]));
+    du_sum += du;
+    du_u_sum += static_cast<double>(du) * u;
+    dg[p] = du / ms.range;  // da for now
+  }
+  const double dt1 = -du_sum;
+  const double t1 = static_cast<double>(ms.t1);
+  const double dS = -du_u_sum / S - dt1 * t1 / S;
+  const double dq80 = dt1 / S;
+  const double dhi = dS;
+  const double dlo = -du_sum / S - dt1 / S - dS;
+  scatter_to_ranks(kQuantLow, dlo, dg);
+  scatter_to_ranks(kQuantMaskLevel, dq80, dg);
+  scatter_to_ranks(kQuantHigh, dhi, dg);
+  for (int64_t p = 0; p < N; ++p) dg[p] *= sign_of(g[p]);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_mask, const at::Tensor& R,
+                     const at::Tensor& x, const at::Tensor& mask_t, const at::Tensor& gram_t,
+                     const at::Tensor& stats_t, const at::Tensor& ranks_t, int64_t window, double temperature,
+                     double slope, at::Tensor& dR_t, at::Tensor* dx_t) {
+  const Shape sh(R);
+  const int64_t B = sh.B, W = sh.W, N = sh.N;
+  const Strided4d<const scalar_t> Rs(R), xs(x);
+  const Strided4d<scalar_t> dRs(dR_t);
+  const Strided4d<scalar_t> dxs = dx_t ? Strided4d<scalar_t>(*dx_t) : dRs;
+  const acc_t* mask = mask_t.data_ptr<acc_t>();
+  const acc_t* stats = stats_t.data_ptr<acc_t>();
+  const int64_t* ranks = ranks_t.data_ptr<int64_t>();
+
+  // Per-batch factors: dL/du_i = sum_j A_u[i,j] u_j, likewise for v; background.
+  std::vector<double> gram(2 * B * B), A(2 * B * B), work(4 * B * B + 3 * B);
+  const acc_t* gram_acc = gram_t.data_ptr<acc_t>();
+  for (int64_t i = 0; i < 2 * B * B; ++i) gram[i] = static_cast<double>(gram_acc[i]);
+  hsic_and_adjoint(gram.data(), gram.data() + B * B, B, grad_hsic, A.data(), A.data() + B * B, work.data());
+  std::vector<acc_t> A_u(B * B), A_v(B * B), bg_scale(B), bg_mean(B);
+  for (int64_t i = 0; i < B * B; ++i) {
+    A_u[i] = static_cast<acc_t>(A[i]);
+    A_v[i] = static_cast<acc_t>(A[B * B + i]);
+  }
+  const double D = static_cast<double>(sh.D);
+  for (int64_t b = 0; b < B; ++b) {
+    // dBG/dr = 2 (r - mean) / (B (D - 1))
+    bg_scale[b] = static_cast<acc_t>(2.0 * grad_bg / (static_cast<double>(B) * (D - 1.0)));
+    bg_mean[b] = static_cast<acc_t>(static_cast<double>(stats[b * kImageStats + kStatBgSum]) / D);
+  }
+
+  // Pass 1 over R, x: dR without the mask chain's share, dx, dM, and g again.
+  std::vector<acc_t> dM(B * N), g(B * N);
+  at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
+    std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), T(W), Tx(W);
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t j = 0; j < B; ++j)
+        for (int64_t w = 0; w < W; ++w) dM[j * N + y * W + w] = g[j * N + y * W + w] = 0;
+      for (int64_t c = 0; c < sh.C; ++c) {
+        for (int64_t j = 0; j < B; ++j) {
+          const scalar_t* rrow = Rs.row(j, c, y);
+          const scalar_t* xrow = xs.row(j, c, y);
+          const acc_t* mrow = mask + j * N + y * W;
+          acc_t* grow = &g[j * N + y * W];
+          for (int64_t w = 0; w < W; ++w) {
+            const acc_t r = static_cast<acc_t>(rrow[w * Rs.sw]);
+            const acc_t xx = static_cast<acc_t>(xrow[w * xs.sw]);
+            rv[j * W + w] = r;
+            xv[j * W + w] = xx;
+            mr[j * W + w] = mrow[w] * r;
+            mx[j * W + w] = mrow[w] * xx;
+            grow[w] += r;
+          }
+        }
+        for (int64_t i = 0; i < B; ++i) {
+          std::fill(T.begin(), T.end(), acc_t(0));
+          std::fill(Tx.begin(), Tx.end(), acc_t(0));
+          for (int64_t j = 0; j < B; ++j) {
+            const acc_t au = A_u[i * B + j], av = A_v[i * B + j];
+            const acc_t* uj = &mr[j * W];
+            const acc_t* vj = &mx[j * W];
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) {
+              T[w] += au * uj[w];
+              Tx[w] += av * vj[w];
+            }
+          }
+          const acc_t* mrow = mask + i * N + y * W;
+          acc_t* dMrow = &dM[i * N + y * W];
+          scalar_t* dRrow = dRs.row(i, c, y);
+          for (int64_t w = 0; w < W; ++w) {
+            const acc_t m = mrow[w], r = rv[i * W + w];
+            const acc_t bg_grad = bg_scale[i] * (r * (acc_t(1) - m) - bg_mean[i]);
+            dRrow[w * dRs.sw] = static_cast<scalar_t>(m * T[w] + (acc_t(1) - m) * bg_grad);
+            dMrow[w] += r * T[w] + xv[i * W + w] * Tx[w] - r * bg_grad;
+          }
+          if (dx_t) {
+            scalar_t* dxrow = dxs.row(i, c, y);
+            for (int64_t w = 0; w < W; ++w) dxrow[w * dxs.sw] = static_cast<scalar_t>(mrow[w] * Tx[w]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < B; ++j)
+        for (int64_t w = 0; w < W; ++w) g[j * N + y * W + w] /= static_cast<acc_t>(sh.C);
+    }
+  });
+  if (grad_mask.defined()) {
+    const at::Tensor gm = grad_mask.to(mask_t.scalar_type()).contiguous();
+    const acc_t* gmp = gm.data_ptr<acc_t>();
+    for (int64_t i = 0; i < B * N; ++i) dM[i] += gmp[i];
+  }
+
+  // Planes: the mask chain's adjoint, dM -> dg, one image per task.
+  std::vector<acc_t> dg(B * N);
+  const acc_t s = static_cast<acc_t>(slope);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> h(N), d(N), dd(N);
+    std::vector<double> row_sums, prefix;
+    for (int64_t b = b0; b < b1; ++b)
+      mask_chain_adjoint(&g[b * N], mask + b * N, &dM[b * N], stats + b * kImageStats,
+                         ranks + b * kQuantiles * kRankWindow, sh, window, temperature, s, &dg[b * N], h, d, dd,
+                         row_sums, prefix);
+  });
+
+  // Pass 2 over dR: add dg / C to every channel.
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(sh.C);
+  at::parallel_for(0, B * sh.C * sh.H, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      const int64_t y = rr % sh.H, c = (rr / sh.H) % sh.C, b = rr / (sh.H * sh.C);
+      scalar_t* dRrow = dRs.row(b, c, y);
+      const acc_t* dgrow = &dg[b * N + y * W];
+      for (int64_t w = 0; w < W; ++w)
+        dRrow[w * dRs.sw] = static_cast<scalar_t>(static_cast<acc_t>(dRrow[w * dRs.sw]) + dgrow[w] * inv_c);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> sib_head_backward_cpu(
+    const at::Tensor& grad_hsic, const at::Tensor& grad_bg, const std::optional<at::Tensor>& grad_mask,
+    const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& gram,
+    const at::Tensor& image_stats, const at::Tensor& rank_index, int64_t window_size, double temperature,
+    double slope, bool compute_grad_x) {
+  check_maps(R, x, window_size, temperature, slope);
+  TORCH_CHECK(mask.scalar_type() == compute_type(R) && mask.is_contiguous() && gram.is_contiguous() &&
+                  image_stats.is_contiguous() && rank_index.is_contiguous(),
+              "sib_head_backward: the saved tensors must be the forward op's outputs");
+  at::Tensor dR = at::empty_like(R);
+  at::Tensor dx = compute_grad_x ? at::empty_like(x) : at::empty({0}, x.options());
+  const double gh = grad_hsic.item<double>(), gb = grad_bg.item<double>();
+  const at::Tensor gm = grad_mask.has_value() ? *grad_mask : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(), "sib_head_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t, acc_t>(gh, gb, gm, R, x, mask, gram, image_stats, rank_index, window_size,
+                                     temperature, slope, dR, compute_grad_x ? &dx : nullptr);
+  });
+  return {dR, dx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sib_fast, CPU, m) {
+  m.impl("sib_head_forward", &sib_head_forward_cpu);
+  m.impl("sib_head_backward", &sib_head_backward_cpu);
+}
+
+}  // namespace sib_fast
