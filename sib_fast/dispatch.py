@@ -38,6 +38,8 @@ _BACKEND_MODULES = {
 
 _FUSED_OP = "sib_fast::sib_head_forward"
 
+_LOADED: dict = {}  # backend name -> its imported module
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run on this machine or device."""
@@ -109,8 +111,22 @@ def _warn_fallback(device_type: str, reasons: str) -> None:
         RuntimeWarning, stacklevel=4)
 
 
+# Under torch.compile the choice is made once, eagerly, at trace time and baked in.
+@torch.compiler.assume_constant_result
 def resolve_backend(device, backend: str = "auto") -> str:
-    """The name of the backend that will run for tensors on ``device``."""
+    """The name of the backend that will run for tensors on ``device``.
+
+    It also imports that backend's module, so that ``backend_module`` is a
+    plain lookup (traceable by torch.compile).
+    """
+    name = _choose_backend(device, backend)
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_BACKEND_MODULES[name])
+        log.info("sib_fast: backend %r runs for %s tensors (asked for %r)", name, torch.device(device).type, backend)
+    return name
+
+
+def _choose_backend(device, backend: str) -> str:
     if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
     device_type = torch.device(device).type
@@ -130,5 +146,6 @@ def resolve_backend(device, backend: str = "auto") -> str:
 
 
 def backend_module(name: str):
-    """The module implementing backend ``name`` (``sib_terms`` and ``spatial_mask``)."""
-    return importlib.import_module(_BACKEND_MODULES[name])
+    """The module implementing backend ``name`` (``sib_terms`` and ``spatial_mask``),
+    once ``resolve_backend`` has chosen it."""
+    return _LOADED[name]

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import torch
 
-from sib_fast.dispatch import backend_module, log, resolve_backend
+from sib_fast.dispatch import backend_module, resolve_backend
 from sib_fast.validation import check_head_inputs, check_mask_inputs
 
 
@@ -21,16 +21,14 @@ class SIBTerms(NamedTuple):
 
 
 def _backend_for(R: torch.Tensor, backend: str):
-    name = resolve_backend(R.device, backend)
-    log.debug("sib_fast: backend %r runs for %s tensors (asked for %r)", name, R.device.type, backend)
-    return backend_module(name), name
+    return backend_module(resolve_backend(R.device, backend))
 
 
 def spatial_mask(R: torch.Tensor, *, window_size: int = 31, temperature: float = 0.1,
                  slope: float = 10.0, backend: str = "auto") -> torch.Tensor:
     """The soft foreground mask M (B, H, W) of the VJP map R (SPEC section 3)."""
     check_mask_inputs(R, window_size, temperature, slope)
-    module, _ = _backend_for(R, backend)
+    module = _backend_for(R, backend)
     return module.spatial_mask(R, int(window_size), float(temperature), float(slope))
 
 
@@ -41,5 +39,5 @@ def sib_terms(R: torch.Tensor, x: torch.Tensor, *, window_size: int = 31, temper
     Differentiable with respect to R, and to x when it requires grad.
     """
     check_head_inputs(R, x, window_size, temperature, slope)
-    module, _ = _backend_for(R, backend)
+    module = _backend_for(R, backend)
     return SIBTerms(*module.sib_terms(R, x, int(window_size), float(temperature), float(slope)))

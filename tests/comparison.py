@@ -28,3 +28,52 @@ def assert_matches_reference(actual: torch.Tensor, expected: torch.Tensor, rtol:
             f"{what}: relative error {err:.3e} > {rtol:.1e}; {bad} of {e.numel()} elements off; "
             f"worst at {worst}: got {a[worst].item():.10e}, reference {e[worst].item():.10e}; "
             f"reference max |.| {e.abs().max().item():.3e}")
+
+
+# Largest relative error of a gradient written in a half-precision dtype: its own rounding.
+GRADIENT_TOLERANCE = {**RELATIVE_TOLERANCE, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def compare_head_with_reference(backend: str, R: torch.Tensor, x: torch.Tensor, window_size: int,
+                                temperature: float, slope: float, *, x_grad: bool = True, seed: int = 0) -> None:
+    """hsic, bg, mask and dR (and dx) of ``backend`` against the reference run in float64.
+
+    The upstream gradients of hsic, bg and mask are random, so every output's
+    backward path is exercised; the reference sees the same input values in float64.
+    """
+    import sib_fast
+    from sib_fast import reference
+
+    dtype = R.dtype
+    R_ref = R.detach().double().requires_grad_()
+    x_ref = x.detach().double().requires_grad_(x_grad)
+    R = R.detach().requires_grad_()
+    x = x.detach().requires_grad_(x_grad)
+    out = sib_fast.sib_terms(R, x, window_size=window_size, temperature=temperature, slope=slope, backend=backend)
+    ref = reference.sib_terms(R_ref, x_ref, window_size, temperature, slope)
+
+    tol = RELATIVE_TOLERANCE[dtype]
+    for name, a, e in zip(("hsic", "bg", "mask"), out, ref):
+        assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), f"{name} dtype {a.dtype}"
+        assert_matches_reference(a, e, tol, f"{backend} {name}")
+
+    # Random upstream gradients, each scaled so that its term's share of dR is of the
+    # same size: otherwise the tiny background term (R is small) would hide its errors.
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((), (), ref[2].shape)]
+    # A term whose share is zero in exact arithmetic (a mask that cannot move, as on
+    # 1x1 images or with a window covering the image) keeps its raw weight.
+    shares = [torch.autograd.grad((term * w).sum(), R_ref, retain_graph=True)[0].norm().item()
+              for term, w in zip(ref, weights)]
+    largest = max(shares)
+    weights = [w * (largest / s if s > 1e-6 * largest else 1.0) for w, s in zip(weights, shares)]
+
+    def upstream(terms):
+        return sum((t * w.to(t)).sum() for t, w in zip(terms, weights))
+
+    inputs, inputs_ref = ((R, x), (R_ref, x_ref)) if x_grad else ((R,), (R_ref,))
+    grads = torch.autograd.grad(upstream(out), inputs)
+    grads_ref = torch.autograd.grad(upstream(ref), inputs_ref)
+    for name, a, e, t in zip(("dR", "dx"), grads, grads_ref, inputs):
+        assert a.dtype == t.dtype and a.shape == t.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
+        assert_matches_reference(a, e, GRADIENT_TOLERANCE[dtype], f"{backend} {name}")
