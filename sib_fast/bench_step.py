@@ -1,0 +1,252 @@
+"""``sib-bench --step``: images/s and peak memory of a full training step.
+
+Rows per model: plain cross-entropy; S-IB exact (double backward) with the
+reference head and with each fused head; S-IB finite-difference with each
+fused head (with the reference head when no fused one is available). A step
+is zero_grad, forward, loss, backward into the parameters, AdamW step; its
+time is the median over ``--step-reps`` steps after 2 warm-up steps. The
+ratio of each row's step time to the plain step's is the headline figure.
+
+The S-IB rows call ``sib_fast.sib_backward(model, x, target, criterion,
+vjp=...)`` when this version of sib_fast has it; otherwise the exact rows use
+``SIBLoss`` directly and the finite-difference rows are reported unavailable.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+WARMUP_STEPS = 2
+DEFAULT_STEP_BATCH = {"cpu": 4, "cuda": 64}
+
+
+def find_sib_backward():
+    """``sib_backward`` of the training-step API, or None where this version lacks it."""
+    try:
+        from sib_fast import sib_backward  # type: ignore[attr-defined]
+
+        return sib_backward
+    except ImportError:
+        pass
+    try:
+        from sib_fast.training_step import sib_backward  # type: ignore[import-not-found]
+
+        return sib_backward
+    except ImportError:
+        return None
+
+
+def tiny_cnn(num_classes: int) -> torch.nn.Module:
+    """Two conv-BN-ReLU blocks and a linear layer: a smoke-test model, not a benchmark."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def build_model(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
+    """A torchvision model by name, randomly initialised; ``vit_s_16`` is ViT-S/16, ``tiny_cnn`` a smoke test."""
+    if name == "tiny_cnn":
+        return tiny_cnn(num_classes)
+    import torchvision
+
+    if name in ("vit_s_16", "vit_small"):
+        if image_size % 16:
+            raise ValueError(f"vit_s_16 needs an image size divisible by 16, got {image_size}")
+        return torchvision.models.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12,
+                                                    num_heads=6, hidden_dim=384, mlp_dim=1536,
+                                                    num_classes=num_classes)
+    kwargs = {"weights": None, "num_classes": num_classes}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = image_size
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def step_rows(fused: list[str], vjp_modes: list[str]) -> list[tuple[str, str | None, str | None]]:
+    """(row name, vjp mode, head backend) of the rows of one model."""
+    rows = [("plain CE", None, None)]
+    if "exact" in vjp_modes:
+        rows.append(("S-IB exact", "exact", "reference"))
+        rows += [("S-IB exact", "exact", b) for b in fused]
+    if "finite_difference" in vjp_modes:
+        rows += [("S-IB finite-difference", "finite_difference", b) for b in (fused or ["reference"])]
+    return rows
+
+
+def _fallback_exact(model, x, target, criterion):
+    xr = x.detach().requires_grad_(True)
+    loss = criterion(model(xr), target, xr)
+    loss.backward()
+    return loss.detach()
+
+
+def make_step(model, optimizer, vjp, backend, sib_backward):
+    """A function of (x, target) doing one full training step."""
+    from sib_fast import SIBLoss
+
+    if vjp is None:
+        def step(x, target):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), target).backward()
+            optimizer.step()
+        return step
+    criterion = SIBLoss(backend=backend)
+    if sib_backward is None and vjp != "exact":
+        raise NotImplementedError("sib_fast.sib_backward (the training-step API) is not in this version")
+
+    def step(x, target):
+        optimizer.zero_grad(set_to_none=True)
+        if sib_backward is not None:
+            sib_backward(model, x, target, criterion, vjp=vjp)
+        else:
+            _fallback_exact(model, x, target, criterion)
+        optimizer.step()
+    return step
+
+
+def _time_step(step, batches, device, reps):
+    from sib_fast.bench_measure import summarize, synchronize
+
+    times = []
+    for i in range(reps):
+        x, y = batches[i % len(batches)]
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(x, y)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step(x, y)
+            times.append(time.perf_counter() - t0)
+    return summarize(times)
+
+
+def _peak_memory(step, batch, device) -> dict:
+    """Peak memory of one step: absolute and beyond what existed before (model, optimizer state, inputs)."""
+    from sib_fast.bench_measure import rss_peak_extra, synchronize
+
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(*batch)
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": int(peak), "peak_extra_bytes": int(peak - base),
+                "memory_method": "cuda-max-memory-allocated"}
+    extra, _ = rss_peak_extra(lambda: step(*batch))
+    return {"peak_bytes": None, "peak_extra_bytes": extra, "memory_method": "rss-high-water"}
+
+
+def step_config(args, device: torch.device) -> dict:
+    """The step-mode settings from the arguments, checked before anything is measured."""
+    from sib_fast.bench import UsageError
+    from sib_fast.dispatch import available_backends
+
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    vjp_modes = [v.strip() for v in args.vjp.split(",") if v.strip()]
+    bad = [v for v in vjp_modes if v not in ("exact", "finite_difference")]
+    if not models or not vjp_modes or bad:
+        raise UsageError("--model needs names and --vjp takes exact,finite_difference")
+    batch = args.step_batch or DEFAULT_STEP_BATCH[device.type]
+    if batch < 2:
+        raise UsageError("--step-batch must be >= 2 (the S-IB head needs 2 images)")
+    if args.step_reps < 1 or args.step_size < 1 or args.num_classes < 2:
+        raise UsageError("need --step-reps >= 1, --step-size >= 1 and --num-classes >= 2")
+    if any(m != "tiny_cnn" for m in models):
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            raise UsageError("step mode needs torchvision (pip install torchvision)") from None
+    fused = [b for b in available_backends(device) if b != "reference"]
+    if device.type == "cpu":
+        fused = [b for b in fused if b != "triton"]
+    sib_backward = find_sib_backward()
+    return {"models": models, "batch": batch, "image_size": args.step_size, "num_classes": args.num_classes,
+            "vjp_modes": vjp_modes, "fused": fused, "reps": args.step_reps, "warmup": WARMUP_STEPS,
+            "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4)", "channels_last": args.channels_last,
+            "sib_backward": "sib_fast.sib_backward" if sib_backward else
+            "fallback (no sib_fast.sib_backward in this version): exact rows use SIBLoss directly"}
+
+
+def run_step(args, device: torch.device, record: dict, config: dict) -> None:
+    from sib_fast.bench import UsageError, _first_line, save_json
+
+    record["step_settings"] = config
+    models, vjp_modes, fused, batch = config["models"], config["vjp_modes"], config["fused"], config["batch"]
+    sib_backward = find_sib_backward()
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for model_name in models:
+        try:
+            model = build_model(model_name, args.num_classes, args.step_size)
+        except Exception as exc:
+            raise UsageError(f"--model {model_name}: {_first_line(exc)}") from None
+        model = model.to(device=device, memory_format=memory_format).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        batches = []
+        for _ in range(2):
+            x = torch.rand(batch, 3, args.step_size, args.step_size, generator=gen)
+            y = torch.randint(0, args.num_classes, (batch,), generator=gen)
+            batches.append((x.to(device=device, memory_format=memory_format), y.to(device)))
+        base_median = None
+        for name, vjp, backend in step_rows(fused, vjp_modes):
+            row = {"kind": "step", "model": model_name, "row": name, "vjp": vjp, "head_backend": backend,
+                   "batch": batch, "image_size": args.step_size, "device": device.type}
+            print(f"  {model_name} B={batch} {name} {backend or ''} ...", file=sys.stderr, flush=True)
+            try:
+                step = make_step(model, optimizer, vjp, backend, sib_backward)
+                for i in range(WARMUP_STEPS):
+                    step(*batches[i % 2])
+                row["timing"] = _time_step(step, batches, device, args.step_reps)
+                row.update(_peak_memory(step, batches[0], device))
+                median = row["timing"]["median"]
+                row["images_per_s"] = batch / median
+                if vjp is None:
+                    base_median = median
+                row["x_plain_step"] = median / base_median if base_median else None
+            except NotImplementedError as exc:
+                row["error"] = f"unavailable: {exc}"
+            except Exception as exc:  # e.g. no double backward for an op: the finding, not a crash
+                row["error"] = _first_line(exc)
+            finally:
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            record["rows"].append(row)
+            save_json(record, args.json)
+        del model, optimizer, batches
+
+
+def step_table(record: dict) -> str:
+    s = record.get("step_settings", {})
+    lines = [f"step: zero_grad, forward, loss, backward, {s.get('optimizer', 'AdamW')} step; median (IQR) of "
+             f"{s.get('reps')} steps after {s.get('warmup')} warm-up; S-IB via {s.get('sib_backward')}", "",
+             "| model | B | size | row | head | step ms | images/s | x plain step | peak MB | peak extra MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    from sib_fast.bench import _ms, short_error
+
+    for row in record["rows"]:
+        if row.get("kind") != "step":
+            continue
+        head = (f"| {row['model']} | {row['batch']} | {row['image_size']} | {row['row']} | "
+                f"{row['head_backend'] or '-'} |")
+        if "timing" not in row:
+            lines.append(f"{head} {short_error(row)} | | | | |")
+            continue
+        peak = row.get("peak_bytes")
+        extra = row.get("peak_extra_bytes")
+        ratio = row.get("x_plain_step")
+        lines.append(f"{head} {_ms(row['timing'])} | {row['images_per_s']:.1f} | "
+                     f"{'-' if ratio is None else format(ratio, '.2f')} | "
+                     f"{'-' if peak is None else format(peak / 1e6, '.0f')} | "
+                     f"{'-' if extra is None else format(extra / 1e6, '.0f')} |")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Tests of the benchmark tool ``sib-bench`` itself: its arithmetic, its record, tiny runs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sib_fast import bench
+from sib_fast.bench_measure import (floor_bytes, make_head_inputs, peak_extra_memory, rotation_count,
+                                    summarize)
+
+# one thread: on a loaded 2-core machine OpenMP barriers make 2 threads 10-100x slower on tiny shapes
+TINY = ["--device", "cpu", "--threads", "1", "--quick", "--copy-mib", "16", "--no-compile"]
+
+
+def test_floor_bytes_are_spec_section_7():
+    # R and x read once, dR written once; the forward only reads
+    f = floor_bytes((2, 3, 4, 5), torch.float32)
+    assert f == {"tensor": 480, "fwd": 960, "bwd": 1440, "fwd_bwd": 1440}
+    assert floor_bytes((2, 3, 4, 5), torch.bfloat16)["fwd_bwd"] == 720
+    assert floor_bytes((2, 3, 4, 5), torch.float64)["fwd"] == 1920
+    # dx written too when x requires grad
+    assert floor_bytes((2, 3, 4, 5), torch.float32, grad_x=True)["fwd_bwd"] == 1920
+    # the 224x224 headline shape: 128 x 3 x 224 x 224 float32 is 77 MB per tensor, 231 MB in all
+    assert floor_bytes((128, 3, 224, 224), torch.float32)["fwd_bwd"] == 3 * 128 * 3 * 224 * 224 * 4
+
+
+def test_summary_is_median_and_interquartile_range():
+    s = summarize([5.0, 1.0, 4.0, 2.0, 3.0, 100.0, 0.5])
+    assert s["median"] == 3.0 and s["min"] == 0.5 and s["n"] == 7
+    assert s["q1"] == 1.5 and s["q3"] == 4.5 and s["iqr"] == 3.0
+    assert summarize([2.0])["iqr"] == 0.0
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_rotation_covers_the_cache_within_the_budget():
+    assert rotation_count(10, cache=1000, budget=10**9) == 8  # capped
+    assert rotation_count(600, cache=1000, budget=10**9) == 5  # ceil(2000/600) + 1 sets exceed twice the cache
+    assert rotation_count(10**6, cache=1000, budget=10**9) == 2  # never the same tensors twice in a row
+    assert rotation_count(10**6, cache=1000, budget=10**6) == 1  # unless memory forbids
+
+
+def test_inputs_look_like_a_vjp_map():
+    R, x = make_head_inputs(3, 2, 20, 24, torch.float32, torch.device("cpu"), seed=1)
+    assert R.shape == x.shape == (3, 2, 20, 24) and R.requires_grad and not x.requires_grad
+    assert 0.2 < (R == 0).float().mean().item() < 0.4
+    assert R.abs().max().item() < 1e-2
+    R2, _ = make_head_inputs(3, 2, 20, 24, torch.float32, torch.device("cpu"), seed=1)
+    assert torch.equal(R, R2)
+
+
+def test_cpu_peak_memory_sees_a_known_allocation():
+    def run():
+        keep = torch.ones(1_000_000)  # 4 MB kept
+        tmp = torch.ones(500_000)  # 2 MB freed before returning
+        del tmp
+        return keep
+
+    mem = peak_extra_memory(run, torch.device("cpu"))
+    assert mem["method"] in ("cpu-allocator", "rss-high-water")
+    assert 5.9e6 <= mem["bytes"] <= 6.5e6
+
+
+def test_lane_selection():
+    lanes = bench.select_lanes("all", torch.device("cpu"), no_compile=False)
+    assert lanes[:2] == ["reference", bench.COMPILE_LANE] and "triton" not in lanes
+    assert bench.select_lanes("cpu,compile", torch.device("cpu"), no_compile=True) == ["reference", "cpu"]
+    with pytest.raises(bench.UsageError, match="unknown backend"):
+        bench.select_lanes("fast", torch.device("cpu"), no_compile=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "1"], "at least 2"), (["--batch", "a"], "integers"), (["--dtype", "int8"], "--dtype"),
+    (["--size", "0"], "--size"), (["--window", "4"], "odd"), (["--backends", "nope"], "unknown backend"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_arguments_end_with_one_line(argv, message, capsys):
+    assert bench.main(TINY + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("sib-bench: ")
+
+
+@pytest.fixture(scope="module")
+def head_record(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "head.json"
+    assert bench.main(TINY + ["--batch", "2,3", "--size", "24x20", "--json", str(path)]) == 0
+    return json.loads(path.read_text()), path
+
+
+def test_head_record_schema_and_sane_numbers(head_record):
+    record, _ = head_record
+    assert record["schema"] == bench.SCHEMA and record["mode"] == "head"
+    for key in ("created", "argv", "machine", "versions", "git", "copy_bandwidth", "rows", "head_settings"):
+        assert key in record
+    assert record["machine"]["cpu_model"] and record["versions"]["torch"] == torch.__version__
+    assert set(record["git"]) == {"commit", "dirty"}
+    copy = record["copy_bandwidth"]["GBps"]
+    assert 0.1 < copy < 1e5
+    lanes = record["head_settings"]["lanes"]
+    assert len(record["rows"]) == 2 * len(lanes)
+    for row in record["rows"]:
+        assert row["kind"] == "head" and row["dtype"] == "float32" and row["height"] == 24 and row["width"] == 20
+        assert "error" not in row, row.get("error")
+        for part in bench.PARTS:
+            t = row["timings"][part]
+            assert 0 < t["min"] <= t["q1"] <= t["median"] <= t["q3"] and t["n"] >= 3
+            assert math.isclose(row["achieved_GBps"][part], row["floor_bytes"][part] / t["median"] / 1e9)
+            assert math.isclose(row["pct_of_copy_bw"][part], 100 * row["achieved_GBps"][part] / copy)
+        assert row["peak_extra_bytes"]["fwd_bwd"] >= row["floor_bytes"]["tensor"]  # dR itself at least
+        assert row["speedup_vs_reference"]["fwd_bwd"] > 0
+        assert max(row["max_rel_err"].values()) < 1e-3
+    ref_rows = [r for r in record["rows"] if r["backend"] == "reference"]
+    assert all(r["speedup_vs_reference"]["fwd"] == 1.0 for r in ref_rows)
+
+
+def test_from_json_renders_plots_and_appends(head_record, tmp_path, capsys):
+    _, path = head_record
+    md = tmp_path / "RESULTS.md"
+    png = tmp_path / "head.png"
+    assert bench.main(["--from-json", str(path), "--markdown", str(md), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "| reference |" in printed and "GB/s" in printed
+    text = md.read_text()
+    assert text.startswith("\n### Head: ") and "commit " in text and "| float32 | 2 | 3x24x20 | reference |" in text
+    assert png.stat().st_size > 10_000
+    bench.main(["--from-json", str(path), "--markdown", str(md)])
+    assert md.read_text().count("### Head: ") == 2  # appended, never overwritten
+
+
+def test_step_mode_tiny_run(tmp_path):
+    path = tmp_path / "step.json"
+    argv = ["--device", "cpu", "--threads", "1", "--copy-mib", "16", "--step", "--model", "tiny_cnn", "--step-size", "16",
+            "--step-batch", "2", "--step-reps", "2", "--num-classes", "5", "--json", str(path)]
+    assert bench.main(argv) == 0
+    record = json.loads(path.read_text())
+    assert record["mode"] == "step"
+    rows = record["rows"]
+    assert [r["row"] for r in rows][:2] == ["plain CE", "S-IB exact"]
+    assert rows[0]["x_plain_step"] == 1.0
+    ok = [r for r in rows if "timing" in r]
+    assert {r["vjp"] for r in ok} >= {None, "exact"}
+    for row in ok:
+        assert row["images_per_s"] > 0 and row["timing"]["median"] > 0
+    for row in rows:  # a row that did not run says why
+        assert "timing" in row or row["error"]
+
+
+def test_main_leaves_the_thread_count_as_it_found_it():
+    before = torch.get_num_threads()
+    bench.main(TINY + ["--batch", "1"])  # fails after setting threads
+    assert torch.get_num_threads() == before
