@@ -1,0 +1,1142 @@
+"""The ``triton`` backend: the S-IB head (SPEC sections 2-7) as fused Triton kernels.
+
+Stages and their kernels (``B`` images, ``C`` channels, ``N = H*W`` pixels):
+
+forward
+  1. ``_channel_mean_kernel``   R -> g = mean_c R (plane, B x N); reads R once.
+  2. ``_select_kernel``         per image: a radix select over the bit patterns of
+                                |g| (non-negative floats order like their integer bits),
+                                narrowing to the ranks floor(t)-8 .. floor(t)+9 of
+                                Q(a, .05), Q(a, .8), Q(a, .95), ties broken by flat index
+                                as a stable sort does; writes the soft quantiles and the
+                                selected indices and weights for the backward.
+  3. ``_hbox_kernel``           h = sigmoid(s (u - t1)) and its row box sums (running
+                                sums: O(1) per pixel whatever the window).
+  4. ``_vbox_kernel``           column box sums -> d = box_mean_k(h).
+  5. ``_select_kernel``         t2 = Q(d, .8) and its selected ranks.
+  6. ``_gram_kernel``           one pass over R, x and d: M = sigmoid(s (d - t2)) (written
+                                once), the raw masked Gram matrices of R and of x (dots on
+                                masked tiles, per pixel split; partial Grams reduced in a
+                                fixed order) and the background moments (Chan's combination
+                                of per-tile mean and M2, so no cancellation).
+  7. ``_finalize_kernel``       one program: normalise, centre, HSIC, background variance.
+
+backward (upstream dH, dBG and optionally dM)
+  8. ``_bwd_prep_kernel``       A = d loss / d(masked R Gram) folded with the normalisation,
+                                and the same A' for x.
+  9. ``_bwd_dm_kernel``         one pass over R, x, M: dM of the Gram and background terms,
+                                dx when x needs it, then dz = dM * s M (1 - M) and its sums.
+ 10. ``_t2_scatter_kernel``     d t2 back to the selected ranks of d.
+ 11. ``_hbox_kernel``, ``_vbox_kernel``  the box mean is self-adjoint; the column pass ends
+                                with dy = dh * s h (1 - h) and its per-image sums.
+ 12. ``_bwd_scalars_kernel``    dt1, dlo, dq80, dhi; their rank weights scattered into dy.
+ 13. ``_bwd_dr_kernel``         one pass over R, M writing dR = M (A @ (M R)) + background
+                                term + sign(g) da / C.
+
+Planes (B x N) are kept in the compute dtype (float32, or float64 when an input is
+float64); the big tensors are read in their own dtype and layout (contiguous,
+channels_last or any strides). Every reduction has a fixed order, so results are
+deterministic. Registered as the custom ops ``sib_fast_triton::head_forward``,
+``sib_fast_triton::mask_forward`` and ``sib_fast_triton::head_backward`` with fake
+kernels and autograd, so the head composes with autograd and ``torch.compile``.
+
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on
+CPU tensors through Triton's interpreter; the tests use that.
+"""
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from sib_fast.reference import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS, compute_dtype
+
+RANK_WINDOW = 18  # ranks floor(t) - 8 .. floor(t) + 9 (SPEC section 2)
+SLOTS = 32  # RANK_WINDOW padded to a power of two
+N_WINDOWS = 4  # Q(a, .05), Q(a, .8), Q(a, .95), Q(d, .8)
+STATS = 8  # per image: lo, q80, hi, t2, mean of r = R(1-M), var of r, 2 unused
+# The table ``_table`` builds: N_WINDOWS rows of rank weights, then one row of parameters
+# (kept in the compute dtype: Triton passes Python floats as float32).
+P_SLOPE, P_RANGE_EPS, P_NORM_EPS = 0, 1, 2
+TABLE_SIZE = (N_WINDOWS + 1) * SLOTS
+MAX_IMAGE_BLOCK = 128  # images per Gram tile
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------
+# shared device helpers
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _normalised_gram(raw, ii, jj, B, norm_eps):
+    """K = raw / (n n^T) with n = max(sqrt(diag raw), eps), its centred P K P, n and sqrt(diag)."""
+    eye = ii[:, None] == jj[None, :]
+    valid = (ii[:, None] < B) & (jj[None, :] < B)
+    root_r = tl.sqrt(tl.sum(tl.where(eye, raw, 0.0), axis=1))  # indexed by row
+    root_c = tl.sqrt(tl.sum(tl.where(eye, raw, 0.0), axis=0))  # indexed by column
+    n_r = tl.maximum(root_r, norm_eps)
+    n_c = tl.maximum(root_c, norm_eps)
+    n_r = tl.where(ii < B, n_r, 1.0)
+    n_c = tl.where(jj < B, n_c, 1.0)
+    K = tl.where(valid, raw / (n_r[:, None] * n_c[None, :]), 0.0)
+    row_mean = tl.sum(K, axis=1) / B
+    col_mean = tl.sum(K, axis=0) / B
+    all_mean = tl.sum(row_mean, axis=0) / B
+    Kc = tl.where(valid, K - row_mean[:, None] - col_mean[None, :] + all_mean, 0.0)
+    return K, Kc, n_r, n_c, root_r
+
+
+# ----------------------------------------------------------------------------------------
+# stage 1: channel mean
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _channel_mean_kernel(R, g, C, N, W, sb, sc, sh, sw,
+                         FLAT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pm = p < N
+    if FLAT:
+        pix = p.to(tl.int64) * sw
+    else:
+        pix = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
+    base = R + b.to(tl.int64) * sb + pix
+    acc = tl.zeros([BLOCK], CT)
+    for c in range(C):
+        acc += tl.load(base + c * sc, mask=pm, other=0).to(CT)
+    tl.store(g + b.to(tl.int64) * N + p, acc / C, mask=pm)
+
+
+# ----------------------------------------------------------------------------------------
+# stage 2: rank selection (per image, no sort)
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _select_kernel(plane, table, stats, sel_idx, sel_w, scr_val, N,
+                   r0_0, len_0, r0_1, len_1, r0_2, len_2,
+                   WIN0: tl.constexpr, NQ: tl.constexpr, CT: tl.constexpr, KT: tl.constexpr,
+                   CHUNK: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr, N_STATS: tl.constexpr):
+    """Soft quantiles Q(|plane_b|, q) for NQ windows of consecutive ranks.
+
+    Window q holds the ranks r0_q .. r0_q + len_q - 1 of the image's values sorted
+    stably. A radix select (8-bit digits over the bit patterns, one histogram per
+    target and pass) finds the key and the tie occurrence of each window's first and
+    last rank; one more pass collects the window's elements in index order; a pairwise
+    comparison of those few elements gives their ranks and weights.
+    """
+    b = tl.program_id(0)
+    base = plane + b.to(tl.int64) * N
+    NT: tl.constexpr = 2 * NQ
+    NPASS: tl.constexpr = 8 if KT == tl.int64 else 4
+    # integer keys order like |v| (sign bit cleared); NaN sorts last as in torch.sort
+    KMASK: tl.constexpr = 0x7FFFFFFFFFFFFFFF if KT == tl.int64 else 0x7FFFFFFF
+    tr = tl.arange(0, 8)
+    rank = tl.where(tr == 0, r0_0, 0)
+    rank = tl.where(tr == 1, r0_0 + len_0 - 1, rank)
+    if NQ > 1:
+        rank = tl.where(tr == 2, r0_1, rank)
+        rank = tl.where(tr == 3, r0_1 + len_1 - 1, rank)
+    if NQ > 2:
+        rank = tl.where(tr == 4, r0_2, rank)
+        rank = tl.where(tr == 5, r0_2 + len_2 - 1, rank)
+    kk = rank  # rank among the elements that share the current key prefix
+    pre = tl.zeros([8], KT)  # key prefix found so far, per target
+    bins = tl.arange(0, 256)
+
+    for i in tl.static_range(NPASS):
+        SHIFT: tl.constexpr = (NPASS - 1 - i) * 8
+        if i == 0:
+            hist0 = tl.zeros([256], tl.int32)
+            for start in range(0, N, CHUNK):
+                offs = start + tl.arange(0, CHUNK)
+                valid = offs < N
+                key = tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK
+                hist0 += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=valid)
+        for t in tl.static_range(NT):
+            if i == 0:
+                hist = hist0
+            else:
+                pre_t = tl.sum(tl.where(tr == t, pre, 0), axis=0)
+                # a window's last rank often shares its first rank's prefix: reuse that histogram
+                if t % 2 == 1:
+                    reuse = pre_t == pre_prev
+                else:
+                    reuse = pre_t != pre_t
+                if reuse:
+                    hist = hist_prev
+                else:
+                    hist = tl.zeros([256], tl.int32)
+                    for start in range(0, N, CHUNK):
+                        offs = start + tl.arange(0, CHUNK)
+                        valid = offs < N
+                        key = tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK
+                        m = valid & ((key >> (SHIFT + 8)) == pre_t)
+                        hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=m)
+                hist_prev = hist
+                pre_prev = pre_t
+            k_t = tl.sum(tl.where(tr == t, kk, 0), axis=0)
+            cum = tl.cumsum(hist, 0)
+            below = cum <= k_t
+            digit = tl.sum(below.to(tl.int32), axis=0)
+            n_below = tl.max(tl.where(below, cum, 0), axis=0)
+            kk = tl.where(tr == t, k_t - n_below, kk)
+            pre = tl.where(tr == t, (pre << 8) | digit.to(KT), pre)
+    # pre[t] is now the key at target rank t and kk[t] its occurrence among equal keys.
+
+    j = tl.arange(0, NSLOT)
+    for q in tl.static_range(NQ):
+        v_lo = tl.sum(tl.where(tr == 2 * q, pre, 0), axis=0)
+        k_lo = tl.sum(tl.where(tr == 2 * q, kk, 0), axis=0)
+        v_hi = tl.sum(tl.where(tr == 2 * q + 1, pre, 0), axis=0)
+        k_hi = tl.sum(tl.where(tr == 2 * q + 1, kk, 0), axis=0)
+        row = (b.to(tl.int64) * N_WIN + WIN0 + q) * NSLOT
+        seen_lo = tl.zeros([], tl.int32)
+        seen_hi = tl.zeros([], tl.int32)
+        taken = tl.zeros([], tl.int32)
+        for start in range(0, N, CHUNK):
+            offs = start + tl.arange(0, CHUNK)
+            valid = offs < N
+            v = tl.abs(tl.load(base + offs, mask=valid, other=0))
+            key = v.to(KT, bitcast=True) & KMASK
+            e_lo = (valid & (key == v_lo)).to(tl.int32)
+            e_hi = (valid & (key == v_hi)).to(tl.int32)
+            occ_lo = seen_lo + tl.cumsum(e_lo, 0) - e_lo
+            occ_hi = seen_hi + tl.cumsum(e_hi, 0) - e_hi
+            inside = valid & ((key > v_lo) | ((e_lo != 0) & (occ_lo >= k_lo))) \
+                & ((key < v_hi) | ((e_hi != 0) & (occ_hi <= k_hi)))
+            e_in = inside.to(tl.int32)
+            slot = taken + tl.cumsum(e_in, 0) - e_in
+            keep = inside & (slot < NSLOT)
+            tl.store(sel_idx + row + slot, offs, mask=keep)
+            tl.store(scr_val + row + slot, v, mask=keep)
+            seen_lo += tl.sum(e_lo, axis=0)
+            seen_hi += tl.sum(e_hi, axis=0)
+            taken += tl.sum(e_in, axis=0)
+    tl.debug_barrier()  # the collected slots are read back by other threads
+    for q in tl.static_range(NQ):
+        if q == 0:
+            n_q = len_0
+        elif q == 1:
+            n_q = len_1
+        else:
+            n_q = len_2
+        row = (b.to(tl.int64) * N_WIN + WIN0 + q) * NSLOT
+        valid = j < n_q
+        v = tl.load(scr_val + row + j, mask=valid, other=0)
+        ix = tl.load(sel_idx + row + j, mask=valid, other=0)
+        key = v.to(KT, bitcast=True) & KMASK
+        v_c = tl.load(scr_val + row + j[None, :], mask=valid[None, :], other=0)
+        ix_c = tl.load(sel_idx + row + j[None, :], mask=valid[None, :], other=0)
+        key_c = v_c.to(KT, bitcast=True) & KMASK
+        before = valid[None, :] & ((key_c < key[:, None]) | ((key_c == key[:, None]) & (ix_c < ix[:, None])))
+        pos = tl.sum(before.to(tl.int32), axis=1)
+        w = tl.load(table + (WIN0 + q) * NSLOT + pos, mask=valid, other=0)
+        w = tl.where(valid, w, 0.0)
+        qv = tl.sum(tl.where(valid, w * v, 0.0), axis=0)
+        tl.store(stats + b * N_STATS + WIN0 + q, qv)
+        tl.store(sel_idx + row + j, tl.where(valid, ix, -1))
+        tl.store(sel_w + row + j, w)
+
+
+# ----------------------------------------------------------------------------------------
+# stages 3-4: box mean by running sums (forward on h, backward on dd)
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
+                 FROM_G: tl.constexpr, CT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                 N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """Row sums over [w - RAD, w + RAD] (zeros outside) of src, or of h computed from g.
+
+    Prefix sums of each row go to ``pre``; after a barrier, out = pre[w + RAD] - pre[w - RAD - 1].
+    ``out`` may be ``src`` (each program owns its rows).
+    """
+    b = tl.program_id(1)
+    rows = tl.program_id(0) * BH + tl.arange(0, BH)
+    rm = rows < H
+    plane = b.to(tl.int64) * H * W
+    rowoff = plane + rows.to(tl.int64)[:, None] * W
+    if FROM_G:
+        slope = tl.load(table + N_WIN * NSLOT + 0)
+        reps = tl.load(table + N_WIN * NSLOT + 1)
+        lo = tl.load(stats + b * N_STATS + 0)
+        q80 = tl.load(stats + b * N_STATS + 1)
+        hi = tl.load(stats + b * N_STATS + 2)
+        S = hi - lo + reps
+        t1 = (q80 - lo) / S
+    carry = tl.zeros([BH], CT)
+    for w0 in range(0, W, BW):
+        cols = w0 + tl.arange(0, BW)
+        m = rm[:, None] & (cols < W)[None, :]
+        if FROM_G:
+            gv = tl.load(g + rowoff + cols[None, :], mask=m, other=0)
+            h = 1.0 / (1.0 + tl.exp(-slope * ((tl.abs(gv) - lo) / S - t1)))
+            h = tl.where(m, h, 0.0)
+        else:
+            h = tl.load(src + rowoff + cols[None, :], mask=m, other=0)
+        tl.store(pre + rowoff + cols[None, :], tl.cumsum(h, 1) + carry[:, None], mask=m)
+        carry += tl.sum(h, axis=1)
+    tl.debug_barrier()
+    for w0 in range(0, W, BW):
+        cols = w0 + tl.arange(0, BW)
+        m = rm[:, None] & (cols < W)[None, :]
+        right = tl.minimum(cols + RAD, W - 1)
+        left = cols - RAD - 1
+        s_r = tl.load(pre + rowoff + right[None, :], mask=m, other=0)
+        s_l = tl.load(pre + rowoff + left[None, :], mask=m & (left >= 0)[None, :], other=0)
+        tl.store(out + rowoff + cols[None, :], s_r - s_l, mask=m)
+
+
+@triton.jit
+def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
+                 BACKWARD: tl.constexpr, CT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                 N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """Column sums over [h - RAD, h + RAD] of the row sums in src, divided by K2 = k*k.
+
+    Forward: out = d. Backward: out = dy = box(dd) * s h (1 - h), and part[b, program]
+    gets the sums of dy and of dy * u over the program's columns. ``out`` may be ``src``.
+    """
+    b = tl.program_id(1)
+    cols = tl.program_id(0) * BW + tl.arange(0, BW)
+    cm = cols < W
+    plane = b.to(tl.int64) * H * W
+    carry = tl.zeros([BW], CT)
+    for h0 in range(0, H, BH):
+        rows = h0 + tl.arange(0, BH)
+        m = (rows < H)[:, None] & cm[None, :]
+        offs = plane + rows.to(tl.int64)[:, None] * W + cols[None, :]
+        v = tl.load(src + offs, mask=m, other=0)
+        tl.store(pre + offs, tl.cumsum(v, 0) + carry[None, :], mask=m)
+        carry += tl.sum(v, axis=0)
+    tl.debug_barrier()
+    k2 = K2.to(CT)
+    if BACKWARD:
+        slope = tl.load(table + N_WIN * NSLOT + 0)
+        reps = tl.load(table + N_WIN * NSLOT + 1)
+        lo = tl.load(stats + b * N_STATS + 0)
+        q80 = tl.load(stats + b * N_STATS + 1)
+        hi = tl.load(stats + b * N_STATS + 2)
+        S = hi - lo + reps
+        t1 = (q80 - lo) / S
+        sum_dy = tl.zeros([BW], CT)
+        sum_dyu = tl.zeros([BW], CT)
+    for h0 in range(0, H, BH):
+        rows = h0 + tl.arange(0, BH)
+        m = (rows < H)[:, None] & cm[None, :]
+        lower = tl.minimum(rows + RAD, H - 1)
+        upper = rows - RAD - 1
+        s_r = tl.load(pre + plane + lower.to(tl.int64)[:, None] * W + cols[None, :], mask=m, other=0)
+        s_l = tl.load(pre + plane + upper.to(tl.int64)[:, None] * W + cols[None, :],
+                      mask=m & (upper >= 0)[:, None], other=0)
+        box = (s_r - s_l) / k2
+        offs = plane + rows.to(tl.int64)[:, None] * W + cols[None, :]
+        if BACKWARD:
+            gv = tl.load(g + offs, mask=m, other=0)
+            u = (tl.abs(gv) - lo) / S
+            h = 1.0 / (1.0 + tl.exp(-slope * (u - t1)))
+            dy = tl.where(m, box * slope * h * (1.0 - h), 0.0)
+            tl.store(out + offs, dy, mask=m)
+            sum_dy += tl.sum(dy, axis=0)
+            sum_dyu += tl.sum(tl.where(m, dy * u, 0.0), axis=0)
+        else:
+            tl.store(out + offs, box, mask=m)
+    if BACKWARD:
+        slot = (b * tl.num_programs(0) + tl.program_id(0)) * 2
+        tl.store(part + slot, tl.sum(sum_dy, axis=0))
+        tl.store(part + slot + 1, tl.sum(sum_dyu, axis=0))
+
+
+# ----------------------------------------------------------------------------------------
+# stage 6-7: mask, masked Grams and background moments; the scalar head
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _mask_kernel(d, stats, table, M, N, BLOCK: tl.constexpr, N_STATS: tl.constexpr,
+                 NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """M = sigmoid(s (d - t2)) alone (the mask-only op; the head fuses it in _gram_kernel)."""
+    b = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pm = p < N
+    slope = tl.load(table + N_WIN * NSLOT + 0)
+    t2 = tl.load(stats + b * N_STATS + 3)
+    dv = tl.load(d + b.to(tl.int64) * N + p, mask=pm, other=0)
+    tl.store(M + b.to(tl.int64) * N + p, 1.0 / (1.0 + tl.exp(slope * (t2 - dv))), mask=pm)
+
+
+@triton.jit
+def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
+                 B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, blocks_per_split,
+                 FLAT: tl.constexpr, SINGLE: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BB: tl.constexpr, BP: tl.constexpr,
+                 N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """Partial raw Grams sum_p M_i M_j sum_c T_i T_j (T = R for axis 2 = 0, x for 1).
+
+    Grid (splits, image-block pairs, 2). Each program covers a contiguous pixel range,
+    so every element of R and x is read once when B <= BB. Programs of axis 2 = 0 and
+    image-block column 0 also write M and the per-image (count, mean, M2) of
+    r = R (1 - M) over their range.
+    """
+    split = tl.program_id(0)
+    tile = tl.program_id(1)
+    which = tl.program_id(2)
+    nbb = tl.cdiv(B, BB)
+    ib = tile // nbb
+    jb = tile - ib * nbb
+    if which == 0:
+        src = R
+        sb = sRb
+        sc = sRc
+        sh = sRh
+        sw = sRw
+    else:
+        src = x
+        sb = sxb
+        sc = sxc
+        sh = sxh
+        sw = sxw
+    slope = tl.load(table + N_WIN * NSLOT + 0)
+    rows_i = ib * BB + tl.arange(0, BB)
+    ri = rows_i < B
+    t2_i = tl.load(stats + rows_i * N_STATS + 3, mask=ri, other=0)
+    if not SINGLE:
+        rows_j = jb * BB + tl.arange(0, BB)
+        rj = rows_j < B
+        t2_j = tl.load(stats + rows_j * N_STATS + 3, mask=rj, other=0)
+    writer = (which == 0) & (jb == 0)
+    acc = tl.zeros([BB, BB], CT)
+    cnt = tl.zeros([], CT)
+    mean = tl.zeros([BB], CT)
+    m2 = tl.zeros([BB], CT)
+    nblocks = tl.cdiv(N, BP)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, nblocks)
+    for blk in range(first, last):
+        p = blk * BP + tl.arange(0, BP)
+        pm = p < N
+        if FLAT:
+            pix = p.to(tl.int64) * sw
+        else:
+            pix = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
+        mi = ri[:, None] & pm[None, :]
+        plane_i = rows_i.to(tl.int64)[:, None] * N + p[None, :]
+        M_i = 1.0 / (1.0 + tl.exp(slope * (t2_i[:, None] - tl.load(d + plane_i, mask=mi, other=0))))
+        M_i = tl.where(mi, M_i, 0.0)
+        tl.store(M + plane_i, M_i, mask=mi & writer)
+        ptr_i = src + rows_i.to(tl.int64)[:, None] * sb + pix[None, :]
+        if not SINGLE:
+            mj = rj[:, None] & pm[None, :]
+            dj = tl.load(d + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
+            M_j = 1.0 / (1.0 + tl.exp(slope * (t2_j[:, None] - dj)))
+            M_j = tl.where(mj, M_j, 0.0)
+            ptr_j = src + rows_j.to(tl.int64)[:, None] * sb + pix[None, :]
+        nb = tl.sum(pm.to(CT), axis=0)
+        for c in range(C):
+            v_i = tl.load(ptr_i + c * sc, mask=mi, other=0).to(CT)
+            u_i = v_i * M_i
+            if SINGLE:
+                acc = tl.dot(u_i, tl.trans(u_i), acc, input_precision=DOT_PREC)
+            else:
+                u_j = tl.load(ptr_j + c * sc, mask=mj, other=0).to(CT) * M_j
+                acc = tl.dot(u_i, tl.trans(u_j), acc, input_precision=DOT_PREC)
+            # background moments of r = v (1 - M): Chan's pairwise combination per tile
+            r = v_i - u_i
+            bmean = tl.sum(r, axis=1) / nb
+            dev = tl.where(mi, r - bmean[:, None], 0.0)
+            bm2 = tl.sum(dev * dev, axis=1)
+            delta = bmean - mean
+            tot = cnt + nb
+            mean += delta * (nb / tot)
+            m2 += bm2 + delta * delta * (cnt * nb / tot)
+            cnt = tot
+    ii = ib * BB + tl.arange(0, BB)
+    jj = jb * BB + tl.arange(0, BB)
+    gm = (ii < B)[:, None] & (jj < B)[None, :]
+    gbase = (split * 2 + which).to(tl.int64) * B * B
+    tl.store(gram_part + gbase + ii[:, None] * B + jj[None, :], acc, mask=gm)
+    bgo = (split.to(tl.int64) * B + rows_i) * 3
+    tl.store(bg_part + bgo, tl.zeros([BB], CT) + cnt, mask=ri & writer)
+    tl.store(bg_part + bgo + 1, mean, mask=ri & writer)
+    tl.store(bg_part + bgo + 2, m2, mask=ri & writer)
+
+
+@triton.jit
+def _finalize_kernel(gram_part, bg_part, table, gram, stats, hsic_out, bg_out, B, D, n_split,
+                     CT: tl.constexpr, BB: tl.constexpr, N_STATS: tl.constexpr,
+                     NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """One program: sum the partial Grams, HSIC of SPEC section 4, BG of section 5."""
+    ii = tl.arange(0, BB)
+    jj = tl.arange(0, BB)
+    gm = (ii < B)[:, None] & (jj < B)[None, :]
+    offs = ii[:, None] * B + jj[None, :]
+    Ku = tl.zeros([BB, BB], CT)
+    Lv = tl.zeros([BB, BB], CT)
+    for s in range(n_split):
+        Ku += tl.load(gram_part + s * 2 * B * B + offs, mask=gm, other=0)
+        Lv += tl.load(gram_part + (s * 2 + 1) * B * B + offs, mask=gm, other=0)
+    tl.store(gram + offs, Ku, mask=gm)
+    tl.store(gram + B * B + offs, Lv, mask=gm)
+    neps = tl.load(table + N_WIN * NSLOT + 2)
+    _, Kc, _, _, _ = _normalised_gram(Ku, ii, jj, B, neps)
+    _, Lc, _, _, _ = _normalised_gram(Lv, ii, jj, B, neps)
+    hsic = tl.sum(tl.sum(Kc * Lc, axis=1), axis=0) / ((B - 1) * (B - 1))
+    tl.store(hsic_out, hsic)
+    bm = ii < B
+    cnt = tl.zeros([BB], CT)
+    mean = tl.zeros([BB], CT)
+    m2 = tl.zeros([BB], CT)
+    for s in range(n_split):
+        o = (s * B + ii) * 3
+        nb = tl.load(bg_part + o, mask=bm, other=0)
+        bmean = tl.load(bg_part + o + 1, mask=bm, other=0)
+        bm2 = tl.load(bg_part + o + 2, mask=bm, other=0)
+        tot = cnt + nb
+        frac = tl.where(tot > 0, nb / tl.where(tot > 0, tot, 1.0), 0.0)
+        delta = bmean - mean
+        mean += delta * frac
+        m2 += bm2 + delta * delta * cnt * frac
+        cnt = tot
+    var = m2 / (D - 1)
+    tl.store(stats + ii * N_STATS + 4, mean, mask=bm)
+    tl.store(stats + ii * N_STATS + 5, var, mask=bm)
+    tl.store(bg_out, tl.sum(tl.where(bm, var, 0.0), axis=0) / B)
+
+
+# ----------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_prep_kernel(gram, grad_hsic, table, A, B,
+                     CT: tl.constexpr, BB: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """A = 2 G/(n n^T) - diag(alpha / n^2) for R's Gram (A[0]) and x's (A[1]).
+
+    G = dH * Lc / (B-1)^2 (resp. Kc), alpha_i = 2 sum_j G_ij K_ij; the alpha term is
+    dropped where the norm was clamped to eps, as F.normalize's gradient does.
+    """
+    ii = tl.arange(0, BB)
+    jj = tl.arange(0, BB)
+    gm = (ii < B)[:, None] & (jj < B)[None, :]
+    offs = ii[:, None] * B + jj[None, :]
+    neps = tl.load(table + N_WIN * NSLOT + 2)
+    gh = tl.load(grad_hsic)
+    Ku = tl.load(gram + offs, mask=gm, other=0)
+    Lv = tl.load(gram + B * B + offs, mask=gm, other=0)
+    K, Kc, nk_r, nk_c, rk = _normalised_gram(Ku, ii, jj, B, neps)
+    L, Lc, nl_r, nl_c, rl = _normalised_gram(Lv, ii, jj, B, neps)
+    scale = gh / ((B - 1) * (B - 1))
+    eye = ii[:, None] == jj[None, :]
+    GK = scale * Lc
+    alpha = 2.0 * tl.sum(GK * K, axis=1)
+    alpha = tl.where(rk >= neps, alpha, 0.0)
+    AK = 2.0 * GK / (nk_r[:, None] * nk_c[None, :]) - tl.where(eye, (alpha / (nk_r * nk_r))[:, None], 0.0)
+    tl.store(A + offs, AK, mask=gm)
+    GL = scale * Kc
+    alpha = 2.0 * tl.sum(GL * L, axis=1)
+    alpha = tl.where(rl >= neps, alpha, 0.0)
+    AL = 2.0 * GL / (nl_r[:, None] * nl_c[None, :]) - tl.where(eye, (alpha / (nl_r * nl_r))[:, None], 0.0)
+    tl.store(A + B * B + offs, AL, mask=gm)
+
+
+@triton.jit
+def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx,
+                   B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
+                   D, blocks_per_split,
+                   HEAD: tl.constexpr, HAS_GM: tl.constexpr, GRAD_X: tl.constexpr, FLAT: tl.constexpr,
+                   SINGLE: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BB: tl.constexpr, BP: tl.constexpr,
+                   N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """dM_i = sum_c R_i (A @ MR)_i + sum_c x_i (A' @ Mx)_i - beta sum_c R_i (r_i - mean_i) + gM;
+    writes dz = dM s M (1 - M), its per-program sums, and dx = M (A' @ Mx) when GRAD_X."""
+    split = tl.program_id(0)
+    ib = tl.program_id(1)
+    slope = tl.load(table + N_WIN * NSLOT + 0)
+    rows_i = ib * BB + tl.arange(0, BB)
+    ri = rows_i < B
+    if HEAD:
+        beta = 2.0 * tl.load(grad_bg) / (B * (D - 1))
+        mean_i = tl.load(stats + rows_i * N_STATS + 4, mask=ri, other=0)
+        if SINGLE:
+            aoffs = rows_i[:, None] * B + rows_i[None, :]
+            am = ri[:, None] & ri[None, :]
+            A_R = tl.load(A + aoffs, mask=am, other=0)
+            A_x = tl.load(A + B * B + aoffs, mask=am, other=0)
+    nbb = tl.cdiv(B, BB)
+    zsum = tl.zeros([BB], CT)
+    nblocks = tl.cdiv(N, BP)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, nblocks)
+    for blk in range(first, last):
+        p = blk * BP + tl.arange(0, BP)
+        pm = p < N
+        mi = ri[:, None] & pm[None, :]
+        plane_i = rows_i.to(tl.int64)[:, None] * N + p[None, :]
+        M_i = tl.load(M + plane_i, mask=mi, other=0)
+        dM = tl.zeros([BB, BP], CT)
+        if HEAD:
+            if FLAT:
+                pixR = p.to(tl.int64) * sRw
+            else:
+                pixR = (p // W).to(tl.int64) * sRh + (p % W).to(tl.int64) * sRw
+            if FLAT:
+                pixx = p.to(tl.int64) * sxw
+            else:
+                pixx = (p // W).to(tl.int64) * sxh + (p % W).to(tl.int64) * sxw
+            ptrR = R + rows_i.to(tl.int64)[:, None] * sRb + pixR[None, :]
+            ptrx = x + rows_i.to(tl.int64)[:, None] * sxb + pixx[None, :]
+            if GRAD_X:
+                if FLAT:
+                    pixd = p.to(tl.int64) * sdw
+                else:
+                    pixd = (p // W).to(tl.int64) * sdh + (p % W).to(tl.int64) * sdw
+                ptrd = dx + rows_i.to(tl.int64)[:, None] * sdb + pixd[None, :]
+            for c in range(C):
+                vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
+                vx = tl.load(ptrx + c * sxc, mask=mi, other=0).to(CT)
+                if SINGLE:
+                    TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC)
+                    Tx = tl.dot(A_x, vx * M_i, input_precision=DOT_PREC)
+                else:
+                    TR = tl.zeros([BB, BP], CT)
+                    Tx = tl.zeros([BB, BP], CT)
+                    for jb in range(nbb):
+                        rows_j = jb * BB + tl.arange(0, BB)
+                        rj = rows_j < B
+                        mj = rj[:, None] & pm[None, :]
+                        aoffs = rows_i[:, None] * B + rows_j[None, :]
+                        am = ri[:, None] & rj[None, :]
+                        M_j = tl.load(M + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
+                        uR = tl.load(R + rows_j.to(tl.int64)[:, None] * sRb + pixR[None, :] + c * sRc,
+                                     mask=mj, other=0).to(CT) * M_j
+                        ux = tl.load(x + rows_j.to(tl.int64)[:, None] * sxb + pixx[None, :] + c * sxc,
+                                     mask=mj, other=0).to(CT) * M_j
+                        TR = tl.dot(tl.load(A + aoffs, mask=am, other=0), uR, TR, input_precision=DOT_PREC)
+                        Tx = tl.dot(tl.load(A + B * B + aoffs, mask=am, other=0), ux, Tx,
+                                    input_precision=DOT_PREC)
+                r = vR * (1.0 - M_i)
+                dM += vR * (TR - beta * (r - mean_i[:, None])) + vx * Tx
+                if GRAD_X:
+                    tl.store(ptrd + c * sdc, (M_i * Tx).to(dx.dtype.element_ty), mask=mi)
+        if HAS_GM:
+            dM += tl.load(grad_mask + plane_i, mask=mi, other=0).to(CT)
+        z = tl.where(mi, dM * slope * M_i * (1.0 - M_i), 0.0)
+        tl.store(dz + plane_i, z, mask=mi)
+        zsum += tl.sum(z, axis=1)
+    tl.store(dz_part + rows_i * tl.num_programs(0) + split, zsum, mask=ri)
+
+
+@triton.jit
+def _t2_scatter_kernel(dz, dz_part, sel_idx, sel_w, N, n_part,
+                       CT: tl.constexpr, BLOCK: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """dd = dz + w_k dt2 at the selected ranks of d, with dt2 = -sum dz (one program per image)."""
+    b = tl.program_id(0)
+    acc = tl.zeros([BLOCK], CT)
+    for s0 in range(0, n_part, BLOCK):
+        o = s0 + tl.arange(0, BLOCK)
+        acc += tl.load(dz_part + b * n_part + o, mask=o < n_part, other=0)
+    dt2 = -tl.sum(acc, axis=0)
+    j = tl.arange(0, NSLOT)
+    row = (b * N_WIN + 3) * NSLOT
+    ix = tl.load(sel_idx + row + j)
+    w = tl.load(sel_w + row + j)
+    ok = ix >= 0
+    ptr = dz + b.to(tl.int64) * N + tl.where(ok, ix, 0)
+    old = tl.load(ptr, mask=ok, other=0)
+    tl.debug_barrier()
+    tl.store(ptr, old + w * dt2, mask=ok)
+
+
+@triton.jit
+def _bwd_scalars_kernel(dy, part, stats, table, sel_idx, sel_w, N, n_part,
+                        CT: tl.constexpr, BLOCK: tl.constexpr, N_STATS: tl.constexpr,
+                        NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """From the sums of dy and dy*u: dt1, dlo, dq80, dhi (SPEC section 3 chain, one image per
+    program); adds S * (w_k * d quantile) at the selected ranks of a into the dy plane, so
+    that da = dy / S everywhere afterwards. Ranks shared by windows are merged first."""
+    b = tl.program_id(0)
+    o = tl.arange(0, BLOCK)
+    s_dy = tl.zeros([BLOCK], CT)
+    s_dyu = tl.zeros([BLOCK], CT)
+    for s0 in range(0, n_part, BLOCK):
+        om = (s0 + o) < n_part
+        s_dy += tl.load(part + (b * n_part + s0 + o) * 2, mask=om, other=0)
+        s_dyu += tl.load(part + (b * n_part + s0 + o) * 2 + 1, mask=om, other=0)
+    sdy = tl.sum(s_dy, axis=0)
+    sdyu = tl.sum(s_dyu, axis=0)
+    reps = tl.load(table + N_WIN * NSLOT + 1)
+    lo = tl.load(stats + b * N_STATS + 0)
+    q80 = tl.load(stats + b * N_STATS + 1)
+    hi = tl.load(stats + b * N_STATS + 2)
+    S = hi - lo + reps
+    t1 = (q80 - lo) / S
+    dt1 = -sdy
+    dlo = -sdy / S - dt1 / S
+    dS = -sdyu / S - dt1 * t1 / S
+    dq80 = dt1 / S
+    dhi = dS
+    dlo = dlo - dS
+    # the three windows of a, 3 * NSLOT entries padded to 4 * NSLOT
+    e = tl.arange(0, 4 * NSLOT)
+    win = e // NSLOT
+    em = win < 3
+    row = b * N_WIN * NSLOT
+    ix = tl.load(sel_idx + row + e, mask=em, other=-1)
+    w = tl.load(sel_w + row + e, mask=em, other=0)
+    coef = tl.where(win == 0, dlo, tl.where(win == 1, dq80, dhi))
+    contrib = tl.where(ix >= 0, w * coef, 0.0)
+    ix_c = tl.load(sel_idx + row + e[None, :], mask=em[None, :], other=-1)
+    w_c = tl.load(sel_w + row + e[None, :], mask=em[None, :], other=0)
+    win_c = e[None, :] // NSLOT
+    coef_c = tl.where(win_c == 0, dlo, tl.where(win_c == 1, dq80, dhi))
+    same = (ix_c == ix[:, None]) & (ix[:, None] >= 0)
+    total = tl.sum(tl.where(same, w_c * coef_c, 0.0), axis=1)
+    ok = ix >= 0
+    ptr = dy + b.to(tl.int64) * N + tl.where(ok, ix, 0)
+    old = tl.load(ptr, mask=ok, other=0)
+    tl.debug_barrier()
+    tl.store(ptr, old + S * total, mask=ok)  # equal values for repeated ranks
+
+
+@triton.jit
+def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
+                   B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, D, blocks_per_split,
+                   HEAD: tl.constexpr, FLAT: tl.constexpr, SINGLE: tl.constexpr, CT: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr,
+                   N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+    """dR_i = M_i (A @ MR)_i + (1 - M_i) beta (r_i - mean_i) + sign(g_i) dy_i / (S_i C)."""
+    split = tl.program_id(0)
+    ib = tl.program_id(1)
+    rows_i = ib * BB + tl.arange(0, BB)
+    ri = rows_i < B
+    reps = tl.load(table + N_WIN * NSLOT + 1)
+    lo = tl.load(stats + rows_i * N_STATS + 0, mask=ri, other=0)
+    hi = tl.load(stats + rows_i * N_STATS + 2, mask=ri, other=1)
+    inv_SC = 1.0 / ((hi - lo + reps) * C)
+    if HEAD:
+        beta = 2.0 * tl.load(grad_bg) / (B * (D - 1))
+        mean_i = tl.load(stats + rows_i * N_STATS + 4, mask=ri, other=0)
+        if SINGLE:
+            A_R = tl.load(A + rows_i[:, None] * B + rows_i[None, :], mask=ri[:, None] & ri[None, :], other=0)
+    nbb = tl.cdiv(B, BB)
+    nblocks = tl.cdiv(N, BP)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, nblocks)
+    for blk in range(first, last):
+        p = blk * BP + tl.arange(0, BP)
+        pm = p < N
+        mi = ri[:, None] & pm[None, :]
+        plane_i = rows_i.to(tl.int64)[:, None] * N + p[None, :]
+        gv = tl.load(g + plane_i, mask=mi, other=0)
+        sgn = tl.where(gv > 0, 1.0, tl.where(gv < 0, -1.0, 0.0))
+        dgc = sgn * tl.load(dy + plane_i, mask=mi, other=0) * inv_SC[:, None]
+        if FLAT:
+            pixd = p.to(tl.int64) * sdw
+        else:
+            pixd = (p // W).to(tl.int64) * sdh + (p % W).to(tl.int64) * sdw
+        ptrd = dR + rows_i.to(tl.int64)[:, None] * sdb + pixd[None, :]
+        if HEAD:
+            M_i = tl.load(M + plane_i, mask=mi, other=0)
+            if FLAT:
+                pixR = p.to(tl.int64) * sRw
+            else:
+                pixR = (p // W).to(tl.int64) * sRh + (p % W).to(tl.int64) * sRw
+            ptrR = R + rows_i.to(tl.int64)[:, None] * sRb + pixR[None, :]
+            bgc = beta * (1.0 - M_i)
+            for c in range(C):
+                vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
+                if SINGLE:
+                    TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC)
+                else:
+                    TR = tl.zeros([BB, BP], CT)
+                    for jb in range(nbb):
+                        rows_j = jb * BB + tl.arange(0, BB)
+                        rj = rows_j < B
+                        mj = rj[:, None] & pm[None, :]
+                        M_j = tl.load(M + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
+                        uR = tl.load(R + rows_j.to(tl.int64)[:, None] * sRb + pixR[None, :] + c * sRc,
+                                     mask=mj, other=0).to(CT) * M_j
+                        A_ij = tl.load(A + rows_i[:, None] * B + rows_j[None, :],
+                                       mask=ri[:, None] & rj[None, :], other=0)
+                        TR = tl.dot(A_ij, uR, TR, input_precision=DOT_PREC)
+                val = M_i * TR + bgc * (vR * (1.0 - M_i) - mean_i[:, None]) + dgc
+                tl.store(ptrd + c * sdc, val.to(dR.dtype.element_ty), mask=mi)
+        else:
+            for c in range(C):
+                tl.store(ptrd + c * sdc, dgc.to(dR.dtype.element_ty), mask=mi)
+
+
+# ----------------------------------------------------------------------------------------
+# host side: launch plan, launchers
+# ----------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(1, int(n)) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device_type: str, index: Optional[int]):
+    """(streaming multiprocessors, compute capability) of the device the kernels run on."""
+    if device_type == "cuda":
+        props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+        return props.multi_processor_count, (props.major, props.minor)
+    return 2, (9, 0)  # the interpreter: few programs, same code paths as sm_90
+
+
+class _Plan:
+    """Block sizes, warp counts and grids of every kernel for one input geometry.
+
+    The compile test reads the launches of a real forward and backward through
+    ``_launch_hook``, so it checks exactly these numbers.
+    """
+
+    def __init__(self, B, C, H, W, ct, num_sms, capability):
+        N = H * W
+        self.B, self.C, self.H, self.W, self.N = B, C, H, W, N
+        self.ct = ct
+        self.tl_ct = tl.float64 if ct == torch.float64 else tl.float32
+        self.tl_key = tl.int64 if ct == torch.float64 else tl.int32
+        self.dot_prec = "ieee" if (ct == torch.float64 or capability < (8, 0)) else "tf32x3"
+        # 1. channel mean; 7. mask alone
+        self.mean_block, self.mean_warps = 1024, 4
+        # 2. selection: one program per image
+        self.select_chunk, self.select_warps = 2048, 8
+        # 3-4. box passes
+        self.hbox_bh, self.hbox_bw, self.hbox_warps = 4, 128, 4
+        self.vbox_bh, self.vbox_bw, self.vbox_warps = 32, 32, 4
+        self.n_colblocks = _cdiv(W, self.vbox_bw)
+        # 6, 9, 13. the passes over the big tensors: image block x pixel block tiles
+        self.bb = min(MAX_IMAGE_BLOCK, max(16, _next_pow2(B)))
+        self.nbb = _cdiv(B, self.bb)
+        self.single = self.nbb == 1
+        self.bp = 32 if self.bb >= 128 else 64
+        self.big_warps = 8 if self.bb >= 64 else 4
+        nblocks = _cdiv(N, self.bp)
+        target = 2 * num_sms  # programs in flight per pass
+        self.gram_bps, self.gram_split = self._split(nblocks, target, 2 * self.nbb * self.nbb)
+        self.bwd_bps, self.bwd_split = self._split(nblocks, target, self.nbb)
+        # 7-8. one-program B x B work
+        self.bb_all = max(16, _next_pow2(B))
+        self.small_warps = 8 if self.bb_all >= 64 else 4
+        self.part_block = 128
+
+    @staticmethod
+    def _split(nblocks, target, tiles):
+        n_split = max(1, min(nblocks, _cdiv(target, tiles)))
+        per_split = _cdiv(nblocks, n_split)
+        return per_split, _cdiv(nblocks, per_split)
+
+
+def _plan(R: torch.Tensor, ct: torch.dtype) -> _Plan:
+    B, C, H, W = R.shape
+    num_sms, capability = _device_info(R.device.type, R.device.index)
+    return _Plan(B, C, H, W, ct, num_sms, capability)
+
+
+# Set by tests to record (kernel, grid, args, meta) instead of launching.
+_launch_hook = None
+
+
+def _launch(kernel, grid, *args, **meta):
+    if _launch_hook is not None:
+        _launch_hook(kernel, grid, args, meta)
+        return
+    kernel[grid](*args, **meta)
+
+
+def _windows(N: int):
+    """(first rank, length, exact t) of the rank window of each quantile (SPEC section 2)."""
+    out = []
+    for q in (Q_LOW, Q_MASK, Q_HIGH, Q_MASK):
+        t = q * (N - 1)
+        f = math.floor(t)
+        r0, r1 = max(0, f - 8), min(N - 1, f + 9)
+        out.append((r0, r1 - r0 + 1, t))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _table_values(N: int, temperature: float, slope: float):
+    values = [0.0] * TABLE_SIZE
+    for k, (r0, length, t) in enumerate(_windows(N)):
+        logits = [-abs(r0 + i - t) / temperature for i in range(length)]
+        top = max(logits)
+        e = [math.exp(v - top) for v in logits]
+        total = sum(e)
+        for i in range(length):
+            values[k * SLOTS + i] = e[i] / total
+    values[N_WINDOWS * SLOTS + P_SLOPE] = slope
+    values[N_WINDOWS * SLOTS + P_RANGE_EPS] = RANGE_EPS
+    values[N_WINDOWS * SLOTS + P_NORM_EPS] = NORM_EPS
+    return tuple(values)
+
+
+@functools.lru_cache(maxsize=64)
+def _table_cached(N, temperature, slope, dtype, device):
+    return torch.tensor(_table_values(N, temperature, slope), dtype=dtype, device=device)
+
+
+def _table(N, temperature, slope, dtype, device):
+    if _launch_hook is not None:  # recording: never cache
+        return torch.tensor(_table_values(N, temperature, slope), dtype=dtype, device=device)
+    return _table_cached(N, float(temperature), float(slope), dtype, device)
+
+
+def _strides(t: torch.Tensor):
+    """(sb, sc, sh, sw) and whether pixel p sits at p * sw (the kernels then skip p // W)."""
+    _, _, H, W = t.shape
+    sb, sc, sh, sw = t.stride()
+    if W == 1:
+        sw = sh
+    return (sb, sc, sh, sw), (H == 1 or W == 1 or sh == W * sw)
+
+
+_CONST = dict(N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS)
+
+
+def _mask_chain(R, ct, window_size, temperature, slope, plan):
+    """Stages 1-5: g, the quantile statistics, the selected ranks and d (B, H, W)."""
+    B, C, H, W = R.shape
+    N = H * W
+    table = _table(N, temperature, slope, ct, R.device)
+    g = R.new_empty((B, H, W), dtype=ct)
+    stats = R.new_zeros((B, STATS), dtype=ct)
+    sel_idx = R.new_empty((B, N_WINDOWS, SLOTS), dtype=torch.int32)
+    sel_w = R.new_empty((B, N_WINDOWS, SLOTS), dtype=ct)
+    scratch = R.new_empty((B, N_WINDOWS, SLOTS), dtype=ct)
+    (sb, sc, sh, sw), flat = _strides(R)
+    _launch(_channel_mean_kernel, (_cdiv(N, plan.mean_block), B), R, g, C, N, W, sb, sc, sh, sw,
+            FLAT=flat, CT=plan.tl_ct, BLOCK=plan.mean_block, num_warps=plan.mean_warps)
+    win = _windows(N)
+    _launch(_select_kernel, (B,), g, table, stats, sel_idx, sel_w, scratch, N,
+            win[0][0], win[0][1], win[1][0], win[1][1], win[2][0], win[2][1],
+            WIN0=0, NQ=3, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk,
+            NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
+    prefix = R.new_empty((B, H, W), dtype=ct)
+    d = R.new_empty((B, H, W), dtype=ct)
+    rad = window_size // 2
+    _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), g, g, stats, table, prefix, d, H, W, rad,
+            FROM_G=True, CT=plan.tl_ct, BH=plan.hbox_bh, BW=plan.hbox_bw, **_CONST,
+            num_warps=plan.hbox_warps)
+    _launch(_vbox_kernel, (plan.n_colblocks, B), d, g, stats, table, prefix, d, stats, H, W, rad,
+            window_size * window_size, BACKWARD=False, CT=plan.tl_ct, BH=plan.vbox_bh, BW=plan.vbox_bw,
+            **_CONST, num_warps=plan.vbox_warps)
+    _launch(_select_kernel, (B,), d, table, stats, sel_idx, sel_w, scratch, N,
+            win[3][0], win[3][1], 0, 1, 0, 1,
+            WIN0=3, NQ=1, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk,
+            NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
+    return table, g, stats, sel_idx, sel_w, d
+
+
+def _head_forward_impl(R, x, window_size, temperature, slope):
+    ct = compute_dtype(R, x)
+    plan = _plan(R, ct)
+    B, C, H, W = R.shape
+    N = H * W
+    table, g, stats, sel_idx, sel_w, d = _mask_chain(R, ct, window_size, temperature, slope, plan)
+    mask = R.new_empty((B, H, W), dtype=ct)
+    gram_part = R.new_empty((plan.gram_split, 2, B, B), dtype=ct)
+    bg_part = R.new_empty((plan.gram_split, B, 3), dtype=ct)
+    (sRb, sRc, sRh, sRw), flat_r = _strides(R)
+    (sxb, sxc, sxh, sxw), flat_x = _strides(x)
+    _launch(_gram_kernel, (plan.gram_split, plan.nbb * plan.nbb, 2), R, x, d, stats, table, mask,
+            gram_part, bg_part, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, plan.gram_bps,
+            FLAT=flat_r and flat_x, SINGLE=plan.single, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
+            BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps)
+    gram = R.new_empty((2, B, B), dtype=ct)
+    hsic = R.new_empty((), dtype=ct)
+    bg = R.new_empty((), dtype=ct)
+    _launch(_finalize_kernel, (1,), gram_part, bg_part, table, gram, stats, hsic, bg, B, C * N,
+            plan.gram_split, CT=plan.tl_ct, BB=plan.bb_all, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS,
+            num_warps=plan.small_warps)
+    return hsic, bg, mask, g, stats, sel_idx, sel_w, gram
+
+
+def _mask_forward_impl(R, window_size, temperature, slope):
+    ct = compute_dtype(R)
+    plan = _plan(R, ct)
+    B, C, H, W = R.shape
+    N = H * W
+    table, g, stats, sel_idx, sel_w, d = _mask_chain(R, ct, window_size, temperature, slope, plan)
+    mask = R.new_empty((B, H, W), dtype=ct)
+    _launch(_mask_kernel, (_cdiv(N, plan.mean_block), B), d, stats, table, mask, N,
+            BLOCK=plan.mean_block, **_CONST, num_warps=plan.mean_warps)
+    return mask, g, stats, sel_idx, sel_w
+
+
+def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel_idx, sel_w, gram,
+                        window_size, temperature, slope, head, grad_x):
+    ct = stats.dtype
+    plan = _plan(R, ct)
+    B, C, H, W = R.shape
+    N = H * W
+    table = _table(N, temperature, slope, ct, R.device)
+    A = stats  # placeholder pointer when there is no head term
+    if head:
+        grad_hsic = stats.new_zeros(()) if grad_hsic is None else grad_hsic.to(ct).contiguous()
+        grad_bg = stats.new_zeros(()) if grad_bg is None else grad_bg.to(ct).contiguous()
+        A = R.new_empty((2, B, B), dtype=ct)
+        _launch(_bwd_prep_kernel, (1,), gram, grad_hsic, table, A, B, CT=plan.tl_ct, BB=plan.bb_all,
+                NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=plan.small_warps)
+    else:
+        grad_bg = stats
+    has_gm = grad_mask is not None
+    gm = grad_mask.contiguous() if has_gm else stats
+    dz = R.new_empty((B, H, W), dtype=ct)
+    dz_part = R.new_empty((B, plan.bwd_split), dtype=ct)
+    dx = x.new_empty(0)
+    want_dx = bool(head and grad_x)
+    if want_dx:
+        dx = torch.empty_like(x)
+    (sRb, sRc, sRh, sRw), flat_r = _strides(R)
+    (sxb, sxc, sxh, sxw), flat_x = _strides(x)
+    (sdb, sdc, sdh, sdw), flat_d = _strides(dx) if want_dx else ((0, 0, 0, 0), True)
+    _launch(_bwd_dm_kernel, (plan.bwd_split, plan.nbb), R, x, mask, A, stats, table, grad_bg, gm, dz, dz_part,
+            dx if want_dx else dz, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
+            C * N, plan.bwd_bps, HEAD=bool(head), HAS_GM=has_gm, GRAD_X=want_dx,
+            FLAT=flat_r and flat_x and flat_d, SINGLE=plan.single, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
+            BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps)
+    _launch(_t2_scatter_kernel, (B,), dz, dz_part, sel_idx, sel_w, N, plan.bwd_split,
+            CT=plan.tl_ct, BLOCK=plan.part_block, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
+    prefix = R.new_empty((B, H, W), dtype=ct)
+    rad = window_size // 2
+    part = R.new_empty((B, plan.n_colblocks, 2), dtype=ct)
+    _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), dz, g, stats, table, prefix, dz, H, W, rad,
+            FROM_G=False, CT=plan.tl_ct, BH=plan.hbox_bh, BW=plan.hbox_bw, **_CONST,
+            num_warps=plan.hbox_warps)
+    _launch(_vbox_kernel, (plan.n_colblocks, B), dz, g, stats, table, prefix, dz, part, H, W, rad,
+            window_size * window_size, BACKWARD=True, CT=plan.tl_ct, BH=plan.vbox_bh, BW=plan.vbox_bw,
+            **_CONST, num_warps=plan.vbox_warps)
+    _launch(_bwd_scalars_kernel, (B,), dz, part, stats, table, sel_idx, sel_w, N, plan.n_colblocks,
+            CT=plan.tl_ct, BLOCK=plan.part_block, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
+    dR = torch.empty_like(R)
+    (sdb, sdc, sdh, sdw), flat_dr = _strides(dR)
+    _launch(_bwd_dr_kernel, (plan.bwd_split, plan.nbb), R, mask, g, dz, A, stats, table, grad_bg, dR,
+            B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, C * N, plan.bwd_bps,
+            HEAD=bool(head), FLAT=flat_r and flat_dr, SINGLE=plan.single, CT=plan.tl_ct,
+            DOT_PREC=plan.dot_prec, BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps)
+    return dR, dx
+
+
+# ----------------------------------------------------------------------------------------
+# ops: schemas, fake kernels, autograd
+# ----------------------------------------------------------------------------------------
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("sib_fast_triton::head_forward", mutates_args=())
+def head_forward(R: Tensor, x: Tensor, window_size: int, temperature: float, slope: float
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(hsic, bg, mask, g, stats, sel_idx, sel_w, gram); the last five are saved for the backward."""
+    return _head_forward_impl(R, x, window_size, temperature, slope)
+
+
+@head_forward.register_fake
+def _head_forward_fake(R, x, window_size, temperature, slope):
+    ct = compute_dtype(R, x)
+    B, _, H, W = R.shape
+    return (R.new_empty((), dtype=ct), R.new_empty((), dtype=ct), R.new_empty((B, H, W), dtype=ct),
+            R.new_empty((B, H, W), dtype=ct), R.new_empty((B, STATS), dtype=ct),
+            R.new_empty((B, N_WINDOWS, SLOTS), dtype=torch.int32), R.new_empty((B, N_WINDOWS, SLOTS), dtype=ct),
+            R.new_empty((2, B, B), dtype=ct))
+
+
+@torch.library.custom_op("sib_fast_triton::mask_forward", mutates_args=())
+def mask_forward(R: Tensor, window_size: int, temperature: float, slope: float
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(mask, g, stats, sel_idx, sel_w): the mask chain alone."""
+    return _mask_forward_impl(R, window_size, temperature, slope)
+
+
+@mask_forward.register_fake
+def _mask_forward_fake(R, window_size, temperature, slope):
+    ct = compute_dtype(R)
+    B, _, H, W = R.shape
+    return (R.new_empty((B, H, W), dtype=ct), R.new_empty((B, H, W), dtype=ct), R.new_empty((B, STATS), dtype=ct),
+            R.new_empty((B, N_WINDOWS, SLOTS), dtype=torch.int32), R.new_empty((B, N_WINDOWS, SLOTS), dtype=ct))
+
+
+@torch.library.custom_op("sib_fast_triton::head_backward", mutates_args=())
+def head_backward(grad_hsic: Optional[Tensor], grad_bg: Optional[Tensor], grad_mask: Optional[Tensor],
+                  R: Tensor, x: Tensor, mask: Tensor, g: Tensor, stats: Tensor, sel_idx: Tensor,
+                  sel_w: Tensor, gram: Tensor, window_size: int, temperature: float, slope: float,
+                  head: bool, grad_x: bool) -> tuple[Tensor, Tensor]:
+    """(dR, dx); dx is empty unless head and grad_x."""
+    return _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel_idx, sel_w, gram,
+                               window_size, temperature, slope, head, grad_x)
+
+
+@head_backward.register_fake
+def _head_backward_fake(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel_idx, sel_w, gram,
+                        window_size, temperature, slope, head, grad_x):
+    return torch.empty_like(R), (torch.empty_like(x) if (head and grad_x) else x.new_empty(0))
+
+
+def _head_setup_context(ctx, inputs, output):
+    R, x, window_size, temperature, slope = inputs
+    _, _, mask, g, stats, sel_idx, sel_w, gram = output
+    ctx.save_for_backward(R, x, mask, g, stats, sel_idx, sel_w, gram)
+    ctx.hyperparameters = (window_size, temperature, slope)
+    ctx.mark_non_differentiable(g, stats, sel_idx, sel_w, gram)
+
+
+def _head_autograd(ctx, grad_hsic, grad_bg, grad_mask, *_unused):
+    R, x, mask, g, stats, sel_idx, sel_w, gram = ctx.saved_tensors
+    want_dx = ctx.needs_input_grad[1]
+    dR, dx = head_backward(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel_idx, sel_w, gram,
+                           *ctx.hyperparameters, True, want_dx)
+    return dR, (dx if want_dx else None), None, None, None
+
+
+head_forward.register_autograd(_head_autograd, setup_context=_head_setup_context)
+
+
+def _mask_setup_context(ctx, inputs, output):
+    R, window_size, temperature, slope = inputs
+    mask, g, stats, sel_idx, sel_w = output
+    ctx.save_for_backward(R, mask, g, stats, sel_idx, sel_w)
+    ctx.hyperparameters = (window_size, temperature, slope)
+    ctx.mark_non_differentiable(g, stats, sel_idx, sel_w)
+
+
+def _mask_autograd(ctx, grad_mask, *_unused):
+    R, mask, g, stats, sel_idx, sel_w = ctx.saved_tensors
+    dR, _ = head_backward(None, None, grad_mask, R, R, mask, g, stats, sel_idx, sel_w, R.new_empty(0),
+                          *ctx.hyperparameters, False, False)
+    return dR, None, None, None
+
+
+mask_forward.register_autograd(_mask_autograd, setup_context=_mask_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# the backend interface (sib_fast.dispatch)
+# ----------------------------------------------------------------------------------------
+
+def _common_dtype(R, x):
+    # The kernels read R and x through one set of loads; mixed inputs (rare) are promoted.
+    if R.dtype == x.dtype:
+        return R, x
+    dtype = torch.promote_types(R.dtype, x.dtype)
+    return R.to(dtype), x.to(dtype)
+
+
+def sib_terms(R, x, window_size, temperature, slope):
+    """(hsic, bg, mask) of SPEC sections 3-5; differentiable in R and x."""
+    R, x = _common_dtype(R, x)
+    hsic, bg, mask, *_ = head_forward(R, x, int(window_size), float(temperature), float(slope))
+    return hsic, bg, mask
+
+
+def spatial_mask(R, window_size, temperature, slope):
+    """The mask M of SPEC section 3; differentiable in R."""
+    return mask_forward(R, int(window_size), float(temperature), float(slope))[0]
