@@ -88,6 +88,14 @@ SIB_HOST_DEVICE uint64_t order_bits(double v) {
   return (bits >> 63) ? ~bits : (bits | (uint64_t(1) << 63));
 }
 
+SIB_HOST_DEVICE uint32_t order_bits(float v) {
+  if (v != v) return ~uint32_t(0);
+  if (v == 0.0f) v = 0.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return (bits >> 31) ? ~bits : (bits | (uint32_t(1) << 31));
+}
+
 // The HSIC of SPEC section 4 from the raw (symmetric) Gram matrices of
 // u = R*M and v = x*M, and the factors of its backward. With G = dHSIC/dK
 // (times the upstream gradient), the gradient of u_i is sum_j A_ij u_j where

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/row_kernels.h"
 #include "sib_head.h"
 
 namespace sib_fast {
@@ -82,37 +83,116 @@ void box_mean_plane(const acc_t* in, acc_t* out, int64_t H, int64_t W, int64_t k
   }
 }
 
-using RankKey = std::pair<uint64_t, int64_t>;  // (order bits of the value, flat index)
+// Sort keys that order (value, flat index) as a stable sort does: one packed
+// 64-bit word for float planes, a pair for double planes.
+template <typename acc_t>
+struct RankKeys;
 
-// Soft quantiles of one plane at increasing levels (SPEC section 2): selects only
-// the ranks of each window (nth_element + partial_sort, ties by index as a stable
-// sort has them), records their indices and returns the weighted sums.
+template <>
+struct RankKeys<float> {
+  using Key = uint64_t;
+  static Key make(float v, int64_t i) { return (uint64_t(order_bits(v)) << 32) | uint64_t(uint32_t(i)); }
+  static int64_t index(Key k) { return static_cast<int64_t>(k & 0xffffffffu); }
+};
+
+template <>
+struct RankKeys<double> {
+  using Key = std::pair<uint64_t, int64_t>;
+  static Key make(double v, int64_t i) { return {order_bits(v), i}; }
+  static int64_t index(const Key& k) { return k.second; }
+};
+
+// Buffers of the rank selection, reused across the images of one task.
+template <typename acc_t>
+struct SelectionScratch {
+  std::vector<typename RankKeys<acc_t>::Key> keys;
+  std::vector<std::pair<acc_t, int64_t>> sample, candidates;
+};
+
+// Planes this small are selected exactly at once; larger ones first try bounds
+// taken from a sorted sample.
+constexpr int64_t kExactSelectBelow = 4096;
+constexpr int64_t kSampleSize = 1024;
+
+// Writes to `index` the flat indices of the elements at ranks [first, first + count)
+// of `plane`, in rank order, ranking by (value, index) as a stable sort does.
+//
+// Fast path: a sorted, evenly strided sample gives value bounds that bracket the
+// window with a margin of 4 standard deviations of the sample rank; one pass
+// counts the elements below the bounds and collects those between, and only
+// those are ordered. It is exact whenever the bounds bracket the window, which
+// the counts verify; otherwise (or with NaN around) the exact path runs.
+template <typename acc_t>
+void select_ranks(const acc_t* plane, int64_t n, RankWindow win, SelectionScratch<acc_t>& scratch, int64_t* index) {
+  using Keys = RankKeys<acc_t>;
+  const int64_t first = win.first, end = win.first + win.count;
+  if (n >= kExactSelectBelow) {
+    auto& sample = scratch.sample;
+    if (sample.empty()) {  // sorted once per plane, shared by its windows
+      const int64_t stride = n / kSampleSize;
+      for (int64_t i = 0; i < kSampleSize; ++i) sample.push_back({plane[i * stride], i * stride});
+      std::sort(sample.begin(), sample.end(), [](const auto& a, const auto& b) {
+        return Keys::make(a.first, a.second) < Keys::make(b.first, b.second);
+      });
+    }
+    const double S = static_cast<double>(kSampleSize), p = static_cast<double>(first) / static_cast<double>(n);
+    const int64_t margin = static_cast<int64_t>(4.0 * std::sqrt(S * p * (1.0 - p)) + 4.0);
+    const int64_t lo_pos = static_cast<int64_t>(static_cast<double>(first) * S / static_cast<double>(n)) - margin;
+    const int64_t hi_pos = static_cast<int64_t>(static_cast<double>(end) * S / static_cast<double>(n)) + margin;
+    const bool has_lo = lo_pos >= 0, has_hi = hi_pos < kSampleSize;
+    const acc_t lo = has_lo ? sample[lo_pos].first : acc_t(0);
+    const acc_t hi = has_hi ? sample[hi_pos].first : acc_t(0);
+    if (lo == lo && hi == hi) {  // NaN bounds: exact path
+      auto& cand = scratch.candidates;
+      cand.clear();
+      int64_t below = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t v = plane[i];
+        if (has_lo && v < lo) {
+          ++below;
+        } else if ((!has_lo || v >= lo) && (!has_hi || v <= hi)) {
+          cand.push_back({v, i});
+        }
+      }
+      const int64_t cand_end = below + static_cast<int64_t>(cand.size());
+      if (below <= first && end <= cand_end) {
+        auto less = [](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) {
+          return a.first < b.first || (a.first == b.first && a.second < b.second);
+        };
+        auto a = cand.begin() + (first - below), b = cand.begin() + (end - below);
+        std::nth_element(cand.begin(), a, cand.end(), less);
+        std::partial_sort(a, b, cand.end(), less);
+        for (int64_t k = 0; k < win.count; ++k) index[k] = cand[first - below + k].second;
+        return;
+      }
+    }
+  }
+  auto& keys = scratch.keys;
+  keys.resize(n);
+  for (int64_t i = 0; i < n; ++i) keys[i] = Keys::make(plane[i], i);
+  std::nth_element(keys.begin(), keys.begin() + first, keys.end());
+  std::partial_sort(keys.begin() + first, keys.begin() + end, keys.end());
+  for (int64_t k = 0; k < win.count; ++k) index[k] = Keys::index(keys[first + k]);
+}
+
+// Soft quantiles of one plane (SPEC section 2): selects the ranks of each
+// quantile's window, records their indices and returns the weighted sums.
 template <typename acc_t>
 void soft_quantiles(const acc_t* plane, int64_t n, const int* quantiles, int count, double temperature,
-                    std::vector<RankKey>& keys, int64_t* rank_index, double* values) {
-  keys.resize(n);
-  for (int64_t i = 0; i < n; ++i) keys[i] = {order_bits(static_cast<double>(plane[i])), i};
-  int64_t sorted_until = 0;  // keys[0, sorted_until) hold their final ranks
+                    SelectionScratch<acc_t>& scratch, int64_t* rank_index, double* values) {
+  scratch.sample.clear();
   double w[kRankWindow];
   for (int qi = 0; qi < count; ++qi) {
     const int quantile = quantiles[qi];
     const double level = kQuantileLevel[quantile];
     const RankWindow win = rank_window(n, level);
-    const int64_t end = win.first + win.count;
-    if (end > sorted_until) {
-      const int64_t start = std::max(win.first, sorted_until);
-      if (start > sorted_until) std::nth_element(keys.begin() + sorted_until, keys.begin() + start, keys.end());
-      std::partial_sort(keys.begin() + start, keys.begin() + end, keys.end());
-      sorted_until = end;
-    }
+    int64_t* index_row = rank_index + quantile * kRankWindow;
+    select_ranks(plane, n, win, scratch, index_row);
     rank_weights(n, level, temperature, win, w);
     double value = 0.0;
-    int64_t* index_row = rank_index + quantile * kRankWindow;
     for (int k = 0; k < kRankWindow; ++k) {
       if (k < win.count) {
-        const int64_t idx = keys[win.first + k].second;
-        index_row[k] = idx;
-        value += w[k] * static_cast<double>(plane[idx]);
+        value += w[k] * static_cast<double>(plane[index_row[k]]);
       } else {
         index_row[k] = -1;
       }
@@ -130,12 +210,10 @@ struct MaskScalars {
   acc_t u(acc_t a) const { return (a - lo) / range; }
 };
 
-// Planes u -> h = sigmoid(s (u - t1)) -> d = box(h) from the channel-mean plane g.
+// The plane h = sigmoid(s (u - t1)), u = (|g| - lo) / S, of one image.
 template <typename acc_t>
-void mask_planes(const acc_t* g, const MaskScalars<acc_t>& ms, acc_t slope, const Shape& sh, int64_t k,
-                 acc_t* h, acc_t* d, std::vector<double>& row_sums, std::vector<double>& prefix) {
-  for (int64_t p = 0; p < sh.N; ++p) h[p] = sigmoid(slope * (ms.u(std::abs(g[p])) - ms.t1));
-  box_mean_plane(h, d, sh.H, sh.W, k, row_sums, prefix);
+void h_plane(const acc_t* g, const MaskScalars<acc_t>& ms, acc_t slope, int64_t N, acc_t* h) {
+  sigmoid_row(g, /*absolute=*/true, ms.lo, ms.range, ms.t1, slope, h, N);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -153,14 +231,14 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
   at::parallel_for(0, sh.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> g(sh.N), a(sh.N), h(sh.N), d(sh.N);
     std::vector<double> row_sums, prefix;
-    std::vector<RankKey> keys;
+    SelectionScratch<acc_t> keys;
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(g.begin(), g.end(), acc_t(0));
       for (int64_t c = 0; c < sh.C; ++c)
         for (int64_t y = 0; y < sh.H; ++y) {
-          const scalar_t* row = Rs.row(b, c, y);
+          load_row(Rs.row(b, c, y), Rs.sw, h.data(), sh.W);  // h is free until h_plane
           acc_t* gy = &g[y * sh.W];
-          for (int64_t w = 0; w < sh.W; ++w) gy[w] += static_cast<acc_t>(row[w * Rs.sw]);
+          for (int64_t w = 0; w < sh.W; ++w) gy[w] += h[w];
         }
       for (int64_t p = 0; p < sh.N; ++p) {
         g[p] /= static_cast<acc_t>(sh.C);
@@ -174,13 +252,14 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
       st[kStatMaskLevel] = static_cast<acc_t>(q[1]);
       st[kStatHigh] = static_cast<acc_t>(q[2]);
       const MaskScalars<acc_t> ms(st[kStatLow], st[kStatMaskLevel], st[kStatHigh]);
-      mask_planes(g.data(), ms, s, sh, window, h.data(), d.data(), row_sums, prefix);
+      h_plane(g.data(), ms, s, sh.N, h.data());
+      box_mean_plane(h.data(), d.data(), sh.H, sh.W, window, row_sums, prefix);
       const int d_quantile[1] = {kQuantT2};
       double t2;
       soft_quantiles(d.data(), sh.N, d_quantile, 1, temperature, keys, ranks + b * kQuantiles * kRankWindow, &t2);
       st[kStatT2] = static_cast<acc_t>(t2);
       acc_t* m = mask + b * sh.N;
-      for (int64_t p = 0; p < sh.N; ++p) m[p] = sigmoid(s * (d[p] - st[kStatT2]));
+      sigmoid_row(d.data(), /*absolute=*/false, st[kStatT2], acc_t(1), acc_t(0), s, m, sh.N);
     }
   });
 
@@ -189,48 +268,29 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
   const RowBlocks blocks(sh.H);
   const int64_t partial_size = 2 * B * B + 2 * B;
   std::vector<double> partials(blocks.count * partial_size, 0.0);
+  const int64_t block_len = sh.C * blocks.rows_per_block * W;  // values of one image in a row block
   at::parallel_for(0, blocks.count, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> mr(B * W), mx(B * W);
+    std::vector<acc_t> rv(W), xv(W), mr(B * block_len), mx(B * block_len);
     for (int64_t blk = k0; blk < k1; ++blk) {
       double* gram_u = &partials[blk * partial_size];
       double* gram_v = gram_u + B * B;
       double* bg_sum = gram_v + B * B;
       double* bg_sumsq = bg_sum + B;
-      for (int64_t y = blocks.begin(blk); y < blocks.end(blk); ++y)
-        for (int64_t c = 0; c < sh.C; ++c) {
-          for (int64_t j = 0; j < B; ++j) {
-            const scalar_t* rrow = Rs.row(j, c, y);
-            const scalar_t* xrow = xs.row(j, c, y);
-            const acc_t* mrow = mask + j * sh.N + y * W;
-            acc_t s1 = 0, s2 = 0;
-            for (int64_t w = 0; w < W; ++w) {
-              const acc_t rv = static_cast<acc_t>(rrow[w * Rs.sw]);
-              const acc_t mv = mrow[w];
-              const acc_t background = rv * (acc_t(1) - mv);
-              mr[j * W + w] = mv * rv;
-              mx[j * W + w] = mv * static_cast<acc_t>(xrow[w * xs.sw]);
-              s1 += background;
-              s2 += background * background;
-            }
+      const int64_t len = sh.C * (blocks.end(blk) - blocks.begin(blk)) * W;
+      for (int64_t j = 0; j < B; ++j) {
+        int64_t offset = j * len;
+        for (int64_t y = blocks.begin(blk); y < blocks.end(blk); ++y)
+          for (int64_t c = 0; c < sh.C; ++c, offset += W) {
+            load_row(Rs.row(j, c, y), Rs.sw, rv.data(), W);
+            load_row(xs.row(j, c, y), xs.sw, xv.data(), W);
+            acc_t s1, s2;
+            mask_row(rv.data(), xv.data(), mask + j * sh.N + y * W, &mr[offset], &mx[offset], W, &s1, &s2);
             bg_sum[j] += s1;
             bg_sumsq[j] += s2;
           }
-          for (int64_t i = 0; i < B; ++i)
-            for (int64_t j = i; j < B; ++j) {
-              const acc_t* ui = &mr[i * W];
-              const acc_t* uj = &mr[j * W];
-              const acc_t* vi = &mx[i * W];
-              const acc_t* vj = &mx[j * W];
-              acc_t du = 0, dv = 0;
-#pragma omp simd reduction(+ : du, dv)
-              for (int64_t w = 0; w < W; ++w) {
-                du += ui[w] * uj[w];
-                dv += vi[w] * vj[w];
-              }
-              gram_u[i * B + j] += du;
-              gram_v[i * B + j] += dv;
-            }
-        }
+      }
+      gram_update(mr.data(), B, len, gram_u);
+      gram_update(mx.data(), B, len, gram_v);
     }
   });
   std::vector<double> total(partial_size, 0.0);
@@ -267,6 +327,7 @@ void check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double
   TORCH_CHECK(R.device().is_cpu() && x.device().is_cpu(), "sib_head (CPU kernel): R and x must be CPU tensors");
   TORCH_CHECK(R.size(0) >= 2, "sib_head: needs a batch of at least 2 images, got ", R.size(0));
   TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) >= 2, "sib_head: needs C*H*W >= 2");
+  TORCH_CHECK(R.size(2) * R.size(3) < (int64_t(1) << 31), "sib_head: images of 2^31 pixels or more are not supported");
   TORCH_CHECK(window > 0 && window % 2 == 1, "sib_head: window_size must be a positive odd integer, got ", window);
   TORCH_CHECK(temperature > 0 && slope > 0, "sib_head: temperature and slope must be > 0");
 }
@@ -302,7 +363,7 @@ void mask_chain_adjoint(const acc_t* g, const acc_t* M, const acc_t* dM, const a
                         std::vector<double>& row_sums, std::vector<double>& prefix) {
   const int64_t N = sh.N;
   const MaskScalars<acc_t> ms(st[kStatLow], st[kStatMaskLevel], st[kStatHigh]);
-  mask_planes(g, ms, s, sh, window, h.data(), d.data(), row_sums, prefix);
+  h_plane(g, ms, s, N, h.data());
   double w[kRankWindow];
   auto scatter_to_ranks = [&](int quantile, double grad, acc_t* plane) {
     const RankWindow win = rank_window(N, kQuantileLevel[quantile]);
@@ -319,7 +380,7 @@ void mask_chain_adjoint(const acc_t* g, const acc_t* M, const acc_t* dM, const a
     dt2 -= dd[p];
   }
   scatter_to_ranks(kQuantT2, dt2, dd.data());
-  // d = box(h), self-adjoint: dh = box(dd); reuse d's buffer for dh
+  // d = box(h), self-adjoint: dh = box(dd)
   acc_t* dh = d.data();
   box_mean_plane(dd.data(), dh, sh.H, sh.W, window, row_sums, prefix);
   // h = sigmoid(s (u - t1)), u = (a - lo) / S, t1 = (q80 - lo) / S, S = hi - lo + eps
@@ -378,51 +439,30 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
   // Pass 1 over R, x: dR without the mask chain's share, dx, dM, and g again.
   std::vector<acc_t> dM(B * N), g(B * N);
   at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
-    std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), T(W), Tx(W);
+    std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), Tu(B * W), Tv(B * W), out(W);
     for (int64_t y = y0; y < y1; ++y) {
       for (int64_t j = 0; j < B; ++j)
         for (int64_t w = 0; w < W; ++w) dM[j * N + y * W + w] = g[j * N + y * W + w] = 0;
       for (int64_t c = 0; c < sh.C; ++c) {
         for (int64_t j = 0; j < B; ++j) {
-          const scalar_t* rrow = Rs.row(j, c, y);
-          const scalar_t* xrow = xs.row(j, c, y);
-          const acc_t* mrow = mask + j * N + y * W;
+          acc_t* r = &rv[j * W];
+          load_row(Rs.row(j, c, y), Rs.sw, r, W);
+          load_row(xs.row(j, c, y), xs.sw, &xv[j * W], W);
+          acc_t unused_s1, unused_s2;
+          mask_row(r, &xv[j * W], mask + j * N + y * W, &mr[j * W], &mx[j * W], W, &unused_s1, &unused_s2);
           acc_t* grow = &g[j * N + y * W];
-          for (int64_t w = 0; w < W; ++w) {
-            const acc_t r = static_cast<acc_t>(rrow[w * Rs.sw]);
-            const acc_t xx = static_cast<acc_t>(xrow[w * xs.sw]);
-            rv[j * W + w] = r;
-            xv[j * W + w] = xx;
-            mr[j * W + w] = mrow[w] * r;
-            mx[j * W + w] = mrow[w] * xx;
-            grow[w] += r;
-          }
+          for (int64_t w = 0; w < W; ++w) grow[w] += r[w];
         }
+        mix_rows(A_u.data(), mr.data(), B, W, Tu.data());
+        mix_rows(A_v.data(), mx.data(), B, W, Tv.data());
         for (int64_t i = 0; i < B; ++i) {
-          std::fill(T.begin(), T.end(), acc_t(0));
-          std::fill(Tx.begin(), Tx.end(), acc_t(0));
-          for (int64_t j = 0; j < B; ++j) {
-            const acc_t au = A_u[i * B + j], av = A_v[i * B + j];
-            const acc_t* uj = &mr[j * W];
-            const acc_t* vj = &mx[j * W];
-#pragma omp simd
-            for (int64_t w = 0; w < W; ++w) {
-              T[w] += au * uj[w];
-              Tx[w] += av * vj[w];
-            }
-          }
-          const acc_t* mrow = mask + i * N + y * W;
-          acc_t* dMrow = &dM[i * N + y * W];
-          scalar_t* dRrow = dRs.row(i, c, y);
-          for (int64_t w = 0; w < W; ++w) {
-            const acc_t m = mrow[w], r = rv[i * W + w];
-            const acc_t bg_grad = bg_scale[i] * (r * (acc_t(1) - m) - bg_mean[i]);
-            dRrow[w * dRs.sw] = static_cast<scalar_t>(m * T[w] + (acc_t(1) - m) * bg_grad);
-            dMrow[w] += r * T[w] + xv[i * W + w] * Tx[w] - r * bg_grad;
-          }
+          const acc_t* m = mask + i * N + y * W;
+          backward_row(&rv[i * W], &xv[i * W], m, &Tu[i * W], &Tv[i * W], bg_scale[i], bg_mean[i], out.data(),
+                       &dM[i * N + y * W], W);
+          store_row(out.data(), dRs.row(i, c, y), dRs.sw, W);
           if (dx_t) {
-            scalar_t* dxrow = dxs.row(i, c, y);
-            for (int64_t w = 0; w < W; ++w) dxrow[w * dxs.sw] = static_cast<scalar_t>(mrow[w] * Tx[w]);
+            for (int64_t w = 0; w < W; ++w) out[w] = m[w] * Tv[i * W + w];
+            store_row(out.data(), dxs.row(i, c, y), dxs.sw, W);
           }
         }
       }
