@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One call on a fresh GPU machine (no internet): build the extension, run the GPU tests, then
+# sib-bench head and step modes, within GPU_CHECK_BUDGET seconds (default 460, under 8 minutes).
+#
+#   bash benchmarks/gpu_check.sh            # results in $OUT (or runs/gpu_check when OUT is unset)
+#
+# Every stage has a time cap and leaves time for the stages after it; a stage that runs out is
+# interrupted (SIGINT: sib-bench then saves the rows it finished) and the script goes on.
+# Results: results.md (the tables, with date, GPU, driver and commit: paste into
+# benchmarks/RESULTS.md), head_*.json / step.json (every number), head_float32.png (plot),
+# <stage>.log for each stage, SUMMARY.txt (stage, exit status, seconds).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-$PWD/runs/gpu_check}"
+mkdir -p "$OUT"
+BUDGET="${GPU_CHECK_BUDGET:-460}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/sib_fast_inductor_cache}"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+FAILED=0
+: > "$OUT/SUMMARY.txt"
+
+log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$OUT/gpu_check.log"; }
+
+# stage NAME CAP RESERVE CMD...: run CMD for at most CAP seconds, leaving RESERVE seconds of the budget
+stage() {
+  local name=$1 cap=$2 reserve=$3
+  shift 3
+  local left=$((BUDGET - (SECONDS - START) - reserve))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 10 ]; then
+    log "skip $name: no time left"
+    echo "$name skipped 0" >> "$OUT/SUMMARY.txt"
+    return 0
+  fi
+  log "start $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  log "end $name: exit $rc after $((SECONDS - t0))s"
+  echo "$name $rc $((SECONDS - t0))" >> "$OUT/SUMMARY.txt"
+  tail -n 25 "$OUT/$name.log"
+  # pytest exit 5: nothing collected (e.g. no GPU tests yet): not a failure
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then FAILED=1; fi
+  return 0
+}
+
+# ---- environment
+{
+  nvidia-smi || true
+  "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
+  "$PY" -c 'import triton; print("triton", triton.__version__)' || true
+  command -v nvcc && nvcc --version | tail -n 2
+  git log -1 --format='commit %H %s' || true
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# ---- build (CUDA kernels for this GPU only: half the nvcc time of the default 80;90)
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then
+    CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc > /dev/null; then
+    # the toolkit root holds bin/nvcc and lib64/libcudart (a wrapper script in /usr/local/bin does not)
+    candidate="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+    if ls "$candidate"/lib*/libcudart.so* > /dev/null 2>&1; then CUDA_HOME="$candidate"; fi
+  fi
+fi
+[ -n "${CUDA_HOME:-}" ] && export CUDA_HOME && export PATH="$CUDA_HOME/bin:$PATH"
+if [ -z "${SIB_FAST_CUDA_ARCH:-}" ]; then
+  SIB_FAST_CUDA_ARCH="$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")' 2>/dev/null || echo "80;90")"
+fi
+export SIB_FAST_CUDA_ARCH MAX_JOBS="${MAX_JOBS:-16}"
+log "CUDA_HOME=${CUDA_HOME:-none} SIB_FAST_CUDA_ARCH=$SIB_FAST_CUDA_ARCH"
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+  log "skip build: GPU_CHECK_SKIP_BUILD=1"
+else
+  stage build 200 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+fi
+stage backends 30 230 "$PY" -c 'import sib_fast, sib_fast.dispatch as d
+print("available on cuda:", sib_fast.available_backends("cuda"))
+for b in ("cuda", "triton"): print(b, d.unavailable_reason(b, "cuda") or "ok")'
+
+# ---- GPU tests, then the backends' own test files (their non-GPU tests)
+stage gpu_tests 110 200 "$PY" -m pytest -q -rfE -p no:cacheprovider -m gpu tests --junitxml="$OUT/gpu_tests.xml"
+backend_tests=$(ls tests/test_*triton*.py tests/test_*cuda*.py 2>/dev/null | tr '\n' ' ')
+if [ -n "$backend_tests" ]; then
+  # shellcheck disable=SC2086
+  stage backend_tests 50 190 "$PY" -m pytest -q -rfE -p no:cacheprovider -m "not gpu" $backend_tests
+fi
+
+# ---- sib-bench head (float32: batch sweep, torch.compile at 32 and 128), step, then bfloat16
+stage head_float32 140 75 "$PY" -m sib_fast.bench --device cuda --batch 8,32,128 --compile-batch 32,128 \
+  --dtype float32 --min-time 0.3 --json "$OUT/head_float32.json" --plot "$OUT/head_float32.png" \
+  --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
+stage step 80 20 "$PY" -m sib_fast.bench --device cuda --step --model resnet50,vit_s_16 --step-batch 64 \
+  --step-reps 5 --json "$OUT/step.json" --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
+stage head_bfloat16 60 0 "$PY" -m sib_fast.bench --device cuda --batch 128 --dtype bfloat16 --no-compile \
+  --min-time 0.3 --json "$OUT/head_bfloat16.json" --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
+
+log "done in $((SECONDS - START))s; failures: $FAILED"
+cat "$OUT/SUMMARY.txt"
+[ -f "$OUT/results.md" ] && cat "$OUT/results.md"
+exit "$FAILED"
