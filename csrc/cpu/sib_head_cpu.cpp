@@ -355,7 +355,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // Adjoint of the mask chain of one image (SPEC section 3 backwards): from dM to
 // dg, the gradient of the channel-mean plane. Nothing is detached, so the
-// quantiles pass gradient to the elements at their ranks.
+// quantiles pass gradient to the elements at their ranks. dM and dg may be the
+// same buffer: dM is read in full before dg is written.
 template <typename acc_t>
 void mask_chain_adjoint(const acc_t* g, const acc_t* M, const acc_t* dM, const acc_t* st, const int64_t* ranks,
                         const Shape& sh, int64_t window, double temperature, acc_t s, acc_t* dg,
@@ -477,7 +478,8 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
   }
 
   // Planes: the mask chain's adjoint, dM -> dg, one image per task.
-  std::vector<acc_t> dg(B * N);
+  // dg overwrites dM, which each image's adjoint reads in full before writing dg.
+  std::vector<acc_t>& dg = dM;
   const acc_t s = static_cast<acc_t>(slope);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> h(N), d(N), dd(N);
