@@ -140,3 +140,29 @@ def test_torch_compile_fullgraph_matches_eager():
     (ge,) = torch.autograd.grad(eager, Re)
     (gc,) = torch.autograd.grad(comp, Rc)
     assert torch.equal(eager, comp) and torch.equal(ge, gc)
+
+
+def test_switching_reference_to_cpu_keeps_the_training_curve():
+    # A user changing backend="reference" to "cpu" must see the same losses step after step.
+    def curve(backend):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Softplus(), torch.nn.Conv2d(8, 8, 3, padding=1),
+            torch.nn.Softplus(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
+        criterion = sib_fast.SIBLoss(window_size=7, lambda_bg=1e4, lambda_fg=1.0, backend=backend)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(4):
+            x = torch.rand(6, 3, 20, 20, generator=g).requires_grad_()
+            y = torch.randint(0, 4, (6,), generator=g)
+            loss = criterion(model(x), y, x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append([criterion.loss.item(), criterion.hsic.item(), criterion.bg.item()])
+        assert criterion.backend_used == backend
+        return torch.tensor(losses, dtype=torch.float64)
+
+    reference, fused = curve("reference"), curve("cpu")
+    assert torch.allclose(fused, reference, rtol=1e-4, atol=0), f"\nreference {reference}\ncpu {fused}"
