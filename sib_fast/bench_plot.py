@@ -13,6 +13,7 @@ from collections import defaultdict
 
 def plot_head(record: dict, path: str, part: str = "fwd_bwd") -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -44,8 +45,12 @@ def plot_head(record: dict, path: str, part: str = "fwd_bwd") -> None:
     sheet = record.get("machine", {}).get("gpu", {}).get("datasheet_bandwidth_GBps")
     if sheet:
         ax_bw.axhline(sheet, color="gray", lw=1, ls=":", label=f"datasheet {sheet:.0f} GB/s")
+    all_batches = sorted({r["batch"] for rows in series.values() for r in rows})
     for ax in (ax_time, ax_bw):
         ax.set_xscale("log", base=2)
+        if all_batches:
+            ax.set_xticks(all_batches, [str(b) for b in all_batches])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
         ax.grid(True, which="both", alpha=0.3)
