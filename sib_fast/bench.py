@@ -400,10 +400,14 @@ def _num(value, fmt: str) -> str:
 
 def head_table(record: dict) -> str:
     copy = record["copy_bandwidth"]["GBps"]
+    # CPU seconds of the process next to wall time: on a loaded machine the gap shows the contention
+    cpu_col = any("cpu_time_median" in r.get("timings", {}).get("fwd_bwd", {}) for r in record["rows"])
     lines = [
-        f"| dtype | B | shape | backend | forward ms | backward ms | fwd+bwd ms | fwd+bwd vs eager | "
-        f"fwd+bwd GB/s over floor | % of copy BW ({copy:.1f} GB/s) | peak extra MB (x R) | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dtype | B | shape | backend | forward ms | backward ms | fwd+bwd ms | "
+        + ("fwd+bwd CPU-time ms | " if cpu_col else "")
+        + f"fwd+bwd vs eager | fwd+bwd GB/s over floor | % of copy BW ({copy:.1f} GB/s) | "
+        f"peak extra MB (x R) | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cpu_col else ""),
     ]
     for row in record["rows"]:
         if row.get("kind") != "head":
@@ -411,7 +415,7 @@ def head_table(record: dict) -> str:
         shape = f"{row['channels']}x{row['height']}x{row['width']}"
         head = f"| {row['dtype']} | {row['batch']} | {shape} | {row['backend']} |"
         if "timings" not in row:
-            lines.append(f"{head} {short_error(row)} | | | | | | | |")
+            lines.append(f"{head} {short_error(row)} |" + " |" * (7 + cpu_col))
             continue
         t = row["timings"]
         speed = row.get("speedup_vs_reference", {}).get("fwd_bwd")
@@ -420,7 +424,11 @@ def head_table(record: dict) -> str:
         mem_text = "-" if mem is None else f"{mem / 1e6:.1f} ({mem_x:.2f})"
         err = row.get("max_rel_err")
         err_text = "-" if not err else f"{max(err.values()):.1e}"
-        lines.append(f"{head} {_ms(t['fwd'])} | {_ms(t['bwd'])} | {_ms(t['fwd_bwd'])} | "
+        cpu_text = ""
+        if cpu_col:
+            cpu_s = t["fwd_bwd"].get("cpu_time_median")
+            cpu_text = "- | " if cpu_s is None else f"{cpu_s * 1e3:.{3 if cpu_s < 1e-3 else 1}f} | "
+        lines.append(f"{head} {_ms(t['fwd'])} | {_ms(t['bwd'])} | {_ms(t['fwd_bwd'])} | {cpu_text}"
                      f"{_num(speed, '.2f')}x | {row['achieved_GBps']['fwd_bwd']:.2f} | "
                      f"{row['pct_of_copy_bw']['fwd_bwd']:.1f} | {mem_text} | {err_text} |")
     return "\n".join(lines)
