@@ -210,6 +210,20 @@ struct MaskScalars {
   acc_t u(acc_t a) const { return (a - lo) / range; }
 };
 
+// g = mean over channels of R for image b (SPEC section 3); `row` holds W values.
+// The forward and the backward sum the channels in the same order, so both see the same g.
+template <typename scalar_t, typename acc_t>
+void channel_mean_plane(const Strided4d<const scalar_t>& Rs, int64_t b, const Shape& sh, acc_t* g, acc_t* row) {
+  std::fill(g, g + sh.N, acc_t(0));
+  for (int64_t c = 0; c < sh.C; ++c)
+    for (int64_t y = 0; y < sh.H; ++y) {
+      load_row(Rs.row(b, c, y), Rs.sw, row, sh.W);
+      acc_t* gy = g + y * sh.W;
+      for (int64_t w = 0; w < sh.W; ++w) gy[w] += row[w];
+    }
+  for (int64_t p = 0; p < sh.N; ++p) g[p] /= static_cast<acc_t>(sh.C);
+}
+
 // The plane h = sigmoid(s (u - t1)), u = (|g| - lo) / S, of one image.
 template <typename acc_t>
 void h_plane(const acc_t* g, const MaskScalars<acc_t>& ms, acc_t slope, int64_t N, acc_t* h) {
@@ -233,17 +247,8 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
     std::vector<double> row_sums, prefix;
     SelectionScratch<acc_t> keys;
     for (int64_t b = b0; b < b1; ++b) {
-      std::fill(g.begin(), g.end(), acc_t(0));
-      for (int64_t c = 0; c < sh.C; ++c)
-        for (int64_t y = 0; y < sh.H; ++y) {
-          load_row(Rs.row(b, c, y), Rs.sw, h.data(), sh.W);  // h is free until h_plane
-          acc_t* gy = &g[y * sh.W];
-          for (int64_t w = 0; w < sh.W; ++w) gy[w] += h[w];
-        }
-      for (int64_t p = 0; p < sh.N; ++p) {
-        g[p] /= static_cast<acc_t>(sh.C);
-        a[p] = std::abs(g[p]);
-      }
+      channel_mean_plane(Rs, b, sh, g.data(), h.data());  // h is free until h_plane
+      for (int64_t p = 0; p < sh.N; ++p) a[p] = std::abs(g[p]);
       const int a_quantiles[3] = {kQuantLow, kQuantMaskLevel, kQuantHigh};
       double q[3];
       soft_quantiles(a.data(), sh.N, a_quantiles, 3, temperature, keys, ranks + b * kQuantiles * kRankWindow, q);
@@ -437,13 +442,13 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
     bg_mean[b] = static_cast<acc_t>(static_cast<double>(stats[b * kImageStats + kStatBgSum]) / D);
   }
 
-  // Pass 1 over R, x: dR without the mask chain's share, dx, dM, and g again.
-  std::vector<acc_t> dM(B * N), g(B * N);
+  // Pass 1 over R, x: dR without the mask chain's share, dx, and dM.
+  std::vector<acc_t> dM(B * N);
   at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
     std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), Tu(B * W), Tv(B * W), out(W);
     for (int64_t y = y0; y < y1; ++y) {
       for (int64_t j = 0; j < B; ++j)
-        for (int64_t w = 0; w < W; ++w) dM[j * N + y * W + w] = g[j * N + y * W + w] = 0;
+        for (int64_t w = 0; w < W; ++w) dM[j * N + y * W + w] = 0;
       for (int64_t c = 0; c < sh.C; ++c) {
         for (int64_t j = 0; j < B; ++j) {
           acc_t* r = &rv[j * W];
@@ -451,8 +456,6 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
           load_row(xs.row(j, c, y), xs.sw, &xv[j * W], W);
           acc_t unused_s1, unused_s2;
           mask_row(r, &xv[j * W], mask + j * N + y * W, &mr[j * W], &mx[j * W], W, &unused_s1, &unused_s2);
-          acc_t* grow = &g[j * N + y * W];
-          for (int64_t w = 0; w < W; ++w) grow[w] += r[w];
         }
         mix_rows(A_u.data(), mr.data(), B, W, Tu.data());
         mix_rows(A_v.data(), mx.data(), B, W, Tv.data());
@@ -467,8 +470,6 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
           }
         }
       }
-      for (int64_t j = 0; j < B; ++j)
-        for (int64_t w = 0; w < W; ++w) g[j * N + y * W + w] /= static_cast<acc_t>(sh.C);
     }
   });
   if (grad_mask.defined()) {
@@ -482,12 +483,15 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
   std::vector<acc_t>& dg = dM;
   const acc_t s = static_cast<acc_t>(slope);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> h(N), d(N), dd(N);
+    std::vector<acc_t> g(N), h(N), d(N), dd(N);
     std::vector<double> row_sums, prefix;
-    for (int64_t b = b0; b < b1; ++b)
-      mask_chain_adjoint(&g[b * N], mask + b * N, &dM[b * N], stats + b * kImageStats,
+    for (int64_t b = b0; b < b1; ++b) {
+      // g is read again from R rather than kept from pass 1: a plane less of memory
+      channel_mean_plane(Rs, b, sh, g.data(), h.data());
+      mask_chain_adjoint(g.data(), mask + b * N, &dM[b * N], stats + b * kImageStats,
                          ranks + b * kQuantiles * kRankWindow, sh, window, temperature, s, &dg[b * N], h, d, dd,
                          row_sums, prefix);
+    }
   });
 
   // Pass 2 over dR: add dg / C to every channel.
