@@ -1,0 +1,146 @@
+"""Models for ``sib-train``: a small built-in CNN and ViT, and the ``--arch`` lookup.
+
+``build_model(arch, num_classes, image_size)`` takes a built-in name (``sib_cnn``,
+``tiny_vit``), a torchvision classification model name (``resnet50``, ``vit_b_16``...) or a
+timm model name (when timm is installed; ``timm/NAME`` forces timm). Weights are initialised
+at random: nothing is downloaded.
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BatchNorm-activation blocks (three with stride 2), global max pool, linear.
+
+    Global *max* pooling: the object covers a small part of the image, and averaging its
+    features with the background's makes a small CNN learn far more slowly. ``pool="mean"`` with
+    a smooth activation (GELU, Softplus) gives a smooth network, where finite differences
+    converge cleanly. Every op has a double backward.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32, act: str = "gelu",
+                 pool: str = "max"):
+        super().__init__()
+        if pool not in ("max", "mean"):
+            raise ValueError(f"pool must be 'max' or 'mean', got {pool!r}")
+        self.pool = pool
+        acts = {"gelu": nn.GELU, "softplus": nn.Softplus, "silu": nn.SiLU, "relu": nn.ReLU}
+        if act not in acts:
+            raise ValueError(f"act must be one of {sorted(acts)}, got {act!r}")
+        widths = (width, 2 * width, 4 * width, 4 * width)
+        strides = (2, 2, 2, 1)
+        layers, c = [], in_channels
+        for w, s in zip(widths, strides):
+            layers += [nn.Conv2d(c, w, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(w), acts[act]()]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return self.head(f.amax(dim=(2, 3)) if self.pool == "max" else f.mean(dim=(2, 3)))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        B, N, D = t.shape
+        q, k, v = self.qkv(self.norm1(t)).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # fused attention: no double backward
+        t = t + self.proj(a.transpose(1, 2).reshape(B, N, D))
+        return t + self.mlp(self.norm2(t))
+
+
+class TinyViT(nn.Module):
+    """A small ViT on ``F.scaled_dot_product_attention``, whose fused kernels have no double
+    backward: train it with ``vjp="finite_difference"``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 64, patch: int = 8,
+                 dim: int = 64, depth: int = 2, heads: int = 2):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"tiny_vit needs an image size divisible by its patch size {patch}, got {image_size}")
+        self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(t)).mean(dim=1))
+
+
+BUILTIN = {
+    "sib_cnn": lambda num_classes, image_size: SmallCNN(num_classes),
+    "tiny_vit": lambda num_classes, image_size: TinyViT(num_classes, image_size=image_size),
+}
+
+
+def _torchvision_names() -> list[str]:
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def check_arch(arch: str) -> None:
+    """Raise ValueError with one line (and close matches) if ``arch`` names no model."""
+    if arch in BUILTIN:
+        return
+    timm = _timm()
+    if arch.startswith("timm/"):
+        if timm is None:
+            raise ValueError(f"--arch {arch!r} needs timm: pip install timm")
+        if not timm.is_model(arch[5:]):
+            raise ValueError(f"--arch {arch!r}: timm has no model named {arch[5:]!r}")
+        return
+    tv = _torchvision_names()
+    if arch in tv or (timm is not None and timm.is_model(arch)):
+        return
+    candidates = list(BUILTIN) + tv + (list(timm.list_models()) if timm is not None else [])
+    close = difflib.get_close_matches(arch, candidates, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown --arch {arch!r}: use a built-in model ({', '.join(BUILTIN)}), a torchvision "
+                     f"classification model (e.g. resnet50, vit_b_16) or a timm model{hint}")
+
+
+def build_model(arch: str, num_classes: int, image_size: int = 224) -> nn.Module:
+    """A randomly initialised classifier for ``(B, 3, image_size, image_size)`` inputs."""
+    check_arch(arch)
+    if arch in BUILTIN:
+        return BUILTIN[arch](num_classes, image_size)
+    if arch.startswith("timm/") or arch not in _torchvision_names():
+        timm = _timm()
+        name = arch[5:] if arch.startswith("timm/") else arch
+        kwargs = {"img_size": image_size} if any(k in name for k in ("vit", "deit", "swin", "eva")) else {}
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        except TypeError:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    import torchvision
+    kwargs = {"image_size": image_size} if arch.startswith("vit_") else {}
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)

@@ -1,0 +1,262 @@
+"""One S-IB training step: ``sib_backward``, with the exact and the finite-difference VJP modes.
+
+The S-IB head depends on the weights only through R = d phi/dx (SPEC section 1), so its
+weight gradient is the derivative of the head *through* R:
+
+    dL_head/dtheta = sum_i g_i dR_i/dtheta = d/dtheta [ g . grad_x phi(x, theta) ],   g = dL_head/dR.
+
+``vjp="exact"`` gets it the paper's way: R with ``create_graph=True``, then a double backward
+through the network. ``vjp="finite_difference"`` uses only first-order passes: the directional
+derivative of grad_x phi along g is a difference of phi at x +- eps*g, so
+
+    surrogate = CE(f(x)) + (phi(x + eps g) - phi(x - eps g)) / (2 eps)
+
+has exactly the finite-difference estimate as its weight gradient. This works where an op has
+no double backward (``torch.compile``, flash / memory-efficient attention) and keeps no
+second-order graph in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from sib_fast.loss import SIBLoss
+
+VJP_MODES = ("exact", "finite_difference")
+FD_SCHEMES = ("central", "forward")
+
+#: Default relative finite-difference step c: the perturbation eps*g has norm c*||x||.
+DEFAULT_FD_EPS = 1e-2
+#: ... and in float64, where rounding allows a much smaller step.
+DEFAULT_FD_EPS_FLOAT64 = 1e-4
+
+_DOUBLE_BACKWARD_MARKERS = (
+    "double backward",                 # torch.compile: "...does not currently support double backward"
+    "derivative for",                  # "derivative for aten::..._backward is not implemented"
+    "not implemented for double backward",
+    "twice",                           # custom Functions marked once_differentiable
+)
+
+
+class DoubleBackwardUnsupportedError(RuntimeError):
+    """The exact VJP mode needs a double backward that some op of the model does not have."""
+
+
+@dataclass
+class SIBStats:
+    """What one ``sib_backward`` call computed; all tensors detached, no device sync."""
+    loss: torch.Tensor      #: CE + lambda_bg exp(BG) + lambda_fg exp(-HSIC), 0-dim
+    ce: torch.Tensor        #: mean cross-entropy, 0-dim
+    hsic: torch.Tensor      #: HSIC, 0-dim
+    bg: torch.Tensor        #: background variance, 0-dim
+    logits: torch.Tensor    #: (B, K) logits of the unperturbed forward pass
+    backend: str            #: the S-IB head backend that ran
+    vjp: str                #: "exact" or "finite_difference"
+    fd_eps: torch.Tensor | None = None  #: the absolute step eps (finite-difference mode), 0-dim
+
+    def as_floats(self) -> dict:
+        """Loss terms as Python floats (one device sync)."""
+        values = torch.stack([self.loss, self.ce, self.hsic, self.bg]).double().cpu().tolist()
+        return dict(zip(("loss", "ce", "hsic", "bg"), values))
+
+
+def _phi(logits: torch.Tensor) -> torch.Tensor:
+    """phi = 0.5 * sum of softmax(logits)**2 over the batch, in float32 at least (SPEC section 1)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return 0.5 * torch.softmax(z, dim=1).pow(2).sum()
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module DDP wraps; the perturbed passes run on it so that DDP's reducer sees one forward."""
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class _RngState:
+    """The CPU (and x's CUDA device's) RNG state, so that dropout draws the same masks in every pass."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+@contextlib.contextmanager
+def frozen_norm_statistics(model: nn.Module):
+    """Forward passes inside leave the running statistics of BatchNorm-like layers as they were.
+
+    The values are written back through ``.data`` so that the graphs of earlier passes, which
+    saved these buffers, stay valid (no version-counter bump) and a compiled model keeps its
+    buffers' identity.
+    """
+    saved = []
+    for module in model.modules():
+        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = getattr(module, name, None)
+                if buf is not None:
+                    saved.append((buf, buf.detach().clone()))
+    try:
+        yield
+    finally:
+        for buf, value in saved:
+            buf.data.copy_(value)
+
+
+def _is_double_backward_error(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    msg = str(exc)
+    return any(marker in msg for marker in _DOUBLE_BACKWARD_MARKERS)
+
+
+def _double_backward_error(exc: RuntimeError) -> DoubleBackwardUnsupportedError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DoubleBackwardUnsupportedError(
+        f"vjp='exact' needs a double backward through the model, and an op of this model has none "
+        f"({first_line}). This happens under torch.compile and with flash / memory-efficient "
+        f"scaled_dot_product_attention. Use vjp='finite_difference' (sib-train: --vjp "
+        f"finite_difference), which needs only first-order backward passes.")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(criterion, SIBLoss):
+        raise TypeError(f"criterion must be a sib_fast.SIBLoss, got {type(criterion).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise ValueError("x must be a floating (B, C, H, W) tensor, got "
+                         + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__))
+    if x.shape[0] < 2:
+        raise ValueError(f"x must hold a batch of at least 2 images (HSIC needs B >= 2), got B={x.shape[0]}")
+    if not isinstance(target, torch.Tensor) or target.shape[:1] != x.shape[:1]:
+        raise ValueError(f"target must be a tensor with one entry per image ({x.shape[0]}), got "
+                         + (f"shape {tuple(target.shape)}" if isinstance(target, torch.Tensor) else type(target).__name__))
+    if vjp not in VJP_MODES:
+        raise ValueError(f"vjp must be one of {VJP_MODES}, got {vjp!r}")
+    if fd_scheme not in FD_SCHEMES:
+        raise ValueError(f"fd_scheme must be one of {FD_SCHEMES}, got {fd_scheme!r}")
+    if fd_eps is not None and (isinstance(fd_eps, bool) or not isinstance(fd_eps, (int, float))
+                               or not math.isfinite(fd_eps) or fd_eps <= 0):
+        raise ValueError(f"fd_eps must be a finite number > 0 (relative step), got {fd_eps!r}")
+    if autocast_dtype not in (None, torch.float16, torch.bfloat16):
+        raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {autocast_dtype!r}")
+
+
+def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: SIBLoss, *,
+                 vjp: str = "exact", fd_eps: float | None = None, fd_scheme: str = "central",
+                 autocast_dtype: torch.dtype | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> SIBStats:
+    """Compute the S-IB loss of ``criterion`` on ``(x, target)`` and back-propagate it.
+
+    The gradient is *accumulated* into the ``.grad`` of ``model``'s parameters (zero them before,
+    step the optimizer after). Returns the detached parts of the loss as :class:`SIBStats`.
+
+    Args:
+        model: the classifier, ``x -> logits``; may be wrapped in ``DistributedDataParallel``
+            and/or compiled (the latter with ``vjp="finite_difference"`` only).
+        vjp: ``"exact"`` (double backward, the paper's semantics) or ``"finite_difference"``
+            (first-order passes only; see the module docstring).
+        fd_eps: relative finite-difference step c: the batch-wide perturbation eps*g has norm
+            ``c * ||x||`` (eps = c ||x|| / ||g|| over the whole batch, valid with BatchNorm in
+            train mode, which couples the images). Default 1e-2 (1e-4 in float64).
+        fd_scheme: ``"central"`` (two perturbed passes, error O(eps^2)) or ``"forward"`` (one
+            perturbed pass, reusing phi(x) of the first pass, error O(eps)).
+        autocast_dtype: run the model's forward passes under ``torch.autocast`` with this dtype;
+            R, the head and the finite difference stay in float32.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16: the backward passes (including the
+            one computing R) are scaled by it. The caller calls ``scaler.step`` / ``update``.
+
+    In the finite-difference mode the perturbed passes draw the same dropout masks as the first
+    pass (the RNG state is replayed), do not update BatchNorm running statistics, and, under DDP,
+    run on the wrapped module so that DDP's reducer sees a single forward and a single backward.
+
+    Raises:
+        DoubleBackwardUnsupportedError: ``vjp="exact"`` on a model with an op that has no double
+            backward; the message suggests ``vjp="finite_difference"``.
+    """
+    _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype)
+    device = x.device
+    scaler_on = grad_scaler is not None and grad_scaler.is_enabled()
+    # R in fp16 underflows (it is often 1e-6..1e-2): differentiate scale * phi, then divide.
+    vjp_scale = grad_scaler.scale(torch.ones((), device=device)) if scaler_on else None
+
+    def scaled(t: torch.Tensor) -> torch.Tensor:
+        return grad_scaler.scale(t) if scaler_on else t
+
+    x = x.detach().requires_grad_(True)
+    rng = _RngState(device) if vjp == "finite_difference" else None
+    with _autocast(device, autocast_dtype):
+        logits = model(x)
+    if logits.dim() != 2:
+        raise ValueError(f"model must return (B, K) logits, got shape {tuple(logits.shape)}")
+
+    if vjp == "exact":
+        try:
+            phi = _phi(logits)
+            (R,) = torch.autograd.grad(phi if vjp_scale is None else phi * vjp_scale, x, create_graph=True)
+            if vjp_scale is not None:
+                R = R / vjp_scale
+            loss = criterion.loss_from_vjp(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                           target, x, R)
+            scaled(loss).backward()
+        except RuntimeError as exc:
+            if _is_double_backward_error(exc):
+                raise _double_backward_error(exc) from exc
+            raise
+        return SIBStats(criterion.loss, criterion.ce, criterion.hsic, criterion.bg, logits.detach(),
+                        criterion.backend_used, vjp)
+
+    # --- finite difference: R by a plain backward, keeping the first pass's graph for CE ---
+    after_first = _RngState(device)
+    phi0 = _phi(logits)
+    (R,) = torch.autograd.grad(phi0 if vjp_scale is None else phi0 * vjp_scale, x, retain_graph=True)
+    if vjp_scale is not None:
+        R = R / vjp_scale
+    R = R.detach().requires_grad_(True)
+    x0 = x.detach()
+    # the head on a detached R: its loss (logged) and g = dL_head/dR (CE does not depend on R here)
+    with torch.enable_grad():
+        head_loss = criterion.loss_from_vjp(logits.detach(), target, x0, R)
+        (g,) = torch.autograd.grad(head_loss, R)
+    c = fd_eps if fd_eps is not None else (
+        DEFAULT_FD_EPS_FLOAT64 if x0.dtype == torch.float64 else DEFAULT_FD_EPS)
+    work = torch.promote_types(x0.dtype, torch.float32)
+    g = g.to(work)
+    # eps = c ||x|| / ||g|| for the whole batch (0-dim tensor, no sync); g = 0 gives a zero step
+    eps = c * x0.to(work).norm() / g.norm().clamp_min(1e-20)
+    delta = (eps * g).to(x0.dtype)
+    inner = _unwrap_ddp(model)
+    with frozen_norm_statistics(inner):
+        rng.restore()
+        with _autocast(device, autocast_dtype):
+            phi_plus = _phi(inner(x0 + delta))
+        if fd_scheme == "central":
+            rng.restore()
+            with _autocast(device, autocast_dtype):
+                phi_minus = _phi(inner(x0 - delta))
+            head_term = (phi_plus - phi_minus) / (2 * eps)
+        else:
+            head_term = (phi_plus - phi0) / eps
+    after_first.restore()
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+    scaled(ce + head_term).backward()
+    return SIBStats(criterion.loss, criterion.ce, criterion.hsic, criterion.bg, logits.detach(),
+                    criterion.backend_used, vjp, eps.detach())
