@@ -41,6 +41,8 @@ def _setup_context(ctx, inputs, output):
     _, _, mask, gram, image_stats, rank_index = output
     ctx.save_for_backward(R, x, mask, gram, image_stats, rank_index)
     ctx.hyperparameters = (window_size, temperature, slope)
+    # An unused mask would otherwise get a (B, H, W) tensor of zeros as its gradient.
+    ctx.set_materialize_grads(False)
 
 
 def _head_backward(ctx, grad_hsic, grad_bg, grad_mask, *_unused_saved_grads):
