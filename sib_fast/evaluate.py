@@ -80,8 +80,10 @@ def _stats(synthetic: bool):
 def load_run(spec: str, device: torch.device) -> dict:
     """Checkpoint ``spec`` (``[LABEL=]PATH``, a file or a run folder): model, args, metrics."""
     label = None
-    if "=" in spec and not Path(spec).exists():
-        label, spec = spec.split("=", 1)
+    if "=" in spec and not Path(spec).exists():  # LABEL=PATH: split at the "=" after which a path exists
+        cuts = [i for i, ch in enumerate(spec) if ch == "="]
+        i = next((i for i in cuts if Path(spec[i + 1:]).exists()), cuts[0])
+        label, spec = spec[:i], spec[i + 1:]
     path = Path(spec)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -453,13 +455,14 @@ def run(args, log=print) -> dict:
     t0 = time.time()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     runs = [load_run(s, device) for s in args.checkpoints]
-    # unique display names: the label, else mode and seed (+ the folder name on a clash)
+    # unique display names: the label, else mode and seed; on a clash + seed, then + the folder name
     for r in runs:
         r["name"] = r["label"] or f"{r['mode']} s{r['args'].get('seed', '?')}"
-    names = [r["name"] for r in runs]
-    for r in runs:
-        if names.count(r["name"]) > 1:
-            r["name"] = f"{r['name']} ({r['path'].parent.name})"
+    for suffix in (lambda r: f" s{r['args'].get('seed', '?')}", lambda r: f" ({r['path'].parent.name})"):
+        names = [r["name"] for r in runs]
+        for r in runs:
+            if names.count(r["name"]) > 1:
+                r["name"] += suffix(r)
     if len({r["name"] for r in runs}) < len(runs):
         for i, r in enumerate(runs):
             r["name"] = f"{r['name']} #{i + 1}"
