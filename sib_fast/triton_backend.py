@@ -63,6 +63,8 @@ STATS = 8  # per image: lo, q80, hi, t2, mean of r = R(1-M), var of r, 2 unused
 P_SLOPE, P_RANGE_EPS, P_NORM_EPS = 0, 1, 2
 TABLE_SIZE = (N_WINDOWS + 1) * SLOTS
 MAX_IMAGE_BLOCK = 128  # images per Gram tile
+BWD_SINGLE_MAX = 32  # the backward keeps A on chip up to this batch
+BWD_IMAGE_BLOCK = 64  # else image blocks of this size
 
 
 def _interpreted() -> bool:
@@ -74,22 +76,28 @@ def _interpreted() -> bool:
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _normalised_gram(raw, ii, jj, B, norm_eps):
-    """K = raw / (n n^T) with n = max(sqrt(diag raw), eps), its centred P K P, n and sqrt(diag)."""
-    eye = ii[:, None] == jj[None, :]
-    valid = (ii[:, None] < B) & (jj[None, :] < B)
-    root_r = tl.sqrt(tl.sum(tl.where(eye, raw, 0.0), axis=1))  # indexed by row
-    root_c = tl.sqrt(tl.sum(tl.where(eye, raw, 0.0), axis=0))  # indexed by column
-    n_r = tl.maximum(root_r, norm_eps)
-    n_c = tl.maximum(root_c, norm_eps)
-    n_r = tl.where(ii < B, n_r, 1.0)
-    n_c = tl.where(jj < B, n_c, 1.0)
-    K = tl.where(valid, raw / (n_r[:, None] * n_c[None, :]), 0.0)
-    row_mean = tl.sum(K, axis=1) / B
-    col_mean = tl.sum(K, axis=0) / B
-    all_mean = tl.sum(row_mean, axis=0) / B
-    Kc = tl.where(valid, K - row_mean[:, None] - col_mean[None, :] + all_mean, 0.0)
-    return K, Kc, n_r, n_c, root_r
+def _gram_stats(raw, B, jj, norm_eps, CT: tl.constexpr, RB: tl.constexpr, BB: tl.constexpr):
+    """For the B x B raw Gram at ``raw``: sqrt of its diagonal, n = max(that, eps) (1 past B),
+    the row means of K = raw / (n n^T) (= its column means) and their mean, indexed by jj."""
+    jm = jj < B
+    root = tl.sqrt(tl.load(raw + jj * B + jj, mask=jm, other=1))
+    n = tl.where(jm, tl.maximum(root, norm_eps), 1.0)
+    row_mean = tl.zeros([BB], CT)
+    for r0 in range(0, B, RB):
+        rows = r0 + tl.arange(0, RB)
+        rm = rows < B
+        n_rows = tl.maximum(tl.sqrt(tl.load(raw + rows * B + rows, mask=rm, other=1)), norm_eps)
+        K = tl.load(raw + rows[:, None] * B + jj[None, :], mask=rm[:, None] & jm[None, :], other=0) \
+            / (n_rows[:, None] * n[None, :])
+        rs = tl.sum(K, axis=1) / B
+        row_mean += tl.sum(tl.where(rows[:, None] == jj[None, :], rs[:, None], 0.0), axis=0)
+    return root, n, row_mean, tl.sum(row_mean, axis=0) / B
+
+
+@triton.jit
+def _at_rows(vec, rows, jj):
+    """vec (indexed by jj) read at the indices ``rows``."""
+    return tl.sum(tl.where(rows[:, None] == jj[None, :], vec[None, :], 0.0), axis=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -122,75 +130,60 @@ def _select_kernel(plane, table, stats, sel_idx, sel_w, scr_val, N,
                    r0_0, len_0, r0_1, len_1, r0_2, len_2,
                    WIN0: tl.constexpr, NQ: tl.constexpr, CT: tl.constexpr, KT: tl.constexpr,
                    CHUNK: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr, N_STATS: tl.constexpr):
-    """Soft quantiles Q(|plane_b|, q) for NQ windows of consecutive ranks.
+    """Soft quantiles Q(|plane_b|, q) for NQ windows of consecutive ranks (one image per program).
 
     Window q holds the ranks r0_q .. r0_q + len_q - 1 of the image's values sorted
-    stably. A radix select (8-bit digits over the bit patterns, one histogram per
-    target and pass) finds the key and the tie occurrence of each window's first and
-    last rank; one more pass collects the window's elements in index order; a pairwise
-    comparison of those few elements gives their ranks and weights.
+    stably (ties by flat index). A radix select over the bit patterns (8-bit digits, one
+    masked histogram per target rank and pass, shared between targets with the same
+    prefix) finds the key and the tie occurrence of each window's first and last rank;
+    one more pass collects the window's elements in index order; pairwise comparison of
+    those few elements ranks them. Writes Q to stats[b, WIN0 + q] and, in rank order,
+    the flat indices (-1 past the window) and weights to sel_idx / sel_w[b, WIN0 + q].
     """
     b = tl.program_id(0)
     base = plane + b.to(tl.int64) * N
-    NT: tl.constexpr = 2 * NQ
     NPASS: tl.constexpr = 8 if KT == tl.int64 else 4
     # integer keys order like |v| (sign bit cleared); NaN sorts last as in torch.sort
     KMASK: tl.constexpr = 0x7FFFFFFFFFFFFFFF if KT == tl.int64 else 0x7FFFFFFF
     tr = tl.arange(0, 8)
-    rank = tl.where(tr == 0, r0_0, 0)
-    rank = tl.where(tr == 1, r0_0 + len_0 - 1, rank)
-    if NQ > 1:
-        rank = tl.where(tr == 2, r0_1, rank)
-        rank = tl.where(tr == 3, r0_1 + len_1 - 1, rank)
-    if NQ > 2:
-        rank = tl.where(tr == 4, r0_2, rank)
-        rank = tl.where(tr == 5, r0_2 + len_2 - 1, rank)
+    r0s = tl.where(tr == 0, r0_0, tl.where(tr == 1, r0_1, r0_2))
+    lens = tl.where(tr == 0, len_0, tl.where(tr == 1, len_1, len_2))
+    # targets 2q and 2q+1: the first and the last rank of window q
+    q_of = tr // 2
+    rank = tl.sum(tl.where(q_of[:, None] == tr[None, :], r0s[None, :], 0), axis=1)
+    rank += tl.where(tr % 2 == 1, tl.sum(tl.where(q_of[:, None] == tr[None, :], lens[None, :], 0), axis=1) - 1, 0)
     kk = rank  # rank among the elements that share the current key prefix
     pre = tl.zeros([8], KT)  # key prefix found so far, per target
-    bins = tl.arange(0, 256)
-
-    for i in tl.static_range(NPASS):
-        SHIFT: tl.constexpr = (NPASS - 1 - i) * 8
-        if i == 0:
-            hist0 = tl.zeros([256], tl.int32)
-            for start in range(0, N, CHUNK):
-                offs = start + tl.arange(0, CHUNK)
-                valid = offs < N
-                key = tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK
-                hist0 += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=valid)
-        for t in tl.static_range(NT):
-            if i == 0:
-                hist = hist0
+    hist_prev = tl.zeros([256], tl.int32)
+    pre_prev = tl.zeros([], KT)
+    for i in range(NPASS):
+        shift = (NPASS - 1 - i) * 8
+        for t in range(2 * NQ):
+            pre_t = tl.sum(tl.where(tr == t, pre, 0), axis=0)
+            if (t > 0) & (pre_t == pre_prev):  # same prefix as the previous target: same histogram
+                hist = hist_prev
             else:
-                pre_t = tl.sum(tl.where(tr == t, pre, 0), axis=0)
-                # a window's last rank often shares its first rank's prefix: reuse that histogram
-                if t % 2 == 1:
-                    reuse = pre_t == pre_prev
-                else:
-                    reuse = pre_t != pre_t
-                if reuse:
-                    hist = hist_prev
-                else:
-                    hist = tl.zeros([256], tl.int32)
-                    for start in range(0, N, CHUNK):
-                        offs = start + tl.arange(0, CHUNK)
-                        valid = offs < N
-                        key = tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK
-                        m = valid & ((key >> (SHIFT + 8)) == pre_t)
-                        hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=m)
-                hist_prev = hist
-                pre_prev = pre_t
+                hist = tl.zeros([256], tl.int32)
+                for start in range(0, N, CHUNK):
+                    offs = start + tl.arange(0, CHUNK)
+                    valid = offs < N
+                    key = tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK
+                    digit = key >> shift
+                    m = valid & ((digit >> 8) == pre_t)
+                    hist += tl.histogram((digit & 255).to(tl.int32), 256, mask=m)
             k_t = tl.sum(tl.where(tr == t, kk, 0), axis=0)
             cum = tl.cumsum(hist, 0)
             below = cum <= k_t
-            digit = tl.sum(below.to(tl.int32), axis=0)
+            digit_t = tl.sum(below.to(tl.int32), axis=0)
             n_below = tl.max(tl.where(below, cum, 0), axis=0)
             kk = tl.where(tr == t, k_t - n_below, kk)
-            pre = tl.where(tr == t, (pre << 8) | digit.to(KT), pre)
+            pre = tl.where(tr == t, (pre_t << 8) | digit_t.to(KT), pre)
+            hist_prev = hist
+            pre_prev = pre_t
     # pre[t] is now the key at target rank t and kk[t] its occurrence among equal keys.
 
     j = tl.arange(0, NSLOT)
-    for q in tl.static_range(NQ):
+    for q in range(NQ):
         v_lo = tl.sum(tl.where(tr == 2 * q, pre, 0), axis=0)
         k_lo = tl.sum(tl.where(tr == 2 * q, kk, 0), axis=0)
         v_hi = tl.sum(tl.where(tr == 2 * q + 1, pre, 0), axis=0)
@@ -219,13 +212,8 @@ def _select_kernel(plane, table, stats, sel_idx, sel_w, scr_val, N,
             seen_hi += tl.sum(e_hi, axis=0)
             taken += tl.sum(e_in, axis=0)
     tl.debug_barrier()  # the collected slots are read back by other threads
-    for q in tl.static_range(NQ):
-        if q == 0:
-            n_q = len_0
-        elif q == 1:
-            n_q = len_1
-        else:
-            n_q = len_2
+    for q in range(NQ):
+        n_q = tl.sum(tl.where(tr == q, lens, 0), axis=0)
         row = (b.to(tl.int64) * N_WIN + WIN0 + q) * NSLOT
         valid = j < n_q
         v = tl.load(scr_val + row + j, mask=valid, other=0)
@@ -237,11 +225,13 @@ def _select_kernel(plane, table, stats, sel_idx, sel_w, scr_val, N,
         before = valid[None, :] & ((key_c < key[:, None]) | ((key_c == key[:, None]) & (ix_c < ix[:, None])))
         pos = tl.sum(before.to(tl.int32), axis=1)
         w = tl.load(table + (WIN0 + q) * NSLOT + pos, mask=valid, other=0)
-        w = tl.where(valid, w, 0.0)
         qv = tl.sum(tl.where(valid, w * v, 0.0), axis=0)
         tl.store(stats + b * N_STATS + WIN0 + q, qv)
-        tl.store(sel_idx + row + j, tl.where(valid, ix, -1))
-        tl.store(sel_w + row + j, w)
+        tl.debug_barrier()  # every slot of this window is read before it is rewritten in rank order
+        tl.store(sel_idx + row + pos, ix, mask=valid)
+        tl.store(sel_idx + row + j, tl.full([NSLOT], -1, tl.int32), mask=j >= n_q)
+        w_rank = tl.load(table + (WIN0 + q) * NSLOT + j, mask=valid, other=0)
+        tl.store(sel_w + row + j, tl.where(valid, w_rank, 0.0))
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,8 +270,11 @@ def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
             h = tl.where(m, h, 0.0)
         else:
             h = tl.load(src + rowoff + cols[None, :], mask=m, other=0)
-        tl.store(pre + rowoff + cols[None, :], tl.cumsum(h, 1) + carry[:, None], mask=m)
-        carry += tl.sum(h, axis=1)
+        run = tl.cumsum(h, 1) + carry[:, None]
+        tl.store(pre + rowoff + cols[None, :], run, mask=m)
+        # the running sum at the chunk's last column (not carry + sum(h): that loop-carried
+        # reduction trips an assertion in Triton's thread-locality pass)
+        carry = tl.sum(tl.where(cols[None, :] == tl.minimum(w0 + BW, W) - 1, run, 0.0), axis=1)
     tl.debug_barrier()
     for w0 in range(0, W, BW):
         cols = w0 + tl.arange(0, BW)
@@ -312,8 +305,9 @@ def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
         m = (rows < H)[:, None] & cm[None, :]
         offs = plane + rows.to(tl.int64)[:, None] * W + cols[None, :]
         v = tl.load(src + offs, mask=m, other=0)
-        tl.store(pre + offs, tl.cumsum(v, 0) + carry[None, :], mask=m)
-        carry += tl.sum(v, axis=0)
+        run = tl.cumsum(v, 0) + carry[None, :]
+        tl.store(pre + offs, run, mask=m)
+        carry = tl.sum(tl.where(rows[:, None] == tl.minimum(h0 + BH, H) - 1, run, 0.0), axis=0)
     tl.debug_barrier()
     k2 = K2.to(CT)
     if BACKWARD:
@@ -377,13 +371,13 @@ def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
                  N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """Partial raw Grams sum_p M_i M_j sum_c T_i T_j (T = R for axis 2 = 0, x for 1).
 
-    Grid (splits, image-block pairs, 2). Each program covers a contiguous pixel range,
+    Grid (image-block pairs, splits, 2). Each program covers a contiguous pixel range,
     so every element of R and x is read once when B <= BB. Programs of axis 2 = 0 and
     image-block column 0 also write M and the per-image (count, mean, M2) of
     r = R (1 - M) over their range.
     """
-    split = tl.program_id(0)
-    tile = tl.program_id(1)
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
     which = tl.program_id(2)
     nbb = tl.cdiv(B, BB)
     ib = tile // nbb
@@ -467,34 +461,46 @@ def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
 
 @triton.jit
 def _finalize_kernel(gram_part, bg_part, table, gram, stats, hsic_out, bg_out, B, D, n_split,
-                     CT: tl.constexpr, BB: tl.constexpr, N_STATS: tl.constexpr,
+                     CT: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr, N_STATS: tl.constexpr,
                      NSLOT: tl.constexpr, N_WIN: tl.constexpr):
-    """One program: sum the partial Grams, HSIC of SPEC section 4, BG of section 5."""
-    ii = tl.arange(0, BB)
+    """One program: sum the partial Grams (fixed order), HSIC of SPEC section 4 and BG of
+    section 5. Works on row blocks of RB rows so that B up to a few hundred fits in registers."""
     jj = tl.arange(0, BB)
-    gm = (ii < B)[:, None] & (jj < B)[None, :]
-    offs = ii[:, None] * B + jj[None, :]
-    Ku = tl.zeros([BB, BB], CT)
-    Lv = tl.zeros([BB, BB], CT)
-    for s in range(n_split):
-        Ku += tl.load(gram_part + s * 2 * B * B + offs, mask=gm, other=0)
-        Lv += tl.load(gram_part + (s * 2 + 1) * B * B + offs, mask=gm, other=0)
-    tl.store(gram + offs, Ku, mask=gm)
-    tl.store(gram + B * B + offs, Lv, mask=gm)
+    jm = jj < B
+    for r0 in range(0, B, RB):
+        rows = r0 + tl.arange(0, RB)
+        m = (rows < B)[:, None] & jm[None, :]
+        offs = rows[:, None] * B + jj[None, :]
+        Ku = tl.zeros([RB, BB], CT)
+        Lv = tl.zeros([RB, BB], CT)
+        for s in range(n_split):
+            Ku += tl.load(gram_part + s * 2 * B * B + offs, mask=m, other=0)
+            Lv += tl.load(gram_part + (s * 2 + 1) * B * B + offs, mask=m, other=0)
+        tl.store(gram + offs, Ku, mask=m)
+        tl.store(gram + B * B + offs, Lv, mask=m)
+    tl.debug_barrier()  # the summed Grams are read back below
     neps = tl.load(table + N_WIN * NSLOT + 2)
-    _, Kc, _, _, _ = _normalised_gram(Ku, ii, jj, B, neps)
-    _, Lc, _, _, _ = _normalised_gram(Lv, ii, jj, B, neps)
-    hsic = tl.sum(tl.sum(Kc * Lc, axis=1), axis=0) / ((B - 1) * (B - 1))
-    tl.store(hsic_out, hsic)
-    bm = ii < B
+    _, nK, meanK, allK = _gram_stats(gram, B, jj, neps, CT, RB, BB)
+    _, nL, meanL, allL = _gram_stats(gram + B * B, B, jj, neps, CT, RB, BB)
+    acc = tl.zeros([RB], CT)
+    for r0 in range(0, B, RB):
+        rows = r0 + tl.arange(0, RB)
+        m = (rows < B)[:, None] & jm[None, :]
+        offs = rows[:, None] * B + jj[None, :]
+        Kc = tl.load(gram + offs, mask=m, other=0) / (_at_rows(nK, rows, jj)[:, None] * nK[None, :]) \
+            - _at_rows(meanK, rows, jj)[:, None] - meanK[None, :] + allK
+        Lc = tl.load(gram + B * B + offs, mask=m, other=0) / (_at_rows(nL, rows, jj)[:, None] * nL[None, :]) \
+            - _at_rows(meanL, rows, jj)[:, None] - meanL[None, :] + allL
+        acc += tl.sum(tl.where(m, Kc * Lc, 0.0), axis=1)
+    tl.store(hsic_out, tl.sum(acc, axis=0) / ((B - 1) * (B - 1)))
     cnt = tl.zeros([BB], CT)
     mean = tl.zeros([BB], CT)
     m2 = tl.zeros([BB], CT)
     for s in range(n_split):
-        o = (s * B + ii) * 3
-        nb = tl.load(bg_part + o, mask=bm, other=0)
-        bmean = tl.load(bg_part + o + 1, mask=bm, other=0)
-        bm2 = tl.load(bg_part + o + 2, mask=bm, other=0)
+        o = (s * B + jj) * 3
+        nb = tl.load(bg_part + o, mask=jm, other=0)
+        bmean = tl.load(bg_part + o + 1, mask=jm, other=0)
+        bm2 = tl.load(bg_part + o + 2, mask=jm, other=0)
         tot = cnt + nb
         frac = tl.where(tot > 0, nb / tl.where(tot > 0, tot, 1.0), 0.0)
         delta = bmean - mean
@@ -502,9 +508,9 @@ def _finalize_kernel(gram_part, bg_part, table, gram, stats, hsic_out, bg_out, B
         m2 += bm2 + delta * delta * cnt * frac
         cnt = tot
     var = m2 / (D - 1)
-    tl.store(stats + ii * N_STATS + 4, mean, mask=bm)
-    tl.store(stats + ii * N_STATS + 5, var, mask=bm)
-    tl.store(bg_out, tl.sum(tl.where(bm, var, 0.0), axis=0) / B)
+    tl.store(stats + jj * N_STATS + 4, mean, mask=jm)
+    tl.store(stats + jj * N_STATS + 5, var, mask=jm)
+    tl.store(bg_out, tl.sum(tl.where(jm, var, 0.0), axis=0) / B)
 
 
 # ----------------------------------------------------------------------------------------
@@ -513,34 +519,41 @@ def _finalize_kernel(gram_part, bg_part, table, gram, stats, hsic_out, bg_out, B
 
 @triton.jit
 def _bwd_prep_kernel(gram, grad_hsic, table, A, B,
-                     CT: tl.constexpr, BB: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
+                     CT: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr,
+                     NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """A = 2 G/(n n^T) - diag(alpha / n^2) for R's Gram (A[0]) and x's (A[1]).
 
     G = dH * Lc / (B-1)^2 (resp. Kc), alpha_i = 2 sum_j G_ij K_ij; the alpha term is
     dropped where the norm was clamped to eps, as F.normalize's gradient does.
+    One program, row blocks of RB rows.
     """
-    ii = tl.arange(0, BB)
     jj = tl.arange(0, BB)
-    gm = (ii < B)[:, None] & (jj < B)[None, :]
-    offs = ii[:, None] * B + jj[None, :]
+    jm = jj < B
     neps = tl.load(table + N_WIN * NSLOT + 2)
-    gh = tl.load(grad_hsic)
-    Ku = tl.load(gram + offs, mask=gm, other=0)
-    Lv = tl.load(gram + B * B + offs, mask=gm, other=0)
-    K, Kc, nk_r, nk_c, rk = _normalised_gram(Ku, ii, jj, B, neps)
-    L, Lc, nl_r, nl_c, rl = _normalised_gram(Lv, ii, jj, B, neps)
-    scale = gh / ((B - 1) * (B - 1))
-    eye = ii[:, None] == jj[None, :]
-    GK = scale * Lc
-    alpha = 2.0 * tl.sum(GK * K, axis=1)
-    alpha = tl.where(rk >= neps, alpha, 0.0)
-    AK = 2.0 * GK / (nk_r[:, None] * nk_c[None, :]) - tl.where(eye, (alpha / (nk_r * nk_r))[:, None], 0.0)
-    tl.store(A + offs, AK, mask=gm)
-    GL = scale * Kc
-    alpha = 2.0 * tl.sum(GL * L, axis=1)
-    alpha = tl.where(rl >= neps, alpha, 0.0)
-    AL = 2.0 * GL / (nl_r[:, None] * nl_c[None, :]) - tl.where(eye, (alpha / (nl_r * nl_r))[:, None], 0.0)
-    tl.store(A + B * B + offs, AL, mask=gm)
+    scale = tl.load(grad_hsic) / ((B - 1) * (B - 1))
+    rootK, nK, meanK, allK = _gram_stats(gram, B, jj, neps, CT, RB, BB)
+    rootL, nL, meanL, allL = _gram_stats(gram + B * B, B, jj, neps, CT, RB, BB)
+    for r0 in range(0, B, RB):
+        rows = r0 + tl.arange(0, RB)
+        m = (rows < B)[:, None] & jm[None, :]
+        offs = rows[:, None] * B + jj[None, :]
+        eye = rows[:, None] == jj[None, :]
+        nK_i = _at_rows(nK, rows, jj)
+        nL_i = _at_rows(nL, rows, jj)
+        K = tl.where(m, tl.load(gram + offs, mask=m, other=0) / (nK_i[:, None] * nK[None, :]), 0.0)
+        L = tl.where(m, tl.load(gram + B * B + offs, mask=m, other=0) / (nL_i[:, None] * nL[None, :]), 0.0)
+        Kc = tl.where(m, K - _at_rows(meanK, rows, jj)[:, None] - meanK[None, :] + allK, 0.0)
+        Lc = tl.where(m, L - _at_rows(meanL, rows, jj)[:, None] - meanL[None, :] + allL, 0.0)
+        GK = scale * Lc
+        alpha = 2.0 * tl.sum(GK * K, axis=1)
+        alpha = tl.where(_at_rows(rootK, rows, jj) >= neps, alpha, 0.0)
+        AK = 2.0 * GK / (nK_i[:, None] * nK[None, :]) - tl.where(eye, (alpha / (nK_i * nK_i))[:, None], 0.0)
+        tl.store(A + offs, AK, mask=m)
+        GL = scale * Kc
+        alpha = 2.0 * tl.sum(GL * L, axis=1)
+        alpha = tl.where(_at_rows(rootL, rows, jj) >= neps, alpha, 0.0)
+        AL = 2.0 * GL / (nL_i[:, None] * nL[None, :]) - tl.where(eye, (alpha / (nL_i * nL_i))[:, None], 0.0)
+        tl.store(A + B * B + offs, AL, mask=m)
 
 
 @triton.jit
@@ -548,13 +561,13 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx
                    B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
                    D, blocks_per_split,
                    HEAD: tl.constexpr, HAS_GM: tl.constexpr, GRAD_X: tl.constexpr, FLAT: tl.constexpr,
-                   SINGLE: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   SINGLE: tl.constexpr, NBB: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
                    BB: tl.constexpr, BP: tl.constexpr,
                    N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """dM_i = sum_c R_i (A @ MR)_i + sum_c x_i (A' @ Mx)_i - beta sum_c R_i (r_i - mean_i) + gM;
     writes dz = dM s M (1 - M), its per-program sums, and dx = M (A' @ Mx) when GRAD_X."""
-    split = tl.program_id(0)
-    ib = tl.program_id(1)
+    ib = tl.program_id(0)
+    split = tl.program_id(1)
     slope = tl.load(table + N_WIN * NSLOT + 0)
     rows_i = ib * BB + tl.arange(0, BB)
     ri = rows_i < B
@@ -566,7 +579,6 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx
             am = ri[:, None] & ri[None, :]
             A_R = tl.load(A + aoffs, mask=am, other=0)
             A_x = tl.load(A + B * B + aoffs, mask=am, other=0)
-    nbb = tl.cdiv(B, BB)
     zsum = tl.zeros([BB], CT)
     nblocks = tl.cdiv(N, BP)
     first = split * blocks_per_split
@@ -598,28 +610,37 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx
             for c in range(C):
                 vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
                 vx = tl.load(ptrx + c * sxc, mask=mi, other=0).to(CT)
+                r = vR * (1.0 - M_i)
                 if SINGLE:
                     TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC)
                     Tx = tl.dot(A_x, vx * M_i, input_precision=DOT_PREC)
+                    dM += vR * (TR - beta * (r - mean_i[:, None])) + vx * Tx
                 else:
+                    # one product at a time keeps one A block and one accumulator live
                     TR = tl.zeros([BB, BP], CT)
-                    Tx = tl.zeros([BB, BP], CT)
-                    for jb in range(nbb):
+                    for jb in range(NBB):
                         rows_j = jb * BB + tl.arange(0, BB)
                         rj = rows_j < B
                         mj = rj[:, None] & pm[None, :]
-                        aoffs = rows_i[:, None] * B + rows_j[None, :]
-                        am = ri[:, None] & rj[None, :]
                         M_j = tl.load(M + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
                         uR = tl.load(R + rows_j.to(tl.int64)[:, None] * sRb + pixR[None, :] + c * sRc,
                                      mask=mj, other=0).to(CT) * M_j
+                        A_ij = tl.load(A + rows_i[:, None] * B + rows_j[None, :], mask=ri[:, None] & rj[None, :],
+                                       other=0)
+                        TR = tl.dot(A_ij, uR, TR, input_precision=DOT_PREC)
+                    dM += vR * (TR - beta * (r - mean_i[:, None]))
+                    Tx = tl.zeros([BB, BP], CT)
+                    for jb in range(NBB):
+                        rows_j = jb * BB + tl.arange(0, BB)
+                        rj = rows_j < B
+                        mj = rj[:, None] & pm[None, :]
+                        M_j = tl.load(M + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
                         ux = tl.load(x + rows_j.to(tl.int64)[:, None] * sxb + pixx[None, :] + c * sxc,
                                      mask=mj, other=0).to(CT) * M_j
-                        TR = tl.dot(tl.load(A + aoffs, mask=am, other=0), uR, TR, input_precision=DOT_PREC)
-                        Tx = tl.dot(tl.load(A + B * B + aoffs, mask=am, other=0), ux, Tx,
-                                    input_precision=DOT_PREC)
-                r = vR * (1.0 - M_i)
-                dM += vR * (TR - beta * (r - mean_i[:, None])) + vx * Tx
+                        A_ij = tl.load(A + B * B + rows_i[:, None] * B + rows_j[None, :],
+                                       mask=ri[:, None] & rj[None, :], other=0)
+                        Tx = tl.dot(A_ij, ux, Tx, input_precision=DOT_PREC)
+                    dM += vx * Tx
                 if GRAD_X:
                     tl.store(ptrd + c * sdc, (M_i * Tx).to(dx.dtype.element_ty), mask=mi)
         if HAS_GM:
@@ -627,7 +648,7 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx
         z = tl.where(mi, dM * slope * M_i * (1.0 - M_i), 0.0)
         tl.store(dz + plane_i, z, mask=mi)
         zsum += tl.sum(z, axis=1)
-    tl.store(dz_part + rows_i * tl.num_programs(0) + split, zsum, mask=ri)
+    tl.store(dz_part + rows_i * tl.num_programs(1) + split, zsum, mask=ri)
 
 
 @triton.jit
@@ -652,12 +673,13 @@ def _t2_scatter_kernel(dz, dz_part, sel_idx, sel_w, N, n_part,
 
 
 @triton.jit
-def _bwd_scalars_kernel(dy, part, stats, table, sel_idx, sel_w, N, n_part,
+def _bwd_scalars_kernel(dy, part, stats, table, sel_idx, N, n_part,
+                        r0_0, len_0, r0_1, len_1, r0_2, len_2,
                         CT: tl.constexpr, BLOCK: tl.constexpr, N_STATS: tl.constexpr,
                         NSLOT: tl.constexpr, N_WIN: tl.constexpr):
-    """From the sums of dy and dy*u: dt1, dlo, dq80, dhi (SPEC section 3 chain, one image per
-    program); adds S * (w_k * d quantile) at the selected ranks of a into the dy plane, so
-    that da = dy / S everywhere afterwards. Ranks shared by windows are merged first."""
+    """From the sums of dy and dy*u: dt1, dlo, dq80, dhi (one image per program), then
+    S * sum_q w_q(rank) dQ_q added into the dy plane at the selected ranks of a, so that
+    da = dy / S everywhere afterwards. A rank in several windows gets all their terms."""
     b = tl.program_id(0)
     o = tl.arange(0, BLOCK)
     s_dy = tl.zeros([BLOCK], CT)
@@ -680,37 +702,39 @@ def _bwd_scalars_kernel(dy, part, stats, table, sel_idx, sel_w, N, n_part,
     dq80 = dt1 / S
     dhi = dS
     dlo = dlo - dS
-    # the three windows of a, 3 * NSLOT entries padded to 4 * NSLOT
+    # entries of the three windows of a, in rank order: rank = r0_q + k
     e = tl.arange(0, 4 * NSLOT)
-    win = e // NSLOT
-    em = win < 3
-    row = b * N_WIN * NSLOT
-    ix = tl.load(sel_idx + row + e, mask=em, other=-1)
-    w = tl.load(sel_w + row + e, mask=em, other=0)
-    coef = tl.where(win == 0, dlo, tl.where(win == 1, dq80, dhi))
-    contrib = tl.where(ix >= 0, w * coef, 0.0)
-    ix_c = tl.load(sel_idx + row + e[None, :], mask=em[None, :], other=-1)
-    w_c = tl.load(sel_w + row + e[None, :], mask=em[None, :], other=0)
-    win_c = e[None, :] // NSLOT
-    coef_c = tl.where(win_c == 0, dlo, tl.where(win_c == 1, dq80, dhi))
-    same = (ix_c == ix[:, None]) & (ix[:, None] >= 0)
-    total = tl.sum(tl.where(same, w_c * coef_c, 0.0), axis=1)
+    q = e // NSLOT
+    k = e % NSLOT
+    ix = tl.load(sel_idx + b * N_WIN * NSLOT + e, mask=q < 3, other=-1)
+    r = tl.where(q == 0, r0_0, tl.where(q == 1, r0_1, r0_2)) + k
+    total = tl.zeros([4 * NSLOT], CT)
+    k0 = r - r0_0
+    in0 = (k0 >= 0) & (k0 < len_0)
+    total += tl.where(in0, tl.load(table + 0 * NSLOT + k0, mask=in0, other=0) * dlo, 0.0)
+    k1 = r - r0_1
+    in1 = (k1 >= 0) & (k1 < len_1)
+    total += tl.where(in1, tl.load(table + 1 * NSLOT + k1, mask=in1, other=0) * dq80, 0.0)
+    k2 = r - r0_2
+    in2 = (k2 >= 0) & (k2 < len_2)
+    total += tl.where(in2, tl.load(table + 2 * NSLOT + k2, mask=in2, other=0) * dhi, 0.0)
     ok = ix >= 0
     ptr = dy + b.to(tl.int64) * N + tl.where(ok, ix, 0)
     old = tl.load(ptr, mask=ok, other=0)
-    tl.debug_barrier()
-    tl.store(ptr, old + S * total, mask=ok)  # equal values for repeated ranks
+    tl.debug_barrier()  # a pixel in several windows: every entry reads before any writes
+    tl.store(ptr, old + S * total, mask=ok)  # equal values for repeated pixels
 
 
 @triton.jit
 def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
                    B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, D, blocks_per_split,
-                   HEAD: tl.constexpr, FLAT: tl.constexpr, SINGLE: tl.constexpr, CT: tl.constexpr,
+                   HEAD: tl.constexpr, FLAT: tl.constexpr, SINGLE: tl.constexpr, NBB: tl.constexpr,
+                   CT: tl.constexpr,
                    DOT_PREC: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr,
                    N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """dR_i = M_i (A @ MR)_i + (1 - M_i) beta (r_i - mean_i) + sign(g_i) dy_i / (S_i C)."""
-    split = tl.program_id(0)
-    ib = tl.program_id(1)
+    ib = tl.program_id(0)
+    split = tl.program_id(1)
     rows_i = ib * BB + tl.arange(0, BB)
     ri = rows_i < B
     reps = tl.load(table + N_WIN * NSLOT + 1)
@@ -722,7 +746,6 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
         mean_i = tl.load(stats + rows_i * N_STATS + 4, mask=ri, other=0)
         if SINGLE:
             A_R = tl.load(A + rows_i[:, None] * B + rows_i[None, :], mask=ri[:, None] & ri[None, :], other=0)
-    nbb = tl.cdiv(B, BB)
     nblocks = tl.cdiv(N, BP)
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, nblocks)
@@ -753,7 +776,7 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
                     TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC)
                 else:
                     TR = tl.zeros([BB, BP], CT)
-                    for jb in range(nbb):
+                    for jb in range(NBB):
                         rows_j = jb * BB + tl.arange(0, BB)
                         rj = rows_j < B
                         mj = rj[:, None] & pm[None, :]
@@ -813,19 +836,34 @@ class _Plan:
         self.hbox_bh, self.hbox_bw, self.hbox_warps = 4, 128, 4
         self.vbox_bh, self.vbox_bw, self.vbox_warps = 32, 32, 4
         self.n_colblocks = _cdiv(W, self.vbox_bw)
-        # 6, 9, 13. the passes over the big tensors: image block x pixel block tiles
+        # 6. Gram pass over R, x: one tile of up to 128 images (each element read once), pixel
+        # blocks of BP, partial Grams per pixel split. Sizes keep tf32x3 dots free of spills on
+        # sm_80 and sm_90 (tests/test_triton_compile.py).
+        target = 2 * num_sms  # programs in flight per pass
         self.bb = min(MAX_IMAGE_BLOCK, max(16, _next_pow2(B)))
         self.nbb = _cdiv(B, self.bb)
         self.single = self.nbb == 1
-        self.bp = 32 if self.bb >= 128 else 64
+        self.bp = 16 if self.bb >= 128 else 32
         self.big_warps = 8 if self.bb >= 64 else 4
-        nblocks = _cdiv(N, self.bp)
-        target = 2 * num_sms  # programs in flight per pass
-        self.gram_bps, self.gram_split = self._split(nblocks, target, 2 * self.nbb * self.nbb)
-        self.bwd_bps, self.bwd_split = self._split(nblocks, target, self.nbb)
+        self.gram_stages = 3
+        self.gram_bps, self.gram_split = self._split(_cdiv(N, self.bp), target, 2 * self.nbb * self.nbb)
+        # 9, 13. backward passes: T = A @ (M R) needs A (B x B) on chip as a dot operand. Up to
+        # 32 images it stays there for the whole pass; beyond, programs own 64 rows of images and
+        # loop over 64-image column blocks of A (the row blocks of one pixel range run side by
+        # side, so the repeated reads of R and x come from L2).
+        if B <= BWD_SINGLE_MAX:
+            self.bwd_bb, self.bwd_single = max(16, _next_pow2(B)), True
+        else:
+            self.bwd_bb, self.bwd_single = BWD_IMAGE_BLOCK, False
+        self.bwd_nbb = _cdiv(B, self.bwd_bb)
+        self.bwd_bp = 16
+        self.bwd_warps = 8 if self.bwd_bb >= 64 else 4
+        self.bwd_stages = 1
+        self.bwd_bps, self.bwd_split = self._split(_cdiv(N, self.bwd_bp), target, self.bwd_nbb)
         # 7-8. one-program B x B work
         self.bb_all = max(16, _next_pow2(B))
-        self.small_warps = 8 if self.bb_all >= 64 else 4
+        self.row_block = 16
+        self.small_warps = 4
         self.part_block = 128
 
     @staticmethod
@@ -947,15 +985,15 @@ def _head_forward_impl(R, x, window_size, temperature, slope):
     bg_part = R.new_empty((plan.gram_split, B, 3), dtype=ct)
     (sRb, sRc, sRh, sRw), flat_r = _strides(R)
     (sxb, sxc, sxh, sxw), flat_x = _strides(x)
-    _launch(_gram_kernel, (plan.gram_split, plan.nbb * plan.nbb, 2), R, x, d, stats, table, mask,
+    _launch(_gram_kernel, (plan.nbb * plan.nbb, plan.gram_split, 2), R, x, d, stats, table, mask,
             gram_part, bg_part, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, plan.gram_bps,
             FLAT=flat_r and flat_x, SINGLE=plan.single, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
-            BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps)
+            BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps, num_stages=plan.gram_stages)
     gram = R.new_empty((2, B, B), dtype=ct)
     hsic = R.new_empty((), dtype=ct)
     bg = R.new_empty((), dtype=ct)
     _launch(_finalize_kernel, (1,), gram_part, bg_part, table, gram, stats, hsic, bg, B, C * N,
-            plan.gram_split, CT=plan.tl_ct, BB=plan.bb_all, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS,
+            plan.gram_split, CT=plan.tl_ct, BB=plan.bb_all, RB=plan.row_block, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS,
             num_warps=plan.small_warps)
     return hsic, bg, mask, g, stats, sel_idx, sel_w, gram
 
@@ -984,7 +1022,7 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel
         grad_hsic = stats.new_zeros(()) if grad_hsic is None else grad_hsic.to(ct).contiguous()
         grad_bg = stats.new_zeros(()) if grad_bg is None else grad_bg.to(ct).contiguous()
         A = R.new_empty((2, B, B), dtype=ct)
-        _launch(_bwd_prep_kernel, (1,), gram, grad_hsic, table, A, B, CT=plan.tl_ct, BB=plan.bb_all,
+        _launch(_bwd_prep_kernel, (1,), gram, grad_hsic, table, A, B, CT=plan.tl_ct, BB=plan.bb_all, RB=plan.row_block,
                 NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=plan.small_warps)
     else:
         grad_bg = stats
@@ -999,11 +1037,12 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel
     (sRb, sRc, sRh, sRw), flat_r = _strides(R)
     (sxb, sxc, sxh, sxw), flat_x = _strides(x)
     (sdb, sdc, sdh, sdw), flat_d = _strides(dx) if want_dx else ((0, 0, 0, 0), True)
-    _launch(_bwd_dm_kernel, (plan.bwd_split, plan.nbb), R, x, mask, A, stats, table, grad_bg, gm, dz, dz_part,
+    _launch(_bwd_dm_kernel, (plan.bwd_nbb, plan.bwd_split), R, x, mask, A, stats, table, grad_bg, gm, dz, dz_part,
             dx if want_dx else dz, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
             C * N, plan.bwd_bps, HEAD=bool(head), HAS_GM=has_gm, GRAD_X=want_dx,
-            FLAT=flat_r and flat_x and flat_d, SINGLE=plan.single, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
-            BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps)
+            FLAT=flat_r and flat_x and flat_d, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
+            BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
+            num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
     _launch(_t2_scatter_kernel, (B,), dz, dz_part, sel_idx, sel_w, N, plan.bwd_split,
             CT=plan.tl_ct, BLOCK=plan.part_block, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
     prefix = R.new_empty((B, H, W), dtype=ct)
@@ -1015,14 +1054,16 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel
     _launch(_vbox_kernel, (plan.n_colblocks, B), dz, g, stats, table, prefix, dz, part, H, W, rad,
             window_size * window_size, BACKWARD=True, CT=plan.tl_ct, BH=plan.vbox_bh, BW=plan.vbox_bw,
             **_CONST, num_warps=plan.vbox_warps)
-    _launch(_bwd_scalars_kernel, (B,), dz, part, stats, table, sel_idx, sel_w, N, plan.n_colblocks,
-            CT=plan.tl_ct, BLOCK=plan.part_block, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
+    win = _windows(N)
+    _launch(_bwd_scalars_kernel, (B,), dz, part, stats, table, sel_idx, N, plan.n_colblocks,
+            win[0][0], win[0][1], win[1][0], win[1][1], win[2][0], win[2][1], CT=plan.tl_ct, BLOCK=plan.part_block, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
     dR = torch.empty_like(R)
     (sdb, sdc, sdh, sdw), flat_dr = _strides(dR)
-    _launch(_bwd_dr_kernel, (plan.bwd_split, plan.nbb), R, mask, g, dz, A, stats, table, grad_bg, dR,
+    _launch(_bwd_dr_kernel, (plan.bwd_nbb, plan.bwd_split), R, mask, g, dz, A, stats, table, grad_bg, dR,
             B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, C * N, plan.bwd_bps,
-            HEAD=bool(head), FLAT=flat_r and flat_dr, SINGLE=plan.single, CT=plan.tl_ct,
-            DOT_PREC=plan.dot_prec, BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps)
+            HEAD=bool(head), FLAT=flat_r and flat_dr, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct,
+            DOT_PREC=plan.dot_prec, BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
+            num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
     return dR, dx
 
 
