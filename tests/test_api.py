@@ -173,3 +173,27 @@ def test_sibloss_on_resnet18_matches_the_hand_written_loss():
     sib_lib, sib_hand = total_lib - ce, total_hand - ce
     assert sib_hand.norm() > 1e-6 * ce.norm(), "the S-IB part of the gradient is lost in rounding"
     assert ((sib_lib - sib_hand).norm() / sib_hand.norm()).item() < 1e-7
+
+
+def test_package_works_without_the_compiled_extension():
+    # A fresh process where sib_fast._C cannot be imported: the reference runs, the fused
+    # backends report why they are missing.
+    import subprocess
+    import sys
+    code = (
+        "import sys, warnings; sys.modules['sib_fast._C'] = None\n"
+        "import torch, sib_fast\n"
+        "assert sib_fast.available_backends('cpu') == ['reference'], sib_fast.available_backends('cpu')\n"
+        "try:\n"
+        "    sib_fast.resolve_backend('cpu', 'cpu')\n"
+        "    raise SystemExit('cpu backend resolved without the extension')\n"
+        "except sib_fast.BackendUnavailableError as e:\n"
+        "    assert 'not built' in str(e), e\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    R, x = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)\n"
+        "    terms = sib_fast.sib_terms(R, x, window_size=3)\n"
+        "assert torch.isfinite(terms.hsic) and any('not built' in str(m.message) for m in w)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
