@@ -1,0 +1,268 @@
+"""``sib-train``: arguments, outputs, checkpoints and --resume, non-finite losses, ImageFolder data.
+
+Runs call ``sib_fast.train.main(argv)`` in-process on tiny synthetic images (16x16, a few
+steps); one subprocess run checks the module entry point.
+"""
+import json
+import math
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from sib_fast import train
+from sib_fast.data import SyntheticObjects
+
+TINY = ["--image-size", "16", "--train-samples", "16", "--val-samples", "8", "--batch-size", "8",
+        "--threads", "1", "--num-classes", "3"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+    torch.set_num_threads(threads)
+
+
+def _run(tmp_path, *args, name="run"):
+    out = tmp_path / name
+    code = train.main([*TINY, "--output", str(out), *args])
+    return code, out
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / train.METRICS).read_text().splitlines()]
+
+
+def _checkpoint(out):
+    return torch.load(out / train.CHECKPOINT, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- arguments
+
+def test_defaults_are_the_documented_main_job():
+    args = train.build_parser().parse_args([])
+    train.validate(args)
+    assert args.data == "synthetic" and args.arch == "sib_cnn" and args.vjp == "exact"
+    assert args.image_size == 64 and args.window_size == 9 and args.lr == train.SYNTHETIC_LR
+    assert args.weight_decay == 1e-4 and args.lambda_fg == 0.01 and args.lambda_bg == 1000.0
+    assert train.default_window(224) == 31 and train.default_window(32) == 5 and train.default_window(8) == 3
+
+
+def test_imagefolder_defaults_follow_the_paper(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    args = train.build_parser().parse_args(["--data", str(tmp_path)])
+    train.validate(args)
+    assert args.lr == 1e-4 and args.image_size == 224 and args.window_size == 31
+
+
+def _bad_cases(tmp_path):
+    no_val = tmp_path / "no_val"
+    (no_val / "train").mkdir(parents=True)
+    return [
+        (["--arch", "resnet5O"], ["unknown --arch", "resnet50"]),
+        (["--data", str(tmp_path / "missing")], ["no such folder"]),
+        (["--data", str(no_val)], ["val/"]),
+        (["--window-size", "8"], ["--window-size", "odd"]),
+        (["--compile"], ["--compile", "finite_difference"]),
+        (["--batch-size", "1"], ["--batch-size", ">= 2"]),
+        (["--resume", "--output", str(tmp_path / "empty")], ["--resume", "no checkpoint"]),
+        (["--lr", "nan"], ["--lr"]),
+        (["--spurious", "2"], ["--spurious"]),
+        (["--epochs", "0"], ["--epochs"]),
+        (["--threads", "0"], ["--threads"]),
+    ]
+
+
+def test_bad_arguments_end_with_one_line(tmp_path, capsys):
+    for argv, words in _bad_cases(tmp_path):
+        code = train.main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sib-train: error: "), (argv, err)
+        for w in words:
+            assert w in lines[0], (argv, lines[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a missing backend")
+def test_unavailable_backend_is_one_line(tmp_path, capsys):
+    code, _ = _run(tmp_path, "--backend", "cuda")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "backend 'cuda' is unavailable" in err[0]
+
+
+def test_entry_point_reports_errors_without_traceback():
+    """The console script where the package is installed (CI), else ``python -m sib_fast.train``."""
+    exe = shutil.which("sib-train")
+    cmd = [exe] if exe is not None else [sys.executable, "-m", "sib_fast.train"]
+    proc = subprocess.run([*cmd, "--arch", "no_such_net"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    assert "unknown --arch 'no_such_net'" in proc.stderr
+
+
+# --------------------------------------------------------------------------- runs
+
+@pytest.mark.parametrize("extra", [[], ["--vjp", "finite_difference"], ["--no-sib"]],
+                         ids=["exact", "finite_difference", "no-sib"])
+def test_run_writes_metrics_curves_checkpoint(tmp_path, capsys, extra):
+    code, out = _run(tmp_path, "--epochs", "2", *extra)
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "sib-train: done in" in stdout and "val accuracy" in stdout
+    records = _records(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    r = records[-1]
+    for key in ("train_ce", "train_acc", "val_acc", "images_per_s", "peak_mem_mb", "nonfinite_skipped",
+                "val_hsic", "val_bg", "val_fg_fraction"):
+        assert r[key] is not None and math.isfinite(r[key]), key
+    if "--no-sib" in extra:
+        assert r["train_hsic"] is None and r["vjp"] is None
+    else:
+        assert math.isfinite(r["train_hsic"]) and math.isfinite(r["train_bg"])
+        assert r["vjp"] == (extra[1] if extra else "exact")
+    assert (out / train.CURVES).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = _checkpoint(out)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 4
+    assert {"model", "optimizer", "scaler", "rng", "args"} <= set(ckpt)
+    assert not list(out.glob("*.tmp*")), "no temporary files left behind"
+    assert json.loads((out / train.CONFIG).read_text())["epochs"] == 2
+
+
+def test_speed_options_smoke(tmp_path):
+    code, out = _run(tmp_path, "--vjp", "finite_difference", "--amp", "bf16", "--channels-last")
+    assert code == 0
+    r = _records(out)[-1]
+    assert r["amp"] == "bf16" and math.isfinite(r["train_ce"])
+
+
+@pytest.mark.parametrize("vjp", ["exact", "finite_difference"])
+def test_resume_gives_the_same_weights(tmp_path, vjp):
+    """2 epochs in one run == 1 epoch, then --resume for the second (CPU, deterministic)."""
+    code, straight = _run(tmp_path, "--epochs", "2", "--vjp", vjp, name="straight")
+    assert code == 0
+    code, resumed = _run(tmp_path, "--epochs", "1", "--vjp", vjp, name="resumed")
+    assert code == 0 and _checkpoint(resumed)["epoch"] == 1
+    code, _ = _run(tmp_path, "--epochs", "2", "--vjp", vjp, "--resume", name="resumed")
+    assert code == 0
+    a, b = _checkpoint(straight), _checkpoint(resumed)
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), k
+    assert [r["epoch"] for r in _records(resumed)] == [1, 2]
+    assert _records(resumed)[-1]["train_ce"] == _records(straight)[-1]["train_ce"]
+
+
+def test_resume_refuses_a_different_run(tmp_path, capsys):
+    code, _ = _run(tmp_path, "--epochs", "1")
+    assert code == 0
+    code, _ = _run(tmp_path, "--epochs", "2", "--resume", "--lambda-bg", "10")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--lambda-bg" in err[0]
+
+
+# --------------------------------------------------------------------------- non-finite losses
+
+def _nan_images(monkeypatch, bad):
+    render = SyntheticObjects.render
+
+    def patched(self, index):
+        image, label, mask = render(self, index)
+        if self.split == "train" and bad(index):
+            image = torch.full_like(image, float("nan"))
+        return image, label, mask
+
+    monkeypatch.setattr(SyntheticObjects, "render", patched)
+
+
+def test_a_nonfinite_loss_skips_the_step_and_is_reported(tmp_path, monkeypatch, capsys):
+    _nan_images(monkeypatch, lambda i: i == 3)
+    code, out = _run(tmp_path, "--epochs", "2")
+    assert code == 0
+    assert [r["nonfinite_skipped"] for r in _records(out)] == [1, 1]
+    assert "non-finite steps skipped: 2" in capsys.readouterr().out
+    ckpt = _checkpoint(out)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_with_the_cause(tmp_path, monkeypatch, capsys):
+    _nan_images(monkeypatch, lambda i: True)
+    code, out = _run(tmp_path, "--epochs", "3", "--max-nonfinite", "2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "2 non-finite losses in a row" in err[0] and "NaN/Inf" in err[0]
+    assert not (out / train.CHECKPOINT).exists()
+
+
+def test_no_checkpoint_from_nonfinite_weights(tmp_path, monkeypatch, capsys):
+    step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        result = step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # first step of the second epoch
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    code, out = _run(tmp_path, "--epochs", "2", "--max-nonfinite", "5")
+    err = capsys.readouterr().err
+    assert code == 1 and "not finite" in err and "no checkpoint written" in err
+    ckpt = _checkpoint(out)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    train.save_checkpoint(path, {"epoch": 1})
+
+    def broken(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+# --------------------------------------------------------------------------- other data and models
+
+def test_imagefolder_data(tmp_path):
+    from PIL import Image
+    root = tmp_path / "folder"
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / cls / f"{i}.png")
+    code, out = _run(tmp_path, "--data", str(root), "--train-samples", "0", "--val-samples", "0",
+                     "--batch-size", "4", "--workers", "0", "--epochs", "1")
+    assert code == 0
+    r = _records(out)[-1]
+    assert r["val_fg_fraction"] is None and 0.0 <= r["val_acc"] <= 1.0
+
+
+def test_arch_lookup():
+    from sib_fast.models import build_model, check_arch
+    assert build_model("tiny_vit", 5, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    assert build_model("resnet18", 7, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="did you mean resnet18"):
+        check_arch("resnet1")
