@@ -60,11 +60,14 @@ N_WINDOWS = 4  # Q(a, .05), Q(a, .8), Q(a, .95), Q(d, .8)
 STATS = 8  # per image: lo, q80, hi, t2, mean of r = R(1-M), var of r, 2 unused
 # The table ``_table`` builds: N_WINDOWS rows of rank weights, then one row of parameters
 # (kept in the compute dtype: Triton passes Python floats as float32).
-P_SLOPE, P_RANGE_EPS, P_NORM_EPS = 0, 1, 2
+P_SLOPE, P_RANGE_EPS, P_NORM_EPS, P_FIXED = 0, 1, 2, 3
 TABLE_SIZE = (N_WINDOWS + 1) * SLOTS
 MAX_IMAGE_BLOCK = 128  # images per Gram tile
 BWD_SINGLE_MAX = 32  # the backward keeps A on chip up to this batch
 BWD_IMAGE_BLOCK = 64  # else image blocks of this size
+SELECT_CHUNK = 2048  # elements per iteration of the rank select
+HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
+VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
 
 
 def _interpreted() -> bool:
@@ -240,12 +243,15 @@ def _select_kernel(plane, table, stats, sel_idx, sel_w, scr_val, N,
 
 @triton.jit
 def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
-                 FROM_G: tl.constexpr, CT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                 FROM_G: tl.constexpr, CT: tl.constexpr, RT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                  N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """Row sums over [w - RAD, w + RAD] (zeros outside) of src, or of h computed from g.
 
     Prefix sums of each row go to ``pre``; after a barrier, out = pre[w + RAD] - pre[w - RAD - 1].
-    ``out`` may be ``src`` (each program owns its rows).
+    ``out`` may be ``src`` (each program owns its rows). With FROM_G (the forward) h is summed
+    in fixed point, RT an integer type, h * 2^S rounded (S from the table): the sums wrap
+    around but their differences, the box sums, are exact, so equal windows give equal sums
+    as they do in avg_pool2d (the mask's quantile then breaks its ties like the reference).
     """
     b = tl.program_id(1)
     rows = tl.program_id(0) * BH + tl.arange(0, BH)
@@ -255,26 +261,29 @@ def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
     if FROM_G:
         slope = tl.load(table + N_WIN * NSLOT + 0)
         reps = tl.load(table + N_WIN * NSLOT + 1)
+        fixed = tl.load(table + N_WIN * NSLOT + 3)
         lo = tl.load(stats + b * N_STATS + 0)
         q80 = tl.load(stats + b * N_STATS + 1)
         hi = tl.load(stats + b * N_STATS + 2)
         S = hi - lo + reps
         t1 = (q80 - lo) / S
-    carry = tl.zeros([BH], CT)
+    carry = tl.zeros([BH], RT)
     for w0 in range(0, W, BW):
         cols = w0 + tl.arange(0, BW)
         m = rm[:, None] & (cols < W)[None, :]
+        last = cols[None, :] == tl.minimum(w0 + BW, W) - 1
         if FROM_G:
             gv = tl.load(g + rowoff + cols[None, :], mask=m, other=0)
             h = 1.0 / (1.0 + tl.exp(-slope * ((tl.abs(gv) - lo) / S - t1)))
-            h = tl.where(m, h, 0.0)
+            hq = tl.where(m, (h * fixed + 0.5).to(RT), 0)
+            run = tl.cumsum(hq, 1) + carry[:, None]
         else:
             h = tl.load(src + rowoff + cols[None, :], mask=m, other=0)
-        run = tl.cumsum(h, 1) + carry[:, None]
+            run = tl.cumsum(h, 1) + carry[:, None]
         tl.store(pre + rowoff + cols[None, :], run, mask=m)
         # the running sum at the chunk's last column (not carry + sum(h): that loop-carried
         # reduction trips an assertion in Triton's thread-locality pass)
-        carry = tl.sum(tl.where(cols[None, :] == tl.minimum(w0 + BW, W) - 1, run, 0.0), axis=1)
+        carry = tl.sum(tl.where(last, run, 0), axis=1)
     tl.debug_barrier()
     for w0 in range(0, W, BW):
         cols = w0 + tl.arange(0, BW)
@@ -288,18 +297,19 @@ def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
 
 @triton.jit
 def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
-                 BACKWARD: tl.constexpr, CT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                 BACKWARD: tl.constexpr, CT: tl.constexpr, RT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                  N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """Column sums over [h - RAD, h + RAD] of the row sums in src, divided by K2 = k*k.
 
-    Forward: out = d. Backward: out = dy = box(dd) * s h (1 - h), and part[b, program]
-    gets the sums of dy and of dy * u over the program's columns. ``out`` may be ``src``.
+    Forward: src holds _hbox_kernel's fixed-point row sums (RT), out = d (CT). Backward (RT =
+    CT): out = dy = box(dd) * s h (1 - h), and part[b, program] gets the sums of dy and of
+    dy * u over the program's columns. ``out`` may be the memory of ``src``.
     """
     b = tl.program_id(1)
     cols = tl.program_id(0) * BW + tl.arange(0, BW)
     cm = cols < W
     plane = b.to(tl.int64) * H * W
-    carry = tl.zeros([BW], CT)
+    carry = tl.zeros([BW], RT)
     for h0 in range(0, H, BH):
         rows = h0 + tl.arange(0, BH)
         m = (rows < H)[:, None] & cm[None, :]
@@ -307,11 +317,11 @@ def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
         v = tl.load(src + offs, mask=m, other=0)
         run = tl.cumsum(v, 0) + carry[None, :]
         tl.store(pre + offs, run, mask=m)
-        carry = tl.sum(tl.where(rows[:, None] == tl.minimum(h0 + BH, H) - 1, run, 0.0), axis=0)
+        carry = tl.sum(tl.where(rows[:, None] == tl.minimum(h0 + BH, H) - 1, run, 0), axis=0)
     tl.debug_barrier()
     k2 = K2.to(CT)
+    slope = tl.load(table + N_WIN * NSLOT + 0)
     if BACKWARD:
-        slope = tl.load(table + N_WIN * NSLOT + 0)
         reps = tl.load(table + N_WIN * NSLOT + 1)
         lo = tl.load(stats + b * N_STATS + 0)
         q80 = tl.load(stats + b * N_STATS + 1)
@@ -320,6 +330,8 @@ def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
         t1 = (q80 - lo) / S
         sum_dy = tl.zeros([BW], CT)
         sum_dyu = tl.zeros([BW], CT)
+    else:
+        fixed = tl.load(table + N_WIN * NSLOT + 3)
     for h0 in range(0, H, BH):
         rows = h0 + tl.arange(0, BH)
         m = (rows < H)[:, None] & cm[None, :]
@@ -328,9 +340,9 @@ def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
         s_r = tl.load(pre + plane + lower.to(tl.int64)[:, None] * W + cols[None, :], mask=m, other=0)
         s_l = tl.load(pre + plane + upper.to(tl.int64)[:, None] * W + cols[None, :],
                       mask=m & (upper >= 0)[:, None], other=0)
-        box = (s_r - s_l) / k2
         offs = plane + rows.to(tl.int64)[:, None] * W + cols[None, :]
         if BACKWARD:
+            box = (s_r - s_l) / k2
             gv = tl.load(g + offs, mask=m, other=0)
             u = (tl.abs(gv) - lo) / S
             h = 1.0 / (1.0 + tl.exp(-slope * (u - t1)))
@@ -339,7 +351,7 @@ def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
             sum_dy += tl.sum(dy, axis=0)
             sum_dyu += tl.sum(tl.where(m, dy * u, 0.0), axis=0)
         else:
-            tl.store(out + offs, box, mask=m)
+            tl.store(out + offs, (s_r - s_l).to(CT) / fixed / k2, mask=m)
     if BACKWARD:
         slot = (b * tl.num_programs(0) + tl.program_id(0)) * 2
         tl.store(part + slot, tl.sum(sum_dy, axis=0))
@@ -827,14 +839,15 @@ class _Plan:
         self.ct = ct
         self.tl_ct = tl.float64 if ct == torch.float64 else tl.float32
         self.tl_key = tl.int64 if ct == torch.float64 else tl.int32
+        self.key_dtype = torch.int64 if ct == torch.float64 else torch.int32
         self.dot_prec = "ieee" if (ct == torch.float64 or capability < (8, 0)) else "tf32x3"
         # 1. channel mean; 7. mask alone
         self.mean_block, self.mean_warps = 1024, 4
         # 2. selection: one program per image
-        self.select_chunk, self.select_warps = 2048, 8
+        self.select_chunk, self.select_warps = SELECT_CHUNK, 8
         # 3-4. box passes
-        self.hbox_bh, self.hbox_bw, self.hbox_warps = 4, 128, 4
-        self.vbox_bh, self.vbox_bw, self.vbox_warps = 32, 32, 4
+        (self.hbox_bh, self.hbox_bw), self.hbox_warps = HBOX_BLOCK, 4
+        (self.vbox_bh, self.vbox_bw), self.vbox_warps = VBOX_BLOCK, 4
         self.n_colblocks = _cdiv(W, self.vbox_bw)
         # 6. Gram pass over R, x: one tile of up to 128 images (each element read once), pixel
         # blocks of BP, partial Grams per pixel split. Sizes keep tf32x3 dots free of spills on
@@ -901,8 +914,14 @@ def _windows(N: int):
     return tuple(out)
 
 
+def _fixed_point_bits(window_size: int, dtype: torch.dtype) -> int:
+    """S such that the forward box sums of h * 2^S (h in (0, 1)) fit the signed integer type."""
+    bits = 64 if dtype == torch.float64 else 32
+    return min(bits - 2 - math.ceil(math.log2(window_size * window_size + 1)), 52)
+
+
 @functools.lru_cache(maxsize=64)
-def _table_values(N: int, temperature: float, slope: float):
+def _table_values(N: int, temperature: float, slope: float, window_size: int, dtype: torch.dtype):
     values = [0.0] * TABLE_SIZE
     for k, (r0, length, t) in enumerate(_windows(N)):
         logits = [-abs(r0 + i - t) / temperature for i in range(length)]
@@ -914,18 +933,20 @@ def _table_values(N: int, temperature: float, slope: float):
     values[N_WINDOWS * SLOTS + P_SLOPE] = slope
     values[N_WINDOWS * SLOTS + P_RANGE_EPS] = RANGE_EPS
     values[N_WINDOWS * SLOTS + P_NORM_EPS] = NORM_EPS
+    values[N_WINDOWS * SLOTS + P_FIXED] = 2.0 ** _fixed_point_bits(window_size, dtype)
     return tuple(values)
 
 
 @functools.lru_cache(maxsize=64)
-def _table_cached(N, temperature, slope, dtype, device):
-    return torch.tensor(_table_values(N, temperature, slope), dtype=dtype, device=device)
+def _table_cached(N, temperature, slope, window_size, dtype, device):
+    return torch.tensor(_table_values(N, temperature, slope, window_size, dtype), dtype=dtype, device=device)
 
 
-def _table(N, temperature, slope, dtype, device):
+def _table(N, temperature, slope, window_size, dtype, device):
+    """Rank weights and parameters in the compute dtype, cached per geometry and device."""
     if _launch_hook is not None:  # recording: never cache
-        return torch.tensor(_table_values(N, temperature, slope), dtype=dtype, device=device)
-    return _table_cached(N, float(temperature), float(slope), dtype, device)
+        return torch.tensor(_table_values(N, temperature, slope, window_size, dtype), dtype=dtype, device=device)
+    return _table_cached(N, float(temperature), float(slope), int(window_size), dtype, device)
 
 
 def _strides(t: torch.Tensor):
@@ -944,7 +965,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     """Stages 1-5: g, the quantile statistics, the selected ranks and d (B, H, W)."""
     B, C, H, W = R.shape
     N = H * W
-    table = _table(N, temperature, slope, ct, R.device)
+    table = _table(N, temperature, slope, window_size, ct, R.device)
     g = R.new_empty((B, H, W), dtype=ct)
     stats = R.new_zeros((B, STATS), dtype=ct)
     sel_idx = R.new_empty((B, N_WINDOWS, SLOTS), dtype=torch.int32)
@@ -961,11 +982,13 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     prefix = R.new_empty((B, H, W), dtype=ct)
     d = R.new_empty((B, H, W), dtype=ct)
     rad = window_size // 2
-    _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), g, g, stats, table, prefix, d, H, W, rad,
-            FROM_G=True, CT=plan.tl_ct, BH=plan.hbox_bh, BW=plan.hbox_bw, **_CONST,
+    # forward box sums in fixed point: integer views of the same planes
+    prefix_q, d_q = prefix.view(plan.key_dtype), d.view(plan.key_dtype)
+    _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), g, g, stats, table, prefix_q, d_q, H, W, rad,
+            FROM_G=True, CT=plan.tl_ct, RT=plan.tl_key, BH=plan.hbox_bh, BW=plan.hbox_bw, **_CONST,
             num_warps=plan.hbox_warps)
-    _launch(_vbox_kernel, (plan.n_colblocks, B), d, g, stats, table, prefix, d, stats, H, W, rad,
-            window_size * window_size, BACKWARD=False, CT=plan.tl_ct, BH=plan.vbox_bh, BW=plan.vbox_bw,
+    _launch(_vbox_kernel, (plan.n_colblocks, B), d_q, g, stats, table, prefix_q, d, stats, H, W, rad,
+            window_size * window_size, BACKWARD=False, CT=plan.tl_ct, RT=plan.tl_key, BH=plan.vbox_bh, BW=plan.vbox_bw,
             **_CONST, num_warps=plan.vbox_warps)
     _launch(_select_kernel, (B,), d, table, stats, sel_idx, sel_w, scratch, N,
             win[3][0], win[3][1], 0, 1, 0, 1,
@@ -1016,7 +1039,7 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel
     plan = _plan(R, ct)
     B, C, H, W = R.shape
     N = H * W
-    table = _table(N, temperature, slope, ct, R.device)
+    table = _table(N, temperature, slope, window_size, ct, R.device)
     A = stats  # placeholder pointer when there is no head term
     if head:
         grad_hsic = stats.new_zeros(()) if grad_hsic is None else grad_hsic.to(ct).contiguous()
@@ -1049,10 +1072,10 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel
     rad = window_size // 2
     part = R.new_empty((B, plan.n_colblocks, 2), dtype=ct)
     _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), dz, g, stats, table, prefix, dz, H, W, rad,
-            FROM_G=False, CT=plan.tl_ct, BH=plan.hbox_bh, BW=plan.hbox_bw, **_CONST,
+            FROM_G=False, CT=plan.tl_ct, RT=plan.tl_ct, BH=plan.hbox_bh, BW=plan.hbox_bw, **_CONST,
             num_warps=plan.hbox_warps)
     _launch(_vbox_kernel, (plan.n_colblocks, B), dz, g, stats, table, prefix, dz, part, H, W, rad,
-            window_size * window_size, BACKWARD=True, CT=plan.tl_ct, BH=plan.vbox_bh, BW=plan.vbox_bw,
+            window_size * window_size, BACKWARD=True, CT=plan.tl_ct, RT=plan.tl_ct, BH=plan.vbox_bh, BW=plan.vbox_bw,
             **_CONST, num_warps=plan.vbox_warps)
     win = _windows(N)
     _launch(_bwd_scalars_kernel, (B,), dz, part, stats, table, sel_idx, N, plan.n_colblocks,

@@ -1,0 +1,217 @@
+"""The ``triton`` backend against the float64 reference (issue 4).
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter: this module
+imports ``sib_fast.triton_backend`` with ``TRITON_INTERPRET=1`` (the interpreter is
+chosen when the kernels are decorated) and sets the variable only while its own tests
+run, so dispatch accepts CPU tensors for "triton" here and nowhere else. With a GPU the
+same cases run on CUDA tensors, and the tests marked ``gpu`` add realistic shapes,
+determinism and ``torch.compile``.
+
+The interpreter is slow (a few seconds per small case on 2 cores), so the cases are
+few and chosen to cover: B in {2, 3, 5}, C in {1, 3}, windows {1, 3, 9}, 1x1, odd,
+non-square and smaller-than-window images, channels_last and sliced (non-dense)
+inputs, x without grad, float64 and bfloat16, several pixel splits, loops over
+several chunks (small block sizes) and several image blocks (small image blocks).
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+from comparison import GRADIENT_TOLERANCE, RELATIVE_TOLERANCE, assert_matches_reference, compare_head_with_reference
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def _import_backend():
+    if HAS_GPU:
+        return importlib.import_module("sib_fast.triton_backend")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module("sib_fast.triton_backend")
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+try:
+    tb = _import_backend()
+except ImportError as exc:  # no Triton
+    pytest.skip(f"the Triton backend cannot be imported: {exc}", allow_module_level=True)
+
+if not HAS_GPU and type(tb._select_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("sib_fast.triton_backend was imported before this module without TRITON_INTERPRET=1, "
+                "so its kernels cannot run on CPU tensors", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_for_dispatch(monkeypatch):
+    """dispatch lets "triton" take CPU tensors only while TRITON_INTERPRET=1."""
+    if not HAS_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _maps(B, C, H, W, dtype=torch.float32, seed=0, scale=1e-2):
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * scale
+    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
+    return R.to(dtype).to(DEVICE), x.to(dtype).to(DEVICE)
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # a window of a larger map: rows of the wrong pitch, non-dense strides
+        B, C, H, W = t.shape
+        big = torch.zeros(B, C + 1, H + 3, W + 4, dtype=t.dtype, device=t.device)
+        big[:, 1:, 2:H + 2, 1:W + 1] = t
+        return big[:, 1:, 2:H + 2, 1:W + 1]
+    return t
+
+
+# (B, C, H, W, window, temperature, slope, layout, x requires grad)
+CASES = [
+    (2, 3, 1, 1, 3, 0.1, 10.0, "contiguous", True),       # 1x1, smaller than the window
+    (3, 1, 7, 5, 9, 0.1, 10.0, "contiguous", True),       # odd, non-square, smaller than the window
+    (5, 3, 40, 48, 9, 0.1, 10.0, "contiguous", True),     # the largest: several pixel splits and column blocks
+    (3, 3, 8, 6, 3, 0.1, 10.0, "channels_last", True),
+    (2, 3, 9, 7, 1, 0.3, 4.0, "sliced", False),          # window 1, other T and s, x without grad
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["x".join(map(str, c[:4])) + f"-k{c[4]}-{c[7]}" for c in CASES])
+def test_matches_reference_float32(case):
+    B, C, H, W, window, temperature, slope, layout, x_grad = case
+    R, x = _maps(B, C, H, W)
+    compare_head_with_reference("triton", _layout(R, layout), _layout(x, layout), window, temperature, slope,
+                                x_grad=x_grad)
+
+
+def test_matches_reference_float64():
+    R, x = _maps(3, 2, 6, 5, torch.float64, seed=1)
+    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
+def test_bfloat16_inputs():
+    # Computed in float32: hsic, bg and mask within float32 tolerance of the float64 reference
+    # on the same (rounded) values; the gradients are written in bfloat16.
+    R, x = _maps(2, 3, 6, 6, torch.bfloat16, seed=2)
+    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
+def test_loops_over_several_chunks(monkeypatch):
+    # Small blocks, so that every kernel's loops carry state across iterations: the select's
+    # radix passes and collection, the row and column running sums, the Gram and backward pixel
+    # loops (several pixel splits).
+    monkeypatch.setattr(tb, "SELECT_CHUNK", 32)
+    monkeypatch.setattr(tb, "HBOX_BLOCK", (4, 16))
+    monkeypatch.setattr(tb, "VBOX_BLOCK", (4, 16))
+    R, x = _maps(3, 2, 11, 21, seed=3)
+    compare_head_with_reference("triton", R, x, 9, 0.1, 10.0)
+
+
+def test_several_image_blocks(monkeypatch):
+    # B > the image block: the Gram tiles over image-block pairs, the backward loops over
+    # column blocks of A (the paths of B > 128 and B > 32 at full size).
+    monkeypatch.setattr(tb, "MAX_IMAGE_BLOCK", 16)
+    monkeypatch.setattr(tb, "BWD_SINGLE_MAX", 16)
+    monkeypatch.setattr(tb, "BWD_IMAGE_BLOCK", 16)
+    plan = tb._Plan(17, 1, 4, 5, torch.float32, 2, (9, 0))
+    assert plan.nbb == 2 and not plan.single and plan.bwd_nbb == 2 and not plan.bwd_single
+    R, x = _maps(17, 1, 4, 5, seed=4)
+    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
+def test_spatial_mask_and_its_gradient():
+    import sib_fast
+    from sib_fast import reference
+
+    R, _ = _maps(3, 2, 12, 10, seed=5)
+    R = R.requires_grad_()
+    R_ref = R.detach().double().requires_grad_()
+    mask = sib_fast.spatial_mask(R, window_size=3, backend="triton")
+    mask_ref = reference.spatial_mask(R_ref, 3, 0.1, 10.0)
+    assert mask.dtype == torch.float32
+    assert_matches_reference(mask, mask_ref, RELATIVE_TOLERANCE[torch.float32], "triton mask")
+    w = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEVICE)
+    (dR,) = torch.autograd.grad((mask * w.float()).sum(), R)
+    (dR_ref,) = torch.autograd.grad((mask_ref * w).sum(), R_ref)
+    assert_matches_reference(dR, dR_ref, GRADIENT_TOLERANCE[torch.float32], "triton mask dR")
+
+
+def test_ties_follow_a_stable_sort():
+    # Many exactly equal values (zeros and repeated levels): the selected ranks, and so the
+    # gradient, must go to the elements a stable sort puts there (ties by flat index).
+    R, x = _maps(3, 2, 8, 8, seed=6)
+    levels = torch.tensor([0.0, 1e-3, 2e-3], dtype=R.dtype, device=R.device)
+    R = levels[torch.randint(0, 3, R.shape, generator=torch.Generator().manual_seed(1)).to(R.device)]
+    R[:, 0] = -R[:, 0]
+    # window 1: d = h, so the ties of the mask's quantile are exact in both computations
+    compare_head_with_reference("triton", R, x, 1, 0.1, 10.0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN
+def test_nan_input_gives_nan_not_a_crash():
+    import sib_fast
+
+    R, x = _maps(2, 1, 5, 4, seed=7)
+    R[0, 0, 2, 1] = float("nan")
+    out = sib_fast.sib_terms(R, x, window_size=3, backend="triton")
+    assert torch.isnan(out.hsic)
+    x2 = x.clone()
+    x2[1, 0, 0, 0] = float("inf")
+    R2, _ = _maps(2, 1, 5, 4, seed=7)
+    assert torch.isnan(sib_fast.sib_terms(R2, x2, window_size=3, backend="triton").hsic)
+
+
+def test_runs_inside_torch_compile_fullgraph():
+    import sib_fast
+
+    R, x = _maps(2, 1, 5, 4, seed=8)
+    R = R.requires_grad_()
+
+    def head(R, x):
+        hsic, bg, mask = sib_fast.sib_terms(R, x, window_size=3, backend="triton")
+        return 0.01 * torch.exp(-hsic) + 1e3 * torch.exp(bg) + mask.mean()
+
+    compiled = torch.compile(head, fullgraph=True, backend="inductor" if HAS_GPU else "aot_eager")
+    value = compiled(R, x)
+    (dR,) = torch.autograd.grad(value, R)
+    R_eager = R.detach().requires_grad_()
+    value_eager = head(R_eager, x)
+    (dR_eager,) = torch.autograd.grad(value_eager, R_eager)
+    assert torch.allclose(value, value_eager, rtol=1e-6, atol=0)
+    assert torch.allclose(dR, dR_eager, rtol=1e-5, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,dtype", [(128, torch.float32), (32, torch.bfloat16), (160, torch.float32)],
+                         ids=["128-float32", "32-bfloat16", "160-float32"])
+def test_gpu_realistic_shapes(B, dtype):
+    H = W = 224 if B != 160 else 48  # 160 > 128 images: two Gram image blocks
+    R, x = _maps(B, 3, H, W, dtype, seed=9, scale=1e-3)
+    compare_head_with_reference("triton", R, x, 31, 0.1, 10.0)
+
+
+@pytest.mark.gpu
+def test_gpu_repeated_runs_are_bitwise_equal():
+    import sib_fast
+
+    R, x = _maps(32, 3, 224, 224, seed=10, scale=1e-3)
+    results = []
+    for _ in range(2):
+        Rg, xg = R.clone().requires_grad_(), x.clone().requires_grad_()
+        hsic, bg, mask = sib_fast.sib_terms(Rg, xg, backend="triton")
+        (hsic + 1e3 * bg + mask.mean()).backward()
+        results.append((hsic, bg, mask, Rg.grad, xg.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
