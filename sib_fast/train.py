@@ -694,7 +694,7 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
         if d.enabled:
             dist.barrier()
 
-    summary = dict(epochs=args.epochs, steps=step, seconds=time.time() - t_start,
+    summary = dict(epochs=args.epochs, steps=step, seconds=time.time() - t_start, num_classes=num_classes,
                    nonfinite_skipped=nonfinite_total, final=last_record, output=str(out))
     if d.main:
         log(_summary(summary, args))
@@ -723,7 +723,8 @@ def _summary(s: dict, args) -> str:
     m, sec = divmod(int(round(s["seconds"])), 60)
     lines = [f"{PROG}: done in {m}m{sec:02d}s, {s['epochs']} epoch(s), {s['steps']} steps"]
     if r:
-        lines.append(f"  val accuracy {_fmt(r.get('val_acc'))} (train {_fmt(r.get('train_acc'))}), "
+        lines.append(f"  val accuracy {_fmt(r.get('val_acc'))} (train {_fmt(r.get('train_acc'))}, chance "
+                     f"{1 / s['num_classes']:.3f}), "
                      f"train CE {_fmt(r.get('train_ce'))}, {r.get('images_per_s', 0):.1f} images/s")
         if r.get("val_hsic") is not None:
             lines.append(f"  val HSIC {_fmt(r.get('val_hsic'))}, BG {_fmt(r.get('val_bg'), '.2e')}"
