@@ -39,5 +39,8 @@ def sib_terms(R: torch.Tensor, x: torch.Tensor, *, window_size: int = 31, temper
     Differentiable with respect to R, and to x when it requires grad.
     """
     check_head_inputs(R, x, window_size, temperature, slope)
+    if R.dtype != x.dtype:  # every backend reads R and x in one dtype; mixed inputs (rare) are promoted
+        dtype = torch.promote_types(R.dtype, x.dtype)
+        R, x = R.to(dtype), x.to(dtype)
     module = _backend_for(R, backend)
     return SIBTerms(*module.sib_terms(R, x, int(window_size), float(temperature), float(slope)))

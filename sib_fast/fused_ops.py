@@ -58,16 +58,7 @@ def _head_backward(ctx, grad_hsic, grad_bg, grad_mask, *_unused_saved_grads):
 torch.library.register_autograd("sib_fast::sib_head_forward", _head_backward, setup_context=_setup_context)
 
 
-def _common_dtype(R, x):
-    # The kernels read R and x in one dtype; mixed inputs (rare) are promoted.
-    if R.dtype == x.dtype:
-        return R, x
-    dtype = torch.promote_types(R.dtype, x.dtype)
-    return R.to(dtype), x.to(dtype)
-
-
 def sib_terms(R, x, window_size, temperature, slope):
-    R, x = _common_dtype(R, x)
     hsic, bg, mask, *_ = _forward(R, x, window_size, temperature, slope)
     return hsic, bg, mask
 

@@ -166,3 +166,14 @@ def test_switching_reference_to_cpu_keeps_the_training_curve():
 
     reference, fused = curve("reference"), curve("cpu")
     assert torch.allclose(fused, reference, rtol=1e-4, atol=0), f"\nreference {reference}\ncpu {fused}"
+
+
+def test_mixed_input_dtypes_are_promoted():
+    # Under autocast R can come in bfloat16 while x stays float32: both are read as float32.
+    R, x = _maps(3, 3, 16, 12, torch.float32, seed=8)
+    R = (R * 100).bfloat16()
+    compare_head_with_reference("cpu", R.float(), x, 5, 0.1, 10.0)  # what promotion must give
+    mixed = sib_fast.sib_terms(R, x, window_size=5, backend="cpu")
+    promoted = sib_fast.sib_terms(R.float(), x, window_size=5, backend="cpu")
+    for a, b in zip(mixed, promoted):
+        assert torch.equal(a, b)
