@@ -163,6 +163,14 @@ def test_resume_gives_the_same_weights(tmp_path, vjp):
     assert _records(resumed)[-1]["train_ce"] == _records(straight)[-1]["train_ce"]
 
 
+def test_exact_mode_on_a_model_without_double_backward_is_one_line(tmp_path, capsys):
+    code, _ = _run(tmp_path, "--arch", "tiny_vit")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--vjp finite_difference" in err[0], err
+    code, out = _run(tmp_path, "--arch", "tiny_vit", "--vjp", "finite_difference", name="fd")
+    assert code == 0 and math.isfinite(_records(out)[-1]["train_ce"])
+
+
 def test_resume_refuses_a_different_run(tmp_path, capsys):
     code, _ = _run(tmp_path, "--epochs", "1")
     assert code == 0
