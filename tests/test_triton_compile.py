@@ -1,0 +1,156 @@
+"""Every Triton kernel of the backend compiles to a cubin for sm_80 and sm_90 (no GPU needed).
+
+The launchers of ``sib_fast.triton_backend`` run on CPU tensors with their launches
+recorded instead of executed (``_launch_hook``), at 224x224 (B=128) and at a small shape,
+for the head's forward and backward (with and without dx) and the mask alone. Each
+recorded launch is specialised exactly as Triton's JIT would (its binder and
+``_pack_args``) and compiled with ``triton.compile`` for ``GPUTarget("cuda", 80|90, 32)``;
+``cuobjdump -res-usage`` then gives the registers and the stack (local memory: spills).
+The interpreter accepts code that the real compiler rejects, so this is the check that
+the kernels compile at all; it also fails on spills in the kernels that stream the big
+tensors and on shared memory over the architecture's limit.
+
+The compilation runs in a subprocess (``python tests/test_triton_compile.py``) without
+``TRITON_INTERPRET``, two targets at a time.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+# The passes over R, x and dR: a spill there costs bandwidth on every element.
+HOT_KERNELS = ("_channel_mean_kernel", "_gram_kernel", "_bwd_dm_kernel", "_bwd_dr_kernel")
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
+SHAPES = {"224x224": (128, 3, 224, 224), "small": (3, 3, 9, 7)}
+TARGETS = (80, 90)
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: record the launches of one shape and compile them for one target
+# ---------------------------------------------------------------------------------------------
+
+def record_launches(B, C, H, W, dtype):
+    import torch
+    import sib_fast.triton_backend as tb
+
+    calls = []
+    tb._launch_hook = lambda kernel, grid, args, meta: calls.append((kernel, grid, args, meta))
+    try:
+        R, x = torch.empty(B, C, H, W, dtype=dtype), torch.empty(B, C, H, W, dtype=dtype)
+        hsic, bg, mask, g, stats, sel_idx, sel_w, gram = tb._head_forward_impl(R, x, 31, 0.1, 10.0)
+        gm = torch.empty(B, H, W, dtype=mask.dtype)
+        for want_dx in (True, False):
+            tb._head_backward_impl(hsic, bg, gm, R, x, mask, g, stats, sel_idx, sel_w, gram, 31, 0.1, 10.0,
+                                   True, want_dx)
+        mask, g, stats, sel_idx, sel_w = tb._mask_forward_impl(R, 31, 0.1, 10.0)
+        tb._head_backward_impl(None, None, gm, R, R, mask, g, stats, sel_idx, sel_w, R.new_empty(0),
+                               31, 0.1, 10.0, False, False)
+    finally:
+        tb._launch_hook = None
+    return calls
+
+
+def _resource_usage(cubin: bytes):
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", out))
+    return int(fields["REG"]), max(int(fields.get("STACK", 0)), int(fields.get("LOCAL", 0)))
+
+
+def compile_all(shape_name: str, capability: int):
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    rows, seen = [], set()
+    for kernel, grid, args, meta in record_launches(*SHAPES[shape_name], torch.float32):
+        kwargs = dict(meta, debug=False)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization,
+                                                                  options)
+        key = (kernel.__name__, repr(signature), repr(sorted(constexprs.items(), key=str)),
+               repr(sorted(attrs.items(), key=str)), options.num_warps, options.num_stages)
+        if key in seen:
+            continue
+        seen.add(key)
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        regs, stack = _resource_usage(compiled.asm["cubin"])
+        flags = {k: v for k, v in meta.items() if k in ("FROM_G", "BACKWARD", "HEAD", "GRAD_X", "SINGLE", "NQ")}
+        rows.append(dict(kernel=kernel.__name__, shape=shape_name, sm=capability, grid=list(grid),
+                         warps=options.num_warps, stages=options.num_stages,
+                         blocks={k: v for k, v in meta.items() if k in ("BLOCK", "CHUNK", "BB", "BP", "BH", "BW", "RB")},
+                         flags=flags, regs=regs, spill_bytes=stack, shared=compiled.metadata.shared))
+    return rows
+
+
+def _worker(job):
+    return compile_all(*job)
+
+
+def main():
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(shape, cap) for shape in SHAPES for cap in TARGETS]
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        for rows in pool.map(_worker, jobs):
+            for row in rows:
+                print(json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the test
+# ---------------------------------------------------------------------------------------------
+
+def _table(rows):
+    lines = [f"{'kernel':22s} {'shape':8s} {'sm':>3s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} "
+             f"{'smem':>7s}  blocks / flags"]
+    for r in rows:
+        lines.append(f"{r['kernel']:22s} {r['shape']:8s} {r['sm']:>3d} {r['warps']:>5d} {r['stages']:>6d} "
+                     f"{r['regs']:>4d} {r['spill_bytes']:>5d} {r['shared']:>7d}  {r['blocks']} {r['flags']}")
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm80_and_sm90():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=1200)
+    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    table = _table(rows)
+    print("\n" + table)
+    import sib_fast.triton_backend as tb
+
+    kernels = {name for name in vars(tb) if name.endswith("_kernel") and name.startswith("_")}
+    for shape in SHAPES:
+        for cap in TARGETS:
+            compiled = {r["kernel"] for r in rows if r["shape"] == shape and r["sm"] == cap}
+            assert compiled == kernels, f"{shape} sm_{cap}: compiled {sorted(compiled)}, module has {sorted(kernels)}"
+    hot_spills = [r for r in rows if r["kernel"] in HOT_KERNELS and r["spill_bytes"] > 0]
+    assert not hot_spills, f"register spills in hot kernels:\n{_table(hot_spills)}"
+    over = [r for r in rows if r["shared"] > SHARED_LIMIT[r["sm"]]]
+    assert not over, f"shared memory over the limit:\n{_table(over)}"
+
+
+if __name__ == "__main__":
+    main()
