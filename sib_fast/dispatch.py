@@ -48,8 +48,8 @@ class BackendUnavailableError(RuntimeError):
 @functools.lru_cache(maxsize=None)
 def extension_status() -> str | None:
     """None if the compiled extension ``sib_fast._C`` loaded, else why not."""
-    try:
-        importlib.import_module("sib_fast._C")
+    try:  # the ops together with their autograd and fake kernels
+        importlib.import_module("sib_fast.fused_ops")
     except ImportError as exc:
         return (f"the compiled extension sib_fast._C is not built ({exc}); "
                 "build it with `pip install --no-build-isolation -e .`")
@@ -111,8 +111,16 @@ def _warn_fallback(device_type: str, reasons: str) -> None:
         RuntimeWarning, stacklevel=4)
 
 
+def _constant_under_compile(fn):
+    # What torch.compiler.assume_constant_result does (torch 2.11-2.14), without importing
+    # torch._dynamo, which would add about 3 s to `import sib_fast`. The fullgraph test in
+    # tests/test_cpu_backend.py fails if a torch release changes the mechanism.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Under torch.compile the choice is made once, eagerly, at trace time and baked in.
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def resolve_backend(device, backend: str = "auto") -> str:
     """The name of the backend that will run for tensors on ``device``.
 
@@ -149,3 +157,8 @@ def backend_module(name: str):
     """The module implementing backend ``name`` (``sib_terms`` and ``spatial_mask``),
     once ``resolve_backend`` has chosen it."""
     return _LOADED[name]
+
+
+# Load the compiled ops, if built, at `import sib_fast`: torch.ops.sib_fast.* then come with
+# their autograd and fake kernels whichever way they are reached.
+extension_status()
