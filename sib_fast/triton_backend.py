@@ -472,25 +472,24 @@ def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
 
 
 @triton.jit
-def _finalize_kernel(gram_part, bg_part, table, gram, stats, hsic_out, bg_out, B, D, n_split,
+def _gram_reduce_kernel(gram_part, gram, n_total, n_split, CT: tl.constexpr, BLOCK: tl.constexpr):
+    """gram = sum over the pixel splits of the partial Grams (2 x B x B), in split order."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n_total
+    acc = tl.zeros([BLOCK], CT)
+    for s in range(n_split):
+        acc += tl.load(gram_part + s * n_total + o, mask=m, other=0)
+    tl.store(gram + o, acc, mask=m)
+
+
+@triton.jit
+def _finalize_kernel(gram, bg_part, table, stats, hsic_out, bg_out, B, D, n_split,
                      CT: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr, N_STATS: tl.constexpr,
                      NSLOT: tl.constexpr, N_WIN: tl.constexpr):
-    """One program: sum the partial Grams (fixed order), HSIC of SPEC section 4 and BG of
-    section 5. Works on row blocks of RB rows so that B up to a few hundred fits in registers."""
+    """One program: HSIC of SPEC section 4 from the raw Grams, BG of section 5 from the
+    partial moments. Works on row blocks of RB rows so that B up to a few hundred fits."""
     jj = tl.arange(0, BB)
     jm = jj < B
-    for r0 in range(0, B, RB):
-        rows = r0 + tl.arange(0, RB)
-        m = (rows < B)[:, None] & jm[None, :]
-        offs = rows[:, None] * B + jj[None, :]
-        Ku = tl.zeros([RB, BB], CT)
-        Lv = tl.zeros([RB, BB], CT)
-        for s in range(n_split):
-            Ku += tl.load(gram_part + s * 2 * B * B + offs, mask=m, other=0)
-            Lv += tl.load(gram_part + (s * 2 + 1) * B * B + offs, mask=m, other=0)
-        tl.store(gram + offs, Ku, mask=m)
-        tl.store(gram + B * B + offs, Lv, mask=m)
-    tl.debug_barrier()  # the summed Grams are read back below
     neps = tl.load(table + N_WIN * NSLOT + 2)
     _, nK, meanK, allK = _gram_stats(gram, B, jj, neps, CT, RB, BB)
     _, nL, meanL, allL = _gram_stats(gram + B * B, B, jj, neps, CT, RB, BB)
@@ -876,6 +875,7 @@ class _Plan:
         # 7-8. one-program B x B work
         self.bb_all = max(16, _next_pow2(B))
         self.row_block = 16
+        self.reduce_block = 512
         self.small_warps = 4
         self.part_block = 128
 
@@ -1013,9 +1013,11 @@ def _head_forward_impl(R, x, window_size, temperature, slope):
             FLAT=flat_r and flat_x, SINGLE=plan.single, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
             BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps, num_stages=plan.gram_stages)
     gram = R.new_empty((2, B, B), dtype=ct)
+    _launch(_gram_reduce_kernel, (_cdiv(2 * B * B, plan.reduce_block),), gram_part, gram, 2 * B * B,
+            plan.gram_split, CT=plan.tl_ct, BLOCK=plan.reduce_block, num_warps=4)
     hsic = R.new_empty((), dtype=ct)
     bg = R.new_empty((), dtype=ct)
-    _launch(_finalize_kernel, (1,), gram_part, bg_part, table, gram, stats, hsic, bg, B, C * N,
+    _launch(_finalize_kernel, (1,), gram, bg_part, table, stats, hsic, bg, B, C * N,
             plan.gram_split, CT=plan.tl_ct, BB=plan.bb_all, RB=plan.row_block, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS,
             num_warps=plan.small_warps)
     return hsic, bg, mask, g, stats, sel_idx, sel_w, gram
