@@ -11,7 +11,8 @@ forward
                                 as a stable sort does; writes the soft quantiles and the
                                 selected indices and weights for the backward.
   3. ``_hbox_kernel``           h = sigmoid(s (u - t1)) and its row box sums (running
-                                sums: O(1) per pixel whatever the window).
+                                sums: O(1) per pixel whatever the window; in wrapping fixed
+                                point, so box sums are exact and equal windows tie exactly).
   4. ``_vbox_kernel``           column box sums -> d = box_mean_k(h).
   5. ``_select_kernel``         t2 = Q(d, .8) and its selected ranks.
   6. ``_gram_kernel``           one pass over R, x and d: M = sigmoid(s (d - t2)) (written
@@ -19,7 +20,8 @@ forward
                                 masked tiles, per pixel split; partial Grams reduced in a
                                 fixed order) and the background moments (Chan's combination
                                 of per-tile mean and M2, so no cancellation).
-  7. ``_finalize_kernel``       one program: normalise, centre, HSIC, background variance.
+  7. ``_gram_reduce_kernel``    the partial Grams summed over the splits in a fixed order.
+     ``_finalize_kernel``       one program: normalise, centre, HSIC, background variance.
 
 backward (upstream dH, dBG and optionally dM)
   8. ``_bwd_prep_kernel``       A = d loss / d(masked R Gram) folded with the normalisation,
@@ -33,6 +35,12 @@ backward (upstream dH, dBG and optionally dM)
  13. ``_bwd_dr_kernel``         one pass over R, M writing dR = M (A @ (M R)) + background
                                 term + sign(g) da / C.
 
+Traffic on the big tensors (B x C x H x W), against the floor of SPEC section 7 (R and x
+read once, dR written once: 3 tensors): the forward reads R twice and x once, the backward
+reads R twice and x once and writes dR (and dx when asked): 7 tensors, 2.3x the floor.
+Beyond 32 images the backward's image blocks read R and x once per block, from L2 when
+the blocks of one pixel range run together (they are adjacent in the grid).
+
 Planes (B x N) are kept in the compute dtype (float32, or float64 when an input is
 float64); the big tensors are read in their own dtype and layout (contiguous,
 channels_last or any strides). Every reduction has a fixed order, so results are
@@ -45,7 +53,6 @@ CPU tensors through Triton's interpreter; the tests use that.
 """
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -68,10 +75,6 @@ BWD_IMAGE_BLOCK = 64  # else image blocks of this size
 SELECT_CHUNK = 2048  # elements per iteration of the rank select
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------
