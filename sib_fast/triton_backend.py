@@ -1191,17 +1191,8 @@ mask_forward.register_autograd(_mask_autograd, setup_context=_mask_setup_context
 # the backend interface (sib_fast.dispatch)
 # ----------------------------------------------------------------------------------------
 
-def _common_dtype(R, x):
-    # The kernels read R and x through one set of loads; mixed inputs (rare) are promoted.
-    if R.dtype == x.dtype:
-        return R, x
-    dtype = torch.promote_types(R.dtype, x.dtype)
-    return R.to(dtype), x.to(dtype)
-
-
 def sib_terms(R, x, window_size, temperature, slope):
     """(hsic, bg, mask) of SPEC sections 3-5; differentiable in R and x."""
-    R, x = _common_dtype(R, x)
     hsic, bg, mask, *_ = head_forward(R, x, int(window_size), float(temperature), float(slope))
     return hsic, bg, mask
 
