@@ -46,7 +46,8 @@ def extension():
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if build_cuda(cuda_sources):
-        sources += cuda_sources
+        # kernels (.cu, nvcc) and their host side (.cpp: ATen, built by the C++ compiler)
+        sources += cuda_sources + sorted(glob.glob("csrc/cuda/*.cpp"))
         arch = os.environ.get("SIB_FAST_CUDA_ARCH", "80;90").split(";")
         nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arch]

@@ -1,0 +1,103 @@
+// The interface between the host code of the CUDA backend (sib_head_cuda_ops.cpp:
+// checks, allocation, op registration; compiled by the C++ compiler with ATen) and the
+// kernels (*.cu: compiled by nvcc without ATen, whose headers would multiply the
+// build time). Plain pointers, sizes and the stream; every launcher checks its launch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "sib_head.h"
+
+#ifdef SIB_CUDA_EMULATE
+#include "cuda_emu.h"
+#else
+#include <cuda_runtime_api.h>
+#endif
+
+namespace sib_fast {
+namespace cuda {
+
+enum class Dtype : int { kFloat, kDouble, kHalf, kBFloat16 };
+
+struct Shape {
+  int64_t B, C, H, W, N;
+};
+
+// Where element (b, c, p) of a (B, C, H, W) tensor lives, p = h * W + w the flat pixel.
+// `linear`: pixels are evenly spaced (h stride == W * w stride), as in contiguous,
+// channels_last and column-sliced tensors; otherwise (transposed) p is split into h, w.
+// `vec`: groups of V consecutive pixels (V values = 16 bytes) are aligned vectors.
+struct Map4 {
+  int64_t sb, sc, sh, sw;
+  int64_t W;
+  bool linear, vec;
+
+  SIB_HOST_DEVICE int64_t offset(int64_t b, int64_t c, int64_t p) const {
+    return b * sb + c * sc + (linear ? p * sw : (p / W) * sh + (p % W) * sw);
+  }
+};
+
+// The soft-quantile windows one selection launch serves (the same for every image).
+struct QuantileWindows {
+  int count;
+  int quantile[3];  // row of rank_index and column of image_stats
+  int first[3];
+  int len[3];
+  double weight[3][kRankWindow];
+};
+
+// How the Gram pass splits its work (sib_gram_cuda.cu).
+struct GramPlan {
+  int tile;          // image tile TB
+  int tiles_side;    // ceil(B / TB)
+  int tiles;         // tile pairs (I <= J)
+  int chunks;        // pixel chunks
+  int ksplit;        // warp groups splitting the positions of a chunk
+  int64_t chunk_px;  // pixels per chunk (a multiple of the slab width)
+  int64_t partial_count() const { return static_cast<int64_t>(chunks) * ksplit; }
+  int64_t partial_elements() const { return partial_count() * tiles * 2 * static_cast<int64_t>(tile) * tile; }
+};
+
+// The image tile of the Gram and backward products for a batch of B: 16, 64 or 128
+// (64 at most for double, whose fragments take twice the registers).
+inline int image_tile(int64_t B, bool is_double) {
+  if (B <= 16) return 16;
+  if (B <= 64 || is_double) return 64;
+  return 128;
+}
+
+// ---- forward (planes in the compute type: double if is_double, else float)
+void launch_channel_mean(Dtype dtype, const void* R, const Map4& map, const Shape& s, void* g, cudaStream_t stream);
+void launch_select(bool is_double, bool abs_values, const void* planes, const Shape& s, const QuantileWindows& win,
+                   void* stats, int64_t* ranks, void* mask, double slope, cudaStream_t stream);
+void launch_box_rows(bool is_double, bool from_g, const void* in, const void* stats, double slope, const Shape& s,
+                     int64_t radius, void* out, cudaStream_t stream);
+void launch_box_cols(bool is_double, const void* in, const Shape& s, int64_t radius, double inv_area, void* out,
+                     cudaStream_t stream);
+GramPlan gram_plan(int64_t B, int64_t N, bool is_double);
+void launch_gram(Dtype dtype, const void* R, const void* x, const Map4& map_r, const Map4& map_x, const void* mask,
+                 const Shape& s, const GramPlan& plan, void* gram_part, double* bg_part, cudaStream_t stream);
+void launch_gram_reduce(bool is_double, const void* gram_part, const GramPlan& plan, int64_t B, void* gram_out,
+                        double* gram_d, cudaStream_t stream);
+void launch_finalize(bool is_double, const double* gram_d, const double* bg_part, int64_t chunks, int64_t B, double D,
+                     double* work, void* hsic, void* bg, void* stats, cudaStream_t stream);
+
+// ---- backward
+void launch_adjoint(bool is_double, const void* gram, int64_t B, const void* grad_hsic, const void* grad_bg,
+                    const void* stats, double D, double* work, void* A, int64_t Bp, void* bg_terms,
+                    cudaStream_t stream);
+void launch_backward_products(Dtype dtype, const void* R, const void* x, const Map4& map_r, const Map4& map_x,
+                              const void* mask, const void* A, int64_t Bp, const void* bg_terms, const Shape& s,
+                              void* dR, const Map4& map_dr, void* dx, const Map4& map_dx, void* dM_u, void* dM_v,
+                              void* g, cudaStream_t stream);
+void launch_mask_adjoint_t2(bool is_double, void* dM_u, const void* dM_v, const void* grad_mask, const void* mask,
+                            const int64_t* ranks, const Shape& s, const QuantileWindows& win, double slope,
+                            cudaStream_t stream);
+void launch_mask_adjoint_h(bool is_double, void* dh, const void* g, const void* stats, const int64_t* ranks,
+                           const Shape& s, const QuantileWindows& win, double slope, cudaStream_t stream);
+void launch_add_dg(Dtype dtype, void* dR, const Map4& map, const void* da, const void* g, const Shape& s,
+                   cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace sib_fast

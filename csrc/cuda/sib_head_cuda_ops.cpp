@@ -1,0 +1,250 @@
+// Host side of the CUDA kernels of sib_fast::sib_head_forward / sib_head_backward:
+// argument checks, allocation, the order of the launches (all on the current stream,
+// no host synchronisation) and the registration under the CUDA dispatch key. The
+// kernels are in sib_head_cuda.cu, sib_gram_cuda.cu and sib_backward_cuda.cu; see the
+// first for the list of stages. Compiled by the C++ compiler (ATen's headers would
+// multiply nvcc's build time).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#ifndef SIB_CUDA_EMULATE
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+
+#include "cuda/sib_cuda_launch.h"
+
+namespace sib_fast {
+namespace cuda {
+namespace {
+
+#ifdef SIB_CUDA_EMULATE
+constexpr const char* kKernelName = "sib_head (emulated CUDA kernel)";
+inline bool on_device(const at::Tensor& t) { return t.device().is_cpu(); }
+inline cudaStream_t current_stream() { return nullptr; }
+#define SIB_DEVICE_GUARD(t) (void)(t)
+#else
+constexpr const char* kKernelName = "sib_head (CUDA kernel)";
+inline bool on_device(const at::Tensor& t) { return t.device().is_cuda(); }
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+#define SIB_DEVICE_GUARD(t) const c10::cuda::CUDAGuard device_guard((t).device())
+#endif
+
+Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return Dtype::kFloat;
+    case at::kDouble:
+      return Dtype::kDouble;
+    case at::kHalf:
+      return Dtype::kHalf;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, kKernelName, ": R and x must be float32, float64, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+  return Dtype::kFloat;
+}
+
+Shape shape_of(const at::Tensor& t) {
+  return {t.size(0), t.size(1), t.size(2), t.size(3), t.size(2) * t.size(3)};
+}
+
+// Strides of a (B, C, H, W) tensor for the kernels; size-1 dimensions take the stride
+// that keeps the pixels linear.
+Map4 make_map(const at::Tensor& t) {
+  const int64_t vec = 16 / static_cast<int64_t>(t.element_size());
+  const int64_t C = t.size(1), H = t.size(2), W = t.size(3), N = H * W;
+  Map4 m;
+  m.sb = t.stride(0);
+  m.sc = C == 1 ? 0 : t.stride(1);
+  m.sh = t.stride(2);
+  m.sw = t.stride(3);
+  if (W == 1) m.sw = m.sh;      // w is always 0
+  if (H == 1) m.sh = W * m.sw;  // h is always 0
+  m.W = W;
+  m.linear = m.sh == W * m.sw;
+  const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
+  m.vec = m.linear && m.sw == 1 && N % vec == 0 && m.sb % vec == 0 && m.sc % vec == 0 && addr % 16 == 0;
+  return m;
+}
+
+QuantileWindows make_windows(std::initializer_list<int> quantiles, int64_t N, double temperature) {
+  QuantileWindows w{};
+  for (int q : quantiles) {
+    const int k = w.count++;
+    const RankWindow rw = rank_window(N, kQuantileLevel[q]);
+    w.quantile[k] = q;
+    w.first[k] = static_cast<int>(rw.first);
+    w.len[k] = rw.count;
+    rank_weights(N, kQuantileLevel[q], temperature, rw, w.weight[k]);
+  }
+  return w;
+}
+
+void check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
+  TORCH_CHECK(R.dim() == 4, "sib_head: R must be (B, C, H, W), got ", R.sizes());
+  TORCH_CHECK(R.sizes() == x.sizes(), "sib_head: R and x must have the same shape, got ", R.sizes(), " and ",
+              x.sizes());
+  TORCH_CHECK(R.scalar_type() == x.scalar_type(), "sib_head: R and x must have the same dtype, got ",
+              R.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(on_device(R) && R.device() == x.device(), kKernelName,
+              ": R and x must be tensors on the same GPU, got ", R.device(), " and ", x.device());
+  TORCH_CHECK(R.size(0) >= 2, "sib_head: needs a batch of at least 2 images, got ", R.size(0));
+  TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) >= 2, "sib_head: needs C*H*W >= 2");
+  TORCH_CHECK(R.size(2) * R.size(3) < (int64_t(1) << 31), "sib_head: images of 2^31 pixels or more are not supported");
+  TORCH_CHECK(R.size(0) <= 32768, kKernelName, ": batches of more than 32768 images are not supported");
+  TORCH_CHECK(R.numel() < (int64_t(1) << 32), kKernelName, ": tensors of 2^32 elements or more are not supported");
+  TORCH_CHECK(window > 0 && window % 2 == 1, "sib_head: window_size must be a positive odd integer, got ", window);
+  TORCH_CHECK(temperature > 0 && slope > 0, "sib_head: temperature and slope must be > 0");
+  (void)dtype_of(R);
+}
+
+at::ScalarType compute_type(const at::Tensor& R) { return R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sib_head_forward_cuda(
+    const at::Tensor& R, const at::Tensor& x, int64_t window_size, double temperature, double slope) {
+  check_maps(R, x, window_size, temperature, slope);
+  SIB_DEVICE_GUARD(R);
+  const Shape sh = shape_of(R);
+  const int64_t B = sh.B, N = sh.N;
+  const bool dbl = compute_type(R) == at::kDouble;
+  const auto opts = R.options().dtype(compute_type(R));
+  const auto dopts = R.options().dtype(at::kDouble);
+  const cudaStream_t stream = current_stream();
+  at::Tensor hsic = at::empty({}, opts), bg = at::empty({}, opts);
+  at::Tensor mask = at::empty({B, sh.H, sh.W}, opts);
+  at::Tensor gram = at::empty({2, B, B}, opts);
+  at::Tensor stats = at::empty({B, kImageStats}, opts);
+  at::Tensor ranks = at::empty({B, kQuantiles, kRankWindow}, R.options().dtype(at::kLong));
+
+  // the mask chain on planes: g, then d, in `plane`; row window sums in `rows`
+  {
+    at::Tensor plane = at::empty({B, N}, opts);
+    at::Tensor rows = at::empty({B, N}, opts);
+    launch_channel_mean(dtype_of(R), R.data_ptr(), make_map(R), sh, plane.data_ptr(), stream);
+    launch_select(dbl, /*abs_values=*/true, plane.data_ptr(), sh,
+                  make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), stats.data_ptr(),
+                  ranks.data_ptr<int64_t>(), nullptr, slope, stream);
+    const int64_t radius = window_size / 2;
+    launch_box_rows(dbl, /*from_g=*/true, plane.data_ptr(), stats.data_ptr(), slope, sh, radius, rows.data_ptr(),
+                    stream);
+    launch_box_cols(dbl, rows.data_ptr(), sh, radius, 1.0 / static_cast<double>(window_size * window_size),
+                    plane.data_ptr(), stream);
+    launch_select(dbl, /*abs_values=*/false, plane.data_ptr(), sh, make_windows({kQuantT2}, N, temperature),
+                  stats.data_ptr(), ranks.data_ptr<int64_t>(), mask.data_ptr(), slope, stream);
+  }
+
+  // one pass over R, x and M: partial Gram matrices and background sums, then their sums
+  const GramPlan plan = gram_plan(B, N, dbl);
+  at::Tensor bg_part = at::empty({static_cast<int64_t>(plan.chunks) * B * 2}, dopts);
+  at::Tensor gram_d = at::empty({2, B, B}, dopts);
+  {
+    at::Tensor gram_part = at::empty({plan.partial_elements()}, opts);
+    launch_gram(dtype_of(R), R.data_ptr(), x.data_ptr(), make_map(R), make_map(x), mask.data_ptr(), sh, plan,
+                gram_part.data_ptr(), bg_part.data_ptr<double>(), stream);
+    launch_gram_reduce(dbl, gram_part.data_ptr(), plan, B, gram.data_ptr(), gram_d.data_ptr<double>(), stream);
+  }
+  at::Tensor work = at::empty({6 * B}, dopts);
+  launch_finalize(dbl, gram_d.data_ptr<double>(), bg_part.data_ptr<double>(), plan.chunks, B,
+                  static_cast<double>(sh.C * N), work.data_ptr<double>(), hsic.data_ptr(), bg.data_ptr(),
+                  stats.data_ptr(), stream);
+  return {hsic, bg, mask, gram, stats, ranks};
+}
+
+std::tuple<at::Tensor, at::Tensor> sib_head_backward_cuda(
+    const at::Tensor& grad_hsic, const at::Tensor& grad_bg, const std::optional<at::Tensor>& grad_mask,
+    const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& gram,
+    const at::Tensor& image_stats, const at::Tensor& rank_index, int64_t window_size, double temperature,
+    double slope, bool compute_grad_x) {
+  check_maps(R, x, window_size, temperature, slope);
+  const Shape sh = shape_of(R);
+  const int64_t B = sh.B, N = sh.N;
+  const auto acc = compute_type(R);
+  TORCH_CHECK(mask.scalar_type() == acc && gram.scalar_type() == acc && image_stats.scalar_type() == acc &&
+                  rank_index.scalar_type() == at::kLong && mask.is_contiguous() && gram.is_contiguous() &&
+                  image_stats.is_contiguous() && rank_index.is_contiguous() && mask.numel() == B * N &&
+                  gram.numel() == 2 * B * B && image_stats.numel() == B * kImageStats &&
+                  rank_index.numel() == B * kQuantiles * kRankWindow,
+              "sib_head_backward: the saved tensors must be the forward op's outputs");
+  for (const at::Tensor* t : {&mask, &gram, &image_stats, &rank_index})
+    TORCH_CHECK(t->device() == R.device(), "sib_head_backward: the saved tensors must be on R's device");
+  SIB_DEVICE_GUARD(R);
+  const bool dbl = acc == at::kDouble;
+  const auto opts = R.options().dtype(acc);
+  const auto dopts = R.options().dtype(at::kDouble);
+  const cudaStream_t stream = current_stream();
+  const double D = static_cast<double>(sh.C * N);
+  at::Tensor dR = at::empty_like(R);
+  at::Tensor dx = compute_grad_x ? at::empty_like(x) : at::empty({0}, x.options());
+
+  // B x B factors and background terms, computed on the device from the device scalars
+  const int64_t tile = image_tile(B, dbl), Bp = (B + tile - 1) / tile * tile;
+  at::Tensor A = at::zeros({2, Bp, Bp}, opts);
+  at::Tensor bg_terms = at::empty({1 + B}, opts);
+  {
+    const at::Tensor gh = grad_hsic.to(opts).reshape({}).contiguous();
+    const at::Tensor gb = grad_bg.to(opts).reshape({}).contiguous();
+    at::Tensor work = at::empty({6 * B}, dopts);
+    launch_adjoint(dbl, gram.data_ptr(), B, gh.data_ptr(), gb.data_ptr(), image_stats.data_ptr(), D,
+                   work.data_ptr<double>(), A.data_ptr(), Bp, bg_terms.data_ptr(), stream);
+  }
+
+  // one pass over R, x, M: dR (less the mask chain's share), dx, and the planes dM_u, dM_v, g
+  at::Tensor g = at::empty({B, N}, opts), dM_u = at::empty({B, N}, opts), dM_v = at::empty({B, N}, opts);
+  launch_backward_products(dtype_of(R), R.data_ptr(), x.data_ptr(), make_map(R), make_map(x), mask.data_ptr(),
+                           A.data_ptr(), Bp, bg_terms.data_ptr(), sh, dR.data_ptr(), make_map(dR),
+                           compute_grad_x ? dx.data_ptr() : nullptr, compute_grad_x ? make_map(dx) : make_map(dR),
+                           dM_u.data_ptr(), dM_v.data_ptr(), g.data_ptr(), stream);
+  A.reset();
+
+  // the mask chain's adjoint on planes: dd in dM_u; dh = box(dd) by rows into dM_v, by
+  // columns back into dM_u; da in dM_u
+  at::Tensor gm;
+  if (grad_mask.has_value() && grad_mask->defined()) gm = grad_mask->to(opts).contiguous();
+  launch_mask_adjoint_t2(dbl, dM_u.data_ptr(), dM_v.data_ptr(), gm.defined() ? gm.data_ptr() : nullptr,
+                         mask.data_ptr(), rank_index.data_ptr<int64_t>(), sh, make_windows({kQuantT2}, N, temperature),
+                         slope, stream);
+  const int64_t radius = window_size / 2;
+  launch_box_rows(dbl, /*from_g=*/false, dM_u.data_ptr(), image_stats.data_ptr(), slope, sh, radius,
+                  dM_v.data_ptr(), stream);
+  launch_box_cols(dbl, dM_v.data_ptr(), sh, radius, 1.0 / static_cast<double>(window_size * window_size),
+                  dM_u.data_ptr(), stream);
+  launch_mask_adjoint_h(dbl, dM_u.data_ptr(), g.data_ptr(), image_stats.data_ptr(), rank_index.data_ptr<int64_t>(), sh,
+                        make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), slope, stream);
+  launch_add_dg(dtype_of(R), dR.data_ptr(), make_map(dR), dM_u.data_ptr(), g.data_ptr(), sh, stream);
+  return {dR, dx};
+}
+
+}  // namespace
+}  // namespace cuda
+
+#ifdef SIB_CUDA_EMULATE
+// The emulated kernels run on CPU tensors under their own namespace, beside the real ops.
+TORCH_LIBRARY(sib_fast_emu, m) {
+  m.def(
+      "sib_head_forward(Tensor R, Tensor x, int window_size, float temperature, float slope) "
+      "-> (Tensor hsic, Tensor bg, Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index)");
+  m.def(
+      "sib_head_backward(Tensor grad_hsic, Tensor grad_bg, Tensor? grad_mask, Tensor R, Tensor x, "
+      "Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index, int window_size, "
+      "float temperature, float slope, bool compute_grad_x) -> (Tensor grad_R, Tensor grad_x)");
+}
+
+TORCH_LIBRARY_IMPL(sib_fast_emu, CPU, m) {
+  m.impl("sib_head_forward", &cuda::sib_head_forward_cuda);
+  m.impl("sib_head_backward", &cuda::sib_head_backward_cuda);
+}
+#else
+TORCH_LIBRARY_IMPL(sib_fast, CUDA, m) {
+  m.impl("sib_head_forward", &cuda::sib_head_forward_cuda);
+  m.impl("sib_head_backward", &cuda::sib_head_backward_cuda);
+}
+#endif
+
+}  // namespace sib_fast

@@ -1,0 +1,3 @@
+// csrc/cuda/sib_head_cuda.cu compiled as C++ against the CUDA emulation (cuda_emu.h).
+#define SIB_CUDA_EMULATE 1
+#include "cuda/sib_head_cuda.cu"
