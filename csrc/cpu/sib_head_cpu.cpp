@@ -443,7 +443,9 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
   }
 
   // Pass 1 over R, x: dR without the mask chain's share, dx, and dM.
-  std::vector<acc_t> dM(B * N);
+  // The one B x H x W scratch plane, from torch's allocator so memory profiles see it.
+  const at::Tensor dM_plane = at::empty({B * N}, mask_t.options());
+  acc_t* dM = dM_plane.data_ptr<acc_t>();
   at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
     std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), Tu(B * W), Tv(B * W), out(W);
     for (int64_t y = y0; y < y1; ++y) {
@@ -480,7 +482,7 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
 
   // Planes: the mask chain's adjoint, dM -> dg, one image per task.
   // dg overwrites dM, which each image's adjoint reads in full before writing dg.
-  std::vector<acc_t>& dg = dM;
+  acc_t* dg = dM;
   const acc_t s = static_cast<acc_t>(slope);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> g(N), h(N), d(N), dd(N);
