@@ -85,9 +85,50 @@ for b in ("cuda", "triton"): print(b, d.unavailable_reason(b, "cuda") or "ok")'
 # ---- GPU tests, then the backends' own test files (their non-GPU tests)
 stage gpu_tests 110 200 "$PY" -m pytest -q -rfE -p no:cacheprovider -m gpu tests --junitxml="$OUT/gpu_tests.xml"
 backend_tests=$(ls tests/test_*triton*.py tests/test_*cuda*.py 2>/dev/null | tr '\n' ' ')
+# the CUDA kernels' CPU emulation is for machines without a GPU; here the real ones ran
+export SIB_FAST_SKIP_CUDA_EMULATION=1
 if [ -n "$backend_tests" ]; then
   # shellcheck disable=SC2086
   stage backend_tests 50 190 "$PY" -m pytest -q -rfE -p no:cacheprovider -m "not gpu" $backend_tests
+fi
+
+# ---- compute-sanitizer on small cases of the cuda backend (every dtype, layouts, image tiles
+# 16/64/128): memcheck with PyTorch's caching allocator off (else an access past a tensor but
+# inside a cached segment goes unseen), then racecheck for shared-memory hazards
+SANITIZER="$(command -v compute-sanitizer || true)"
+if [ -z "$SANITIZER" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ]; then
+  SANITIZER="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
+fi
+SANITIZER_CASE='
+import torch, sib_fast
+from sib_fast import dispatch
+reason = dispatch.unavailable_reason("cuda", "cuda")
+assert reason is None, reason
+cases = [(3, 3, 13, 11, 5, torch.float32, "contiguous"), (5, 2, 9, 7, 3, torch.bfloat16, "channels_last"),
+         (20, 1, 6, 5, 3, torch.float32, "transposed"), (70, 1, 4, 6, 3, torch.float32, "sliced"),
+         (3, 2, 8, 8, 3, torch.float64, "contiguous"), (2, 3, 5, 5, 31, torch.float16, "contiguous")]
+for B, C, H, W, k, dtype, layout in cases:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    R = (torch.randn(B, C, H, 2 * W, device="cuda", generator=g) * 1e-3).to(dtype)
+    x = torch.rand(B, C, H, 2 * W, device="cuda", generator=g).to(dtype)
+    R, x = (R[..., ::2], x[..., ::2]) if layout == "sliced" else (R[..., :W].contiguous(), x[..., :W].contiguous())
+    if layout == "channels_last":
+        R, x = R.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        R, x = R.transpose(2, 3), x.transpose(2, 3)
+    R.requires_grad_(); x.requires_grad_()
+    hsic, bg, mask = sib_fast.sib_terms(R, x, window_size=k, backend="cuda")
+    (hsic + bg + mask.mean()).backward()
+torch.cuda.synchronize()
+print("cuda backend: all cases ran")
+'
+if [ -n "$SANITIZER" ]; then
+  stage cuda_memcheck 70 170 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+    "$PY" -c "$SANITIZER_CASE"
+  stage cuda_racecheck 50 150 "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" -c "$SANITIZER_CASE"
+else
+  log "skip cuda_memcheck: compute-sanitizer not found"
+  echo "cuda_memcheck skipped 0" >> "$OUT/SUMMARY.txt"
 fi
 
 # ---- sib-bench head (float32: batch sweep, torch.compile at 32 and 128), step, then bfloat16

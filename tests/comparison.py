@@ -63,7 +63,7 @@ def compare_head_with_reference(backend: str, R: torch.Tensor, x: torch.Tensor, 
     weights = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((), (), ref[2].shape)]
     # A term whose share is zero in exact arithmetic (a mask that cannot move, as on
     # 1x1 images or with a window covering the image) keeps its raw weight.
-    shares = [torch.autograd.grad((term * w).sum(), R_ref, retain_graph=True)[0].norm().item()
+    shares = [torch.autograd.grad((term * w.to(term)).sum(), R_ref, retain_graph=True)[0].norm().item()
               for term, w in zip(ref, weights)]
     largest = max(shares)
     weights = [w * (largest / s if s > 1e-6 * largest else 1.0) for w, s in zip(weights, shares)]

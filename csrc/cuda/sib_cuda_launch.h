@@ -71,9 +71,11 @@ inline int image_tile(int64_t B, bool is_double) {
 void launch_channel_mean(Dtype dtype, const void* R, const Map4& map, const Shape& s, void* g, cudaStream_t stream);
 void launch_select(bool is_double, bool abs_values, const void* planes, const Shape& s, const QuantileWindows& win,
                    void* stats, int64_t* ranks, void* mask, double slope, cudaStream_t stream);
-void launch_box_rows(bool is_double, bool from_g, const void* in, const void* stats, double slope, const Shape& s,
-                     int64_t radius, void* out, cudaStream_t stream);
-void launch_box_cols(bool is_double, const void* in, const Shape& s, int64_t radius, double inv_area, void* out,
+// d = box_k(h), h = sigmoid(s (u - t1)) from g and the image stats; rows: a (B, N) double plane
+void launch_box_mean_h(bool is_double, const void* g, const void* stats, double slope, const Shape& s,
+                       int64_t window, double* rows, void* d, cudaStream_t stream);
+// out = box_k(in) (the backward's, on dd); rows: a (B, N) plane of the compute type
+void launch_box_mean(bool is_double, const void* in, const Shape& s, int64_t window, void* rows, void* out,
                      cudaStream_t stream);
 GramPlan gram_plan(int64_t B, int64_t N, bool is_double);
 void launch_gram(Dtype dtype, const void* R, const void* x, const Map4& map_r, const Map4& map_x, const void* mask,

@@ -8,7 +8,8 @@
 //                           the keys (order_bits(|g|), pixel index): the ranks
 //                           floor(t)-8 .. floor(t)+9 of Q(a, .05), Q(a, .8), Q(a, .95),
 //                           ties by index as a stable sort; soft quantiles -> image_stats
-//   hbox_kernel             h = sigmoid(s (u - t1)) and its row window sums (running sums)
+//   hbox_kernel             h = sigmoid(s (u - t1)) and its row window sums (running sums,
+//                           exact: h on a fine dyadic grid, so tied windows tie)
 //   vbox_kernel             column window sums / k^2 -> d
 //   select_kernel           t2 = Q(d, .8), then M = sigmoid(s (d - t2)) (the mask output)
 //   gram_kernel             one pass over R, x, M: partial Gram matrices and background
@@ -320,12 +321,20 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 // out[b, y, w] = sum of f(in[b, y, w']) over |w' - w| <= r inside the row, summed in
 // double. With kFromG, f = sigmoid(s (u - t1)) of g (the plane h of SPEC section 3),
-// else the identity. Each thread slides a window along kSegment outputs.
-template <typename acc_t, bool kFromG>
+// rounded to a multiple of 1 / `scale` (a power of two small enough that every partial
+// window sum is an exact double): then the sliding sums are exact, and windows with the
+// same values give the same d whatever their position, so ties in d are ties as in
+// avg_pool2d (the rank selection breaks them by index, as the reference's stable sort).
+// (avg_pool2d sums each window in row order, so windows holding the same values in
+// different arrangements may differ there by an ulp; here they tie exactly.)
+// Otherwise f is the identity (the backward's box of dd, a linear map: no rounding).
+// Each thread slides a window along kSegment outputs.
+template <typename acc_t, bool kFromG, typename out_t>
 __global__ void __launch_bounds__(kThreads)
     hbox_kernel(const acc_t* __restrict__ in, const acc_t* __restrict__ stats, acc_t slope, int64_t B, int64_t H,
-                int64_t W, int64_t r, acc_t* __restrict__ out) {
+                int64_t W, int64_t r, double scale, out_t* __restrict__ out) {
   const int64_t segs = ceil_div(W, kSegment);
+  const double inv_scale = 1.0 / scale;
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < B * H * segs;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = static_cast<uint32_t>(q) / static_cast<uint32_t>(segs);
@@ -340,39 +349,42 @@ __global__ void __launch_bounds__(kThreads)
       range = ms.range;
       t1 = ms.t1;
     }
-    auto f = [&](int64_t w) { return kFromG ? sigmoid_of(abs_of(src[w]), lo, range, t1, slope) : src[w]; };
+    auto f = [&](int64_t w) -> double {
+      if (kFromG) return rint(static_cast<double>(sigmoid_of(abs_of(src[w]), lo, range, t1, slope)) * scale) * inv_scale;
+      return static_cast<double>(src[w]);
+    };
     double sum = 0.0;
     const int64_t a = w0 - r > 0 ? w0 - r : 0, e = w0 + r < W - 1 ? w0 + r : W - 1;
-    for (int64_t w = a; w <= e; ++w) sum += static_cast<double>(f(w));
-    out[row * W + w0] = static_cast<acc_t>(sum);
+    for (int64_t w = a; w <= e; ++w) sum += f(w);
+    out[row * W + w0] = static_cast<out_t>(sum);
     for (int64_t w = w0 + 1; w < w1; ++w) {
-      if (w + r < W) sum += static_cast<double>(f(w + r));
-      if (w - r - 1 >= 0) sum -= static_cast<double>(f(w - r - 1));
-      out[row * W + w] = static_cast<acc_t>(sum);
+      if (w + r < W) sum += f(w + r);
+      if (w - r - 1 >= 0) sum -= f(w - r - 1);
+      out[row * W + w] = static_cast<out_t>(sum);
     }
   }
 }
 
 // out[b, y, w] = inv_area * sum of in[b, y', w] over |y' - y| <= r (double sums).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) vbox_kernel(const acc_t* __restrict__ in, int64_t B, int64_t H, int64_t W,
-                                                        int64_t r, double inv_area, acc_t* __restrict__ out) {
+template <typename in_t, typename out_t>
+__global__ void __launch_bounds__(kThreads) vbox_kernel(const in_t* __restrict__ in, int64_t B, int64_t H, int64_t W,
+                                                        int64_t r, double inv_area, out_t* __restrict__ out) {
   const int64_t segs = ceil_div(H, kSegment);
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < B * segs * W;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = static_cast<uint32_t>(q) / static_cast<uint32_t>(W), w = q - t * W;
     const int64_t b = static_cast<uint32_t>(t) / static_cast<uint32_t>(segs), y0 = (t - b * segs) * kSegment;
     const int64_t y1 = y0 + kSegment < H ? y0 + kSegment : H;
-    const acc_t* col = in + b * H * W + w;
-    acc_t* dst = out + b * H * W + w;
+    const in_t* col = in + b * H * W + w;
+    out_t* dst = out + b * H * W + w;
     double sum = 0.0;
     const int64_t a = y0 - r > 0 ? y0 - r : 0, e = y0 + r < H - 1 ? y0 + r : H - 1;
     for (int64_t y = a; y <= e; ++y) sum += static_cast<double>(col[y * W]);
-    dst[y0 * W] = static_cast<acc_t>(sum * inv_area);
+    dst[y0 * W] = static_cast<out_t>(sum * inv_area);
     for (int64_t y = y0 + 1; y < y1; ++y) {
       if (y + r < H) sum += static_cast<double>(col[(y + r) * W]);
       if (y - r - 1 >= 0) sum -= static_cast<double>(col[(y - r - 1) * W]);
-      dst[y * W] = static_cast<acc_t>(sum * inv_area);
+      dst[y * W] = static_cast<out_t>(sum * inv_area);
     }
   }
 }
@@ -663,24 +675,40 @@ void launch_select(bool is_double, bool abs_values, const void* planes, const Sh
   });
 }
 
-void launch_box_rows(bool is_double, bool from_g, const void* in, const void* stats, double slope, const Shape& s,
-                     int64_t radius, void* out, cudaStream_t stream) {
+void launch_box_mean_h(bool is_double, const void* g, const void* stats, double slope, const Shape& s,
+                       int64_t window, double* rows, void* d, cudaStream_t stream) {
+  // h on a grid of 2^-F with every partial window sum below 2^53 quanta: h <= 1, and a
+  // sliding sum holds k + 1 rows of k values for a moment
+  int bits = 0;
+  while (bits < 62 && (int64_t(1) << bits) <= window * (window + 1)) ++bits;
+  const int F = bits >= 52 ? 0 : 52 - bits;
+  const double scale = static_cast<double>(int64_t(1) << F);
+  const int64_t radius = window / 2;
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
-    auto kernel = from_g ? hbox_kernel<acc_t, true> : hbox_kernel<acc_t, false>;
-    SIB_LAUNCH(kernel, grid_for(s.B * s.H * ceil_div(s.W, kSegment), kThreads), dim3(kThreads), 0, stream,
-               static_cast<const acc_t*>(in), static_cast<const acc_t*>(stats), static_cast<acc_t>(slope), s.B, s.H,
-               s.W, radius, static_cast<acc_t*>(out));
+    auto hbox = hbox_kernel<acc_t, true, double>;
+    SIB_LAUNCH(hbox, grid_for(s.B * s.H * ceil_div(s.W, kSegment), kThreads), dim3(kThreads), 0, stream,
+               static_cast<const acc_t*>(g), static_cast<const acc_t*>(stats), static_cast<acc_t>(slope), s.B, s.H,
+               s.W, radius, scale, rows);
+    auto vbox = vbox_kernel<double, acc_t>;
+    SIB_LAUNCH(vbox, grid_for(s.B * ceil_div(s.H, kSegment) * s.W, kThreads), dim3(kThreads), 0, stream, rows, s.B,
+               s.H, s.W, radius, 1.0 / static_cast<double>(window * window), static_cast<acc_t*>(d));
   });
 }
 
-void launch_box_cols(bool is_double, const void* in, const Shape& s, int64_t radius, double inv_area, void* out,
+void launch_box_mean(bool is_double, const void* in, const Shape& s, int64_t window, void* rows, void* out,
                      cudaStream_t stream) {
+  const int64_t radius = window / 2;
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
-    auto kernel = vbox_kernel<acc_t>;
-    SIB_LAUNCH(kernel, grid_for(s.B * ceil_div(s.H, kSegment) * s.W, kThreads), dim3(kThreads), 0, stream,
-               static_cast<const acc_t*>(in), s.B, s.H, s.W, radius, inv_area, static_cast<acc_t*>(out));
+    auto hbox = hbox_kernel<acc_t, false, acc_t>;
+    SIB_LAUNCH(hbox, grid_for(s.B * s.H * ceil_div(s.W, kSegment), kThreads), dim3(kThreads), 0, stream,
+               static_cast<const acc_t*>(in), static_cast<const acc_t*>(nullptr), acc_t(0), s.B, s.H, s.W, radius, 1.0,
+               static_cast<acc_t*>(rows));
+    auto vbox = vbox_kernel<acc_t, acc_t>;
+    SIB_LAUNCH(vbox, grid_for(s.B * ceil_div(s.H, kSegment) * s.W, kThreads), dim3(kThreads), 0, stream,
+               static_cast<const acc_t*>(rows), s.B, s.H, s.W, radius, 1.0 / static_cast<double>(window * window),
+               static_cast<acc_t*>(out));
   });
 }
 

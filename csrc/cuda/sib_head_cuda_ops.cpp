@@ -126,16 +126,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // the mask chain on planes: g, then d, in `plane`; row window sums in `rows`
   {
     at::Tensor plane = at::empty({B, N}, opts);
-    at::Tensor rows = at::empty({B, N}, opts);
+    at::Tensor rows = at::empty({B, N}, dopts);
     launch_channel_mean(dtype_of(R), R.data_ptr(), make_map(R), sh, plane.data_ptr(), stream);
     launch_select(dbl, /*abs_values=*/true, plane.data_ptr(), sh,
                   make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), stats.data_ptr(),
                   ranks.data_ptr<int64_t>(), nullptr, slope, stream);
-    const int64_t radius = window_size / 2;
-    launch_box_rows(dbl, /*from_g=*/true, plane.data_ptr(), stats.data_ptr(), slope, sh, radius, rows.data_ptr(),
-                    stream);
-    launch_box_cols(dbl, rows.data_ptr(), sh, radius, 1.0 / static_cast<double>(window_size * window_size),
-                    plane.data_ptr(), stream);
+    launch_box_mean_h(dbl, plane.data_ptr(), stats.data_ptr(), slope, sh, window_size, rows.data_ptr<double>(),
+                      plane.data_ptr(), stream);
     launch_select(dbl, /*abs_values=*/false, plane.data_ptr(), sh, make_windows({kQuantT2}, N, temperature),
                   stats.data_ptr(), ranks.data_ptr<int64_t>(), mask.data_ptr(), slope, stream);
   }
@@ -210,11 +207,7 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cuda(
   launch_mask_adjoint_t2(dbl, dM_u.data_ptr(), dM_v.data_ptr(), gm.defined() ? gm.data_ptr() : nullptr,
                          mask.data_ptr(), rank_index.data_ptr<int64_t>(), sh, make_windows({kQuantT2}, N, temperature),
                          slope, stream);
-  const int64_t radius = window_size / 2;
-  launch_box_rows(dbl, /*from_g=*/false, dM_u.data_ptr(), image_stats.data_ptr(), slope, sh, radius,
-                  dM_v.data_ptr(), stream);
-  launch_box_cols(dbl, dM_v.data_ptr(), sh, radius, 1.0 / static_cast<double>(window_size * window_size),
-                  dM_u.data_ptr(), stream);
+  launch_box_mean(dbl, dM_u.data_ptr(), sh, window_size, dM_v.data_ptr(), dM_u.data_ptr(), stream);
   launch_mask_adjoint_h(dbl, dM_u.data_ptr(), g.data_ptr(), image_stats.data_ptr(), rank_index.data_ptr<int64_t>(), sh,
                         make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), slope, stream);
   launch_add_dg(dtype_of(R), dR.data_ptr(), make_map(dR), dM_u.data_ptr(), g.data_ptr(), sh, stream);

@@ -1,0 +1,219 @@
+"""The fused CUDA backend against the float64 reference, on a GPU (issue 5).
+
+The correctness matrix of the CPU backend (tests/test_cpu_backend.py) on CUDA tensors,
+plus what only a GPU shows: realistic shapes (B = 128 at 224 x 224, several image tiles),
+bitwise-identical repeated runs, the current stream, opcheck and torch.compile. Every
+test is marked ``gpu`` (skipped without one); on a GPU machine whose sib_fast._C lacks
+the CUDA kernels, test_cuda_backend_is_available fails with the reason and the rest skip.
+Without a GPU, tests/test_cuda_emulated.py runs the same kernels through an emulation.
+"""
+import pytest
+import torch
+
+import sib_fast
+from comparison import assert_matches_reference, compare_head_with_reference
+from sib_fast import dispatch
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+
+
+def _unavailable():
+    return dispatch.unavailable_reason("cuda", "cuda") if torch.cuda.is_available() else "no GPU"
+
+
+def test_cuda_backend_is_available():
+    assert _unavailable() is None, f"the cuda backend cannot run: {_unavailable()}"
+
+
+@pytest.fixture(autouse=True)
+def _needs_backend(request):
+    if request.node.name != "test_cuda_backend_is_available" and _unavailable() is not None:
+        pytest.skip(f"the cuda backend cannot run: {_unavailable()}")
+
+
+def _maps(B, C, H, W, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * 1e-3
+    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
+    return R.to(DEVICE, dtype), x.to(DEVICE, dtype)
+
+
+# (B, C, H, W, window, temperature, slope): as the CPU matrix, and realistic shapes
+CASES = [
+    (2, 3, 1, 1, 31, 0.1, 10.0),
+    (7, 4, 1, 1, 1, 0.1, 10.0),
+    (3, 1, 5, 5, 3, 0.1, 10.0),
+    (7, 1, 5, 5, 1, 0.3, 5.0),
+    (2, 3, 5, 5, 31, 0.1, 10.0),
+    (7, 3, 17, 23, 31, 0.1, 10.0),
+    (2, 4, 17, 23, 1, 0.05, 20.0),
+    (3, 1, 23, 17, 3, 0.2, 4.0),
+    (2, 4, 64, 64, 31, 0.1, 10.0),
+    (3, 3, 64, 64, 3, 0.07, 15.0),
+    (2, 3, 224, 224, 31, 0.1, 10.0),
+    (40, 3, 56, 56, 31, 0.1, 10.0),     # image tile 64
+    (128, 3, 224, 224, 31, 0.1, 10.0),  # the benchmark's shape: image tile 128
+    (160, 3, 48, 48, 9, 0.1, 10.0),     # two Gram tiles, two j-chunks in the backward
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=["x".join(map(str, c[:4])) + f"-k{c[4]}" for c in CASES])
+def test_matches_reference(case, dtype):
+    B, C, H, W, window, temperature, slope = case
+    if dtype == torch.float64 and B * C * H * W > 4_000_000:
+        pytest.skip("the float64 reference at this size is slow; float32 covers it")
+    R, x = _maps(B, C, H, W, dtype)
+    compare_head_with_reference("cuda", R, x, window, temperature, slope)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed", "offset"])
+def test_strided_inputs(layout, dtype):
+    R, x = _maps(4, 3, 40, 36, dtype, seed=1)
+    if layout == "channels_last":
+        R, x = R.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # every other column and a channel window: non-dense strides
+        R, x = _maps(4, 5, 40, 72, dtype, seed=1)
+        R, x = R[:, 1:4, :, ::2], x[:, 1:4, :, ::2]
+    elif layout == "transposed":
+        R, x = R.transpose(2, 3), x.transpose(2, 3)
+    else:  # dense but not 16-byte aligned: scalar loads
+        R = torch.cat([R.new_zeros(1), R.flatten()])[1:].view(R.shape)
+    compare_head_with_reference("cuda", R, x, 9, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    R, x = _maps(3, 3, 32, 24, torch.float32, seed=2)
+    compare_head_with_reference("cuda", R.to(dtype) * 100, x.to(dtype), 7, 0.1, 10.0)
+
+
+def test_bfloat16_at_realistic_shape():
+    R, x = _maps(32, 3, 224, 224, torch.float32, seed=9)
+    compare_head_with_reference("cuda", (R * 100).to(torch.bfloat16), x.to(torch.bfloat16), 31, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_maps_with_many_exact_zeros(dtype):
+    R, x = _maps(4, 3, 48, 40, dtype, seed=3)
+    R = torch.relu(R)
+    R[:, :, :20] = 0
+    R[:, :, :, 30:] = 0
+    R[1] = 0  # one image with no VJP at all
+    compare_head_with_reference("cuda", R, x, 7, 0.1, 10.0)
+
+
+def test_no_grad_for_x_when_it_does_not_require_it():
+    R, x = _maps(3, 2, 12, 12, torch.float64, seed=4)
+    compare_head_with_reference("cuda", R, x, 5, 0.1, 10.0, x_grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_saved_tensors_are_the_cpu_kernels(dtype):
+    """Same ranks (ties by index) and, to rounding, the same mask, Gram matrices and stats."""
+    R, x = _maps(5, 3, 33, 29, dtype, seed=5)
+    gpu = torch.ops.sib_fast.sib_head_forward(R, x, 5, 0.1, 10.0)
+    cpu = torch.ops.sib_fast.sib_head_forward(R.cpu(), x.cpu(), 5, 0.1, 10.0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b in zip(("hsic", "bg", "mask", "gram", "image_stats"), gpu[:5], cpu[:5]):
+        assert a.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape, name
+        assert_matches_reference(a, b, tol, f"CUDA {name} vs CPU")
+    assert torch.equal(gpu[5].cpu(), cpu[5]), "rank_index differs from the CPU kernels'"
+
+
+def test_repeated_runs_are_bitwise_equal():
+    R, x = _maps(32, 3, 224, 224, torch.float32, seed=10)
+    results = []
+    for _ in range(3):
+        Rg, xg = R.clone().requires_grad_(), x.clone().requires_grad_()
+        hsic, bg, mask = sib_fast.sib_terms(Rg, xg, backend="cuda")
+        (hsic + 1e3 * bg + mask.mean()).backward()
+        results.append((hsic, bg, mask, Rg.grad, xg.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_runs_on_the_current_stream():
+    R, x = _maps(8, 3, 64, 64, torch.float32, seed=11)
+    grads = (torch.tensor(0.5, device=DEVICE), torch.tensor(2.0, device=DEVICE))
+
+    def run():
+        out = torch.ops.sib_fast.sib_head_forward(R, x, 9, 0.1, 10.0)
+        return (*out, *torch.ops.sib_fast.sib_head_backward(*grads, None, R, x, *out[2:], 9, 0.1, 10.0, True))
+
+    expected = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+def test_no_host_synchronisation():
+    R, x = _maps(8, 3, 32, 32, torch.float32, seed=12)
+    R.requires_grad_()
+    sib_fast.sib_terms(R, x, backend="cuda")  # warm up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hsic, bg, mask = sib_fast.sib_terms(R, x, backend="cuda")
+        torch.autograd.grad(hsic + bg + mask.sum(), R)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("where", ["R", "x"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_give_nan(where, bad):
+    R, x = _maps(3, 2, 9, 9, torch.float32, seed=6)
+    (R if where == "R" else x)[1, 0, 4, 4] = bad
+    R.requires_grad_()
+    hsic, bg, _ = sib_fast.sib_terms(R, x, window_size=3, backend="cuda")
+    assert torch.isnan(hsic)
+    if where == "R":
+        assert torch.isnan(bg)
+    (dR,) = torch.autograd.grad(hsic + bg, R)  # must not crash or hang
+    assert dR.shape == R.shape
+    torch.cuda.synchronize()
+
+
+def test_op_checks_its_inputs_when_called_directly():
+    R, x = _maps(3, 2, 9, 9, torch.float32)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.sib_fast.sib_head_forward(R, x.double(), 3, 0.1, 10.0)
+    with pytest.raises(RuntimeError, match="odd"):
+        torch.ops.sib_fast.sib_head_forward(R, x, 4, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 2, 9, 11), torch.float64), ((2, 3, 16, 16), torch.float32)])
+def test_opcheck(shape, dtype):
+    R, x = _maps(*shape, dtype)
+    torch.library.opcheck(torch.ops.sib_fast.sib_head_forward.default, (R.requires_grad_(), x, 5, 0.1, 10.0))
+    torch.library.opcheck(torch.ops.sib_fast.sib_head_forward.default,
+                          (R.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),
+                           x.requires_grad_(), 3, 0.2, 8.0))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    R, x = _maps(3, 3, 20, 18, torch.float32, seed=7)
+
+    def loss(R, x):
+        hsic, bg, mask = sib_fast.sib_terms(R, x, window_size=5, backend="cuda")
+        return 1000 * torch.exp(bg) + 0.01 * torch.exp(-hsic) + mask.mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    Re, Rc = R.clone().requires_grad_(), R.clone().requires_grad_()
+    eager, comp = loss(Re, x), compiled(Rc, x)
+    (ge,) = torch.autograd.grad(eager, Re)
+    (gc,) = torch.autograd.grad(comp, Rc)
+    assert torch.equal(eager, comp) and torch.equal(ge, gc)
+
+
+def test_auto_picks_a_fused_backend_on_cuda_tensors():
+    assert dispatch.resolve_backend(torch.device(DEVICE)) in ("cuda", "triton")

@@ -1,0 +1,240 @@
+"""The CUDA kernels (csrc/cuda) run on the CPU, against the float64 reference.
+
+Machines without a GPU cannot launch the kernels, so this module compiles the same
+sources as plain C++ against tests/cuda_emulation/cuda_emu.h, a host emulation of the
+CUDA subset they use (every CUDA thread a fiber, barriers and warp collectives
+emulated, WMMA fragments holding whole tiles, tf32 operands truncated as on tensor
+cores), and registers them as ``sib_fast_emu::sib_head_forward/backward`` on CPU
+tensors. The launch configuration, indexing, rank selection, box sums, Gram and
+backward products and reductions are the CUDA code's own; what it cannot check is
+what only hardware shows (timing, occupancy, real races, device memory errors):
+tests/test_cuda_backend.py does that on a GPU.
+
+The emulation runs a block's threads one after another, so the cases are small; they
+cover B in {2, 3, 7, 20, 70} (image tiles of 16, 64 and 128, and several tiles in
+float64), C in {1, 2, 3, 4}, 1x1 to 64x64 images, windows {1, 3, 5, 9, 31},
+non-default temperature and slope, strided inputs, half precision, ties, NaN.
+Set SIB_FAST_SKIP_CUDA_EMULATION=1 to skip (the build takes about a minute).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+import sib_fast
+from comparison import assert_matches_reference, compare_head_with_reference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "tests" / "cuda_emulation"
+BACKEND = "cuda-emulated"
+
+pytestmark = pytest.mark.skipif(os.environ.get("SIB_FAST_SKIP_CUDA_EMULATION") == "1",
+                                reason="SIB_FAST_SKIP_CUDA_EMULATION=1")
+
+_registered = False
+
+
+def _build_and_register():
+    global _registered
+    if _registered:
+        return
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("ninja is needed to build the CUDA emulation")
+    sources = [str(EMULATION / f"emu_{part}.cpp") for part in ("head", "gram", "backward", "ops")]
+    cpp_extension.load(name="sib_fast_cuda_emulation", sources=sources,
+                       extra_include_paths=[str(ROOT / "csrc"), str(EMULATION)],
+                       extra_cflags=["-O1", "-Wno-unknown-pragmas"], with_cuda=False,
+                       is_python_module=False, verbose=False)
+
+    from sib_fast import fused_ops
+
+    backward_op = torch.ops.sib_fast_emu.sib_head_backward
+
+    def setup_context(ctx, inputs, output):
+        R, x, window_size, temperature, slope = inputs
+        ctx.save_for_backward(R, x, *output[2:])
+        ctx.hyperparameters = (window_size, temperature, slope)
+
+    def backward(ctx, grad_hsic, grad_bg, grad_mask, *_):
+        R, x, mask, gram, stats, ranks = ctx.saved_tensors
+        grad_hsic = torch.zeros_like(gram[0, 0]) if grad_hsic is None else grad_hsic
+        grad_bg = torch.zeros_like(gram[0, 0]) if grad_bg is None else grad_bg
+        want_x = ctx.needs_input_grad[1]
+        dR, dx = backward_op(grad_hsic, grad_bg, grad_mask, R, x, mask, gram, stats, ranks,
+                             *ctx.hyperparameters, want_x)
+        return dR, (dx if want_x else None), None, None, None
+
+    torch.library.register_autograd("sib_fast_emu::sib_head_forward", backward, setup_context=setup_context)
+    torch.library.register_fake("sib_fast_emu::sib_head_forward")(fused_ops._forward_fake)
+    torch.library.register_fake("sib_fast_emu::sib_head_backward")(fused_ops._backward_fake)
+    _registered = True
+
+
+def _emulated_terms(R, x, window_size, temperature, slope):
+    hsic, bg, mask, *_ = torch.ops.sib_fast_emu.sib_head_forward(R, x, window_size, temperature, slope)
+    return hsic, bg, mask
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated_backend():
+    """Builds the emulation and routes backend="cuda-emulated" of sib_fast.sib_terms to it."""
+    _build_and_register()
+    original = sib_fast.sib_terms
+
+    def sib_terms(R, x, *, window_size=31, temperature=0.1, slope=10.0, backend="auto"):
+        if backend != BACKEND:
+            return original(R, x, window_size=window_size, temperature=temperature, slope=slope, backend=backend)
+        return _emulated_terms(R, x, window_size, temperature, slope)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sib_fast, "sib_terms", sib_terms)
+        yield
+
+
+def _maps(B, C, H, W, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * 1e-3
+    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
+    return R.to(dtype), x.to(dtype)
+
+
+# (B, C, H, W, window, temperature, slope)
+CASES = [
+    (2, 3, 1, 1, 31, 0.1, 10.0),
+    (7, 4, 1, 1, 1, 0.1, 10.0),
+    (3, 1, 5, 5, 3, 0.1, 10.0),
+    (7, 1, 5, 5, 1, 0.3, 5.0),
+    (2, 3, 5, 5, 31, 0.1, 10.0),
+    (7, 3, 17, 23, 31, 0.1, 10.0),
+    (2, 4, 17, 23, 1, 0.05, 20.0),
+    (3, 1, 23, 17, 3, 0.2, 4.0),
+    (20, 2, 9, 7, 5, 0.1, 10.0),   # image tile 64
+    (70, 1, 4, 6, 3, 0.1, 10.0),   # image tile 128 in float32; two tiles and two j-chunks in float64
+    (2, 2, 64, 64, 31, 0.1, 10.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=["x".join(map(str, c[:4])) + f"-k{c[4]}" for c in CASES])
+def test_matches_reference(case, dtype):
+    B, C, H, W, window, temperature, slope = case
+    R, x = _maps(B, C, H, W, dtype)
+    compare_head_with_reference(BACKEND, R, x, window, temperature, slope)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed", "offset"])
+def test_strided_inputs(layout):
+    R, x = _maps(4, 3, 20, 18, torch.float32, seed=1)
+    if layout == "channels_last":
+        R, x = R.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # every other column and a channel window: strided, no vectors
+        R, x = _maps(4, 5, 20, 36, torch.float32, seed=1)
+        R, x = R[:, 1:4, :, ::2], x[:, 1:4, :, ::2]
+    elif layout == "transposed":  # pixels not evenly spaced: h and w strides apart
+        R, x = R.transpose(2, 3), x.transpose(2, 3)
+    else:  # dense but not 16-byte aligned: scalar loads
+        R = torch.cat([torch.zeros(1), R.flatten()])[1:].view(R.shape)
+    compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    R, x = _maps(3, 3, 16, 24, torch.float32, seed=2)
+    compare_head_with_reference(BACKEND, R.to(dtype) * 100, x.to(dtype), 7, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_maps_with_many_exact_zeros(dtype):
+    # As ReLU networks give: whole regions of R exactly zero, so |g| and d have many ties.
+    R, x = _maps(4, 3, 24, 20, dtype, seed=3)
+    R = torch.relu(R)
+    R[:, :, :10] = 0
+    R[:, :, :, 15:] = 0
+    R[1] = 0  # one image with no VJP at all
+    compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0)
+
+
+def test_sparse_maps_tie_in_d_as_the_reference():
+    # Nearly all of R is zero, so lo = q80 = 0, h = 1/2 there and Q(d, 0.8) falls on a
+    # plateau of equal box means: the selection must break those ties by index, as the
+    # reference's stable sort. (Windows holding the same values in another arrangement are
+    # a different matter: avg_pool2d's summation order can split such ties by an ulp, and
+    # no running sum reproduces that; the kernels then tie them exactly.)
+    R, x = _maps(3, 2, 30, 30, torch.float64, seed=4)
+    R[:, :, 4:, :] = 0
+    compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0)
+
+
+def test_no_grad_for_x_when_it_does_not_require_it():
+    R, x = _maps(3, 2, 12, 12, torch.float64, seed=4)
+    compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0, x_grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_saved_tensors_are_the_cpu_kernels(dtype):
+    """Same ranks (ties by index) and, to rounding, the same mask, Gram matrices and stats."""
+    R, x = _maps(5, 3, 13, 11, dtype, seed=5)
+    emu = torch.ops.sib_fast_emu.sib_head_forward(R, x, 5, 0.1, 10.0)
+    cpu = torch.ops.sib_fast.sib_head_forward(R, x, 5, 0.1, 10.0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b in zip(("hsic", "bg", "mask", "gram", "image_stats"), emu[:5], cpu[:5]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert_matches_reference(a, b, tol, f"emulated CUDA {name} vs CPU")
+    assert torch.equal(emu[5], cpu[5]), "rank_index differs from the CPU kernels'"
+    grads = (torch.tensor(0.7, dtype=emu[0].dtype), torch.tensor(-2.0, dtype=emu[0].dtype),
+             torch.randn(emu[2].shape, dtype=emu[2].dtype, generator=torch.Generator().manual_seed(0)))
+    d_emu = torch.ops.sib_fast_emu.sib_head_backward(*grads, R, x, *cpu[2:], 5, 0.1, 10.0, True)
+    d_cpu = torch.ops.sib_fast.sib_head_backward(*grads, R, x, *cpu[2:], 5, 0.1, 10.0, True)
+    for name, a, b in zip(("dR", "dx"), d_emu, d_cpu):
+        assert_matches_reference(a, b, tol, f"emulated CUDA {name} vs CPU")
+
+
+@pytest.mark.parametrize("order", ["reverse", "random"])
+def test_results_do_not_depend_on_the_thread_schedule(order, monkeypatch):
+    """Threads resumed in another order between barriers: a missing barrier would show."""
+    R, x = _maps(3, 2, 11, 9, torch.float32, seed=6)
+    grads = (torch.tensor(0.5), torch.tensor(1.5), torch.randn(3, 11, 9, generator=torch.Generator().manual_seed(1)))
+
+    def run():
+        out = torch.ops.sib_fast_emu.sib_head_forward(R, x, 3, 0.1, 10.0)
+        return (*out, *torch.ops.sib_fast_emu.sib_head_backward(*grads, R, x, *out[2:], 3, 0.1, 10.0, True))
+
+    forward_order = run()
+    monkeypatch.setenv("SIB_EMU_ORDER", order)
+    other_order = run()
+    for a, b in zip(forward_order, other_order):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["R", "x"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_give_nan(where, bad):
+    R, x = _maps(3, 2, 9, 9, torch.float32, seed=7)
+    (R if where == "R" else x)[1, 0, 4, 4] = bad
+    R.requires_grad_()
+    hsic, bg, _ = sib_fast.sib_terms(R, x, window_size=3, backend=BACKEND)
+    assert torch.isnan(hsic)
+    if where == "R":
+        assert torch.isnan(bg)
+    (dR,) = torch.autograd.grad(hsic + bg, R)  # must not crash or hang
+    assert dR.shape == R.shape
+
+
+def test_op_checks_its_inputs():
+    R, x = _maps(3, 2, 9, 9, torch.float32)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.sib_fast_emu.sib_head_forward(R, x.double(), 3, 0.1, 10.0)
+    with pytest.raises(RuntimeError, match="odd"):
+        torch.ops.sib_fast_emu.sib_head_forward(R, x, 4, 0.1, 10.0)
+    with pytest.raises(RuntimeError, match="at least 2 images"):
+        torch.ops.sib_fast_emu.sib_head_forward(R[:1], x[:1], 3, 0.1, 10.0)
+
+
+def test_opcheck():
+    R, x = _maps(3, 2, 6, 5, torch.float32)
+    torch.library.opcheck(torch.ops.sib_fast_emu.sib_head_forward.default, (R.requires_grad_(), x, 3, 0.1, 10.0))
