@@ -4,8 +4,8 @@
   dispatch key (and still one under CPU). SIB_FAST_CUDA=1 (set by .ci/run where a CUDA
   toolkit is present) makes a build without them a failure instead of a skip.
 - nvcc compiles every kernel of csrc/cuda/*.cu for sm_80 and sm_90 (the default
-  SIB_FAST_CUDA_ARCH), and ptxas -v reports no register spills in the hot kernels (those
-  that run over the B x C x H x W tensors or the B x H x W planes). Device code only,
+  SIB_FAST_CUDA_ARCH), and ptxas -v reports no register spills (nor any stack frame) in the
+  hot kernels (those that run over the B x C x H x W tensors or the B x H x W planes). Device code only,
   both architectures in one nvcc call per file: about a minute on 2 cores. Skipped
   without nvcc.
 """
@@ -148,5 +148,6 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills_in_hot_kernels():
         assert not missing, f"sm_{arch}: no ptxas report for {sorted(missing)}\n{table}"
     unknown = [r for r in rows if r["family"] is None]
     assert not unknown, f"kernels this test does not know (add them to HOT_KERNELS or SMALL_KERNELS):\n{_table(unknown)}"
-    spilling = [r for r in rows if r["family"] in HOT_KERNELS and (r["spill_stores"] or r["spill_loads"])]
-    assert not spilling, f"register spills in hot kernels:\n{_table(spilling)}\n\nall kernels:\n{table}"
+    # spills, and stack frames (local arrays indexed at run time) too: both live in local memory
+    spilling = [r for r in rows if r["family"] in HOT_KERNELS and (r["spill_stores"] or r["spill_loads"] or r["stack"])]
+    assert not spilling, f"register spills or stack in hot kernels:\n{_table(spilling)}\n\nall kernels:\n{table}"

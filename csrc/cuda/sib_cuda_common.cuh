@@ -50,15 +50,22 @@ struct DeviceInfo {
   size_t max_smem;  // dynamic shared memory a block may opt in to
 };
 
+// The current device's multiprocessor count and shared-memory limit, queried once per device.
 inline DeviceInfo device_info() {
 #ifdef SIB_CUDA_EMULATE
   return {4, 163 * 1024};  // an A100's opt-in limit: the smaller of the two targets
 #else
-  int device = 0, sms = 0, smem = 0;
+  constexpr int kMaxDevices = 64;
+  static DeviceInfo cache[kMaxDevices] = {};
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 0 && device < kMaxDevices && cache[device].num_sms > 0) return cache[device];
+  int sms = 0, smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return {sms, static_cast<size_t>(smem)};
+  const DeviceInfo info{sms, static_cast<size_t>(smem)};
+  if (device >= 0 && device < kMaxDevices) cache[device] = info;  // same value from any thread
+  return info;
 #endif
 }
 
@@ -69,8 +76,9 @@ void allow_smem(Kernel kernel, size_t bytes) {
   (void)kernel;
   (void)bytes;
 #else
-  TORCH_CHECK(bytes <= device_info().max_smem, "sib_head (CUDA kernel): needs ", bytes,
-              " bytes of shared memory per block, the GPU allows ", device_info().max_smem);
+  const size_t limit = device_info().max_smem;
+  TORCH_CHECK(bytes <= limit, "sib_head (CUDA kernel): needs ", bytes, " bytes of shared memory per block, the GPU allows ",
+              limit);
   if (bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 #endif

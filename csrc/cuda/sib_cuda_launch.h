@@ -69,8 +69,9 @@ inline int image_tile(int64_t B, bool is_double) {
 
 // ---- forward (planes in the compute type: double if is_double, else float)
 void launch_channel_mean(Dtype dtype, const void* R, const Map4& map, const Shape& s, void* g, cudaStream_t stream);
+// scratch: 2 B N int32 (candidate lists)
 void launch_select(bool is_double, bool abs_values, const void* planes, const Shape& s, const QuantileWindows& win,
-                   void* stats, int64_t* ranks, void* mask, double slope, cudaStream_t stream);
+                   int32_t* scratch, void* stats, int64_t* ranks, void* mask, double slope, cudaStream_t stream);
 // d = box_k(h), h = sigmoid(s (u - t1)) from g and the image stats; rows: a (B, N) double plane
 void launch_box_mean_h(bool is_double, const void* g, const void* stats, double slope, const Shape& s,
                        int64_t window, double* rows, void* d, cudaStream_t stream);

@@ -5,7 +5,8 @@
 // Forward, all on the current stream, no host synchronisation:
 //   channel_mean_kernel     R -> g = mean_c R (plane B x N, compute type)
 //   select_kernel           per image, a block-wide radix select in shared memory over
-//                           the keys (order_bits(|g|), pixel index): the ranks
+//                           the keys (order_bits(|g|), pixel index), compacting the
+//                           candidates once they are few: the ranks
 //                           floor(t)-8 .. floor(t)+9 of Q(a, .05), Q(a, .8), Q(a, .95),
 //                           ties by index as a stable sort; soft quantiles -> image_stats
 //   hbox_kernel             h = sigmoid(s (u - t1)) and its row window sums (running sums,
@@ -94,25 +95,37 @@ struct KeyBits<double> {
   using T = uint64_t;
 };
 
-// The keys are (order_bits(value), index): value bytes first, then `idigits` index
-// bytes, most significant first. A prefix of d bytes is held as (value part, index part).
+// The keys are (order_bits(value), index): VB value bits, then IB = 8 * idigits index
+// bits, most significant first. A prefix of nb bits is held as (value part, index part).
+// Digits: 11 bits first (one histogram: every target starts from the empty prefix), then
+// 8 bits, the last value digit narrower so that no digit straddles value and index.
+constexpr int kFirstDigit = 11;
+constexpr int kHistBins = 1 << kFirstDigit;  // >= kMaxTargets * 256 for the later digits
+
 template <typename Bits>
-__device__ __forceinline__ void key_prefix(Bits vb, uint32_t idx, int d, int idigits, Bits& pv, uint32_t& pi) {
-  constexpr int VD = sizeof(Bits);
-  if (d <= VD) {
-    pv = d == 0 ? Bits(0) : static_cast<Bits>(vb >> (8 * (VD - d)));
+__device__ __forceinline__ int digit_width(int nb) {
+  constexpr int VB = 8 * sizeof(Bits);
+  return nb == 0 ? kFirstDigit : (nb < VB ? (VB - nb < 8 ? VB - nb : 8) : 8);
+}
+
+template <typename Bits>
+__device__ __forceinline__ void key_prefix(Bits vb, uint32_t idx, int nb, int IB, Bits& pv, uint32_t& pi) {
+  constexpr int VB = 8 * sizeof(Bits);
+  if (nb <= VB) {
+    pv = nb == 0 ? Bits(0) : static_cast<Bits>(vb >> (VB - nb));
     pi = 0;
   } else {
     pv = vb;
-    pi = idx >> (8 * (idigits - (d - VD)));
+    pi = idx >> (IB - (nb - VB));
   }
 }
 
 template <typename Bits>
-__device__ __forceinline__ int key_digit(Bits vb, uint32_t idx, int d, int idigits) {
-  constexpr int VD = sizeof(Bits);
-  if (d < VD) return static_cast<int>((vb >> (8 * (VD - 1 - d))) & 0xff);
-  return static_cast<int>((idx >> (8 * (idigits - 1 - (d - VD)))) & 0xff);
+__device__ __forceinline__ int key_digit(Bits vb, uint32_t idx, int nb, int w, int IB) {
+  constexpr int VB = 8 * sizeof(Bits);
+  const uint32_t mask = (1u << w) - 1u;
+  if (nb < VB) return static_cast<int>(static_cast<uint32_t>(vb >> (VB - nb - w)) & mask);
+  return static_cast<int>((idx >> (IB - (nb - VB) - w)) & mask);
 }
 
 template <typename Bits>
@@ -121,30 +134,37 @@ __device__ __forceinline__ bool prefix_less(Bits av, uint32_t ai, Bits bv, uint3
 }
 
 // One block per image. Each target (the first and the last rank of each window) keeps
-// the key prefix of the element at its rank, narrowed one byte per pass by a 256-bin
-// histogram of the candidates; targets with the same prefix share a histogram. When
-// every prefix is unique to one element, the window is the elements whose prefix lies
-// between its two targets' prefixes: exactly its ranks, since keys are distinct.
+// the key prefix of the element at its rank, narrowed one digit per pass by a histogram
+// of its candidates in shared memory; targets with the same prefix share a histogram.
+// When every prefix is unique to one element, a window is the elements whose prefix lies
+// between its two targets' prefixes: exactly its ranks, since keys are distinct. Once
+// the elements within some window's range are fewer than half the current list, a pass
+// also writes them to a candidate list (two ping-pong lists of N indices in `scratch`),
+// and later passes read only those: in practice two passes over the whole plane.
 template <typename acc_t, bool kAbs, bool kWriteMask>
 __global__ void __launch_bounds__(kSelectThreads)
     select_kernel(const acc_t* __restrict__ planes, int64_t N, int idigits, const QuantileWindows win,
-                  acc_t* __restrict__ stats, int64_t* __restrict__ ranks, acc_t* __restrict__ mask, acc_t slope) {
+                  int32_t* __restrict__ scratch, acc_t* __restrict__ stats, int64_t* __restrict__ ranks,
+                  acc_t* __restrict__ mask, acc_t slope) {
   using Bits = typename KeyBits<acc_t>::T;
-  constexpr int VD = sizeof(Bits);
+  constexpr int VB = 8 * sizeof(Bits);
+  constexpr unsigned kAll = 0xffffffffu;
   __shared__ Bits pre_v[kMaxTargets];
   __shared__ uint32_t pre_i[kMaxTargets];
   __shared__ int rem[kMaxTargets], cnt[kMaxTargets], slot_of[kMaxTargets], leaders[kMaxTargets];
-  __shared__ int nleaders;
-  __shared__ int hist[kMaxTargets * 256];
+  __shared__ int nleaders, list_n, next_n, do_compact;
+  __shared__ int hist[kHistBins];
   __shared__ int coll_n[3];
   __shared__ int coll_idx[3][kRankWindow];
   __shared__ acc_t shared_t2;
 
   const int64_t b = blockIdx.x;
   const acc_t* plane = planes + b * N;
+  int32_t* const list0 = scratch + b * 2 * N;
+  int32_t* const list1 = list0 + N;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int targets = 2 * win.count;
-  const int digits = VD + idigits;
+  const int IB = 8 * idigits;
   auto value_at = [&](int64_t p) {
     const acc_t v = plane[p];
     return kAbs ? abs_of(v) : v;
@@ -157,30 +177,41 @@ __global__ void __launch_bounds__(kSelectThreads)
     pre_v[tid] = 0;
     pre_i[tid] = 0;
   }
+  if (tid == 0) list_n = -1;  // -1: the whole plane
   __syncthreads();
 
-  int d = 0;
-  for (; d < digits; ++d) {
+  int nb = 0, cur = 0;
+  while (nb < VB + IB) {
     bool done = true;
     for (int t = 0; t < targets; ++t) done = done && cnt[t] == 1;
     if (done) break;
+    const int w = digit_width<Bits>(nb), nbins = 1 << w;
     if (tid == 0) {
-      int n = 0;
+      int n = 0, candidates = 0;
       for (int t = 0; t < targets; ++t) {
         int s = -1;
         for (int l = 0; l < n; ++l)
           if (pre_v[leaders[l]] == pre_v[t] && pre_i[leaders[l]] == pre_i[t]) s = l;
         if (s < 0) {
           leaders[n] = t;
+          candidates += cnt[t];
           s = n++;
         }
         slot_of[t] = s;
       }
       nleaders = n;
+      // the elements in the windows' ranges: the targets' candidates and fewer than
+      // kRankWindow in between the two targets of a window
+      const int64_t in_ranges = candidates + static_cast<int64_t>(kRankWindow) * win.count;
+      const int64_t current = list_n < 0 ? N : list_n;
+      do_compact = nb > 0 && 2 * in_ranges < current;
+      next_n = 0;
     }
-    for (int e = tid; e < kMaxTargets * 256; e += kSelectThreads) hist[e] = 0;
+    for (int e = tid; e < kHistBins; e += kSelectThreads) hist[e] = 0;
     __syncthreads();
     const int nl = nleaders;
+    const bool compact = do_compact != 0, implicit = list_n < 0;
+    const int64_t n_cur = implicit ? N : list_n;
     Bits lv[kMaxTargets];
     uint32_t li[kMaxTargets];
 #pragma unroll
@@ -188,39 +219,64 @@ __global__ void __launch_bounds__(kSelectThreads)
       lv[l] = l < nl ? pre_v[leaders[l]] : Bits(0);
       li[l] = l < nl ? pre_i[leaders[l]] : 0u;
     }
-    for (int64_t base = 0; base < N; base += kSelectThreads) {
-      const int64_t p = base + tid;
+    Bits lo_v[3], hi_v[3];
+    uint32_t lo_i[3], hi_i[3];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const int t = k < win.count ? 2 * k : 0;
+      lo_v[k] = pre_v[t];
+      lo_i[k] = pre_i[t];
+      hi_v[k] = pre_v[t + 1];
+      hi_i[k] = pre_i[t + 1];
+    }
+    for (int64_t base = 0; base < n_cur; base += kSelectThreads) {
+      const int64_t i = base + tid;
+      const bool valid = i < n_cur;
+      const int64_t p = valid ? (implicit ? i : static_cast<int64_t>((cur ? list1 : list0)[i])) : 0;
       int key = -1;
-      if (p < N) {
+      bool keep = false;
+      if (valid) {
         const Bits vb = order_bits(value_at(p));
         Bits pv;
         uint32_t pi;
-        key_prefix(vb, static_cast<uint32_t>(p), d, idigits, pv, pi);
+        key_prefix(vb, static_cast<uint32_t>(p), nb, IB, pv, pi);
         int s = -1;
 #pragma unroll
         for (int l = 0; l < kMaxTargets; ++l)
           if (l < nl && pv == lv[l] && pi == li[l]) s = l;
-        if (s >= 0) key = s * 256 + key_digit(vb, static_cast<uint32_t>(p), d, idigits);
+        if (s >= 0) key = s * nbins + key_digit(vb, static_cast<uint32_t>(p), nb, w, IB);
+        if (compact) {
+#pragma unroll
+          for (int k = 0; k < 3; ++k)
+            keep = keep || (k < win.count && !prefix_less(pv, pi, lo_v[k], lo_i[k]) &&
+                             !prefix_less(hi_v[k], hi_i[k], pv, pi));
+        }
       }
       // one shared-memory atomic per distinct bin in the warp (ties pile into one bin)
-      const unsigned peers = __match_any_sync(0xffffffffu, key);
+      const unsigned peers = __match_any_sync(kAll, key);
       if (key >= 0 && lane == __ffs(static_cast<int>(peers)) - 1) atomicAdd(&hist[key], __popc(peers));
+      if (compact) {
+        const unsigned kept = __ballot_sync(kAll, keep);
+        if (kept != 0) {  // the same for the whole warp
+          const int first = __ffs(static_cast<int>(kept)) - 1;
+          int slot = 0;
+          if (lane == first) slot = atomicAdd(&next_n, __popc(kept));
+          slot = __shfl_sync(kAll, slot, first);
+          if (keep) (cur ? list0 : list1)[slot + __popc(kept & ((1u << lane) - 1u))] = static_cast<int32_t>(p);
+        }
+      }
     }
     __syncthreads();
     if (warp < targets) {
       const int t = warp;
-      const int* h = hist + slot_of[t] * 256;
-      int local[8];
+      const int* h = hist + slot_of[t] * nbins;
+      const int per_lane = nbins / 32;
       int sum = 0;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        local[k] = h[lane * 8 + k];
-        sum += local[k];
-      }
+      for (int k = 0; k < per_lane; ++k) sum += h[lane * per_lane + k];
       int incl = sum;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        const int y = __shfl_up_sync(kAll, incl, o);
         if (lane >= o) incl += y;
       }
       const int excl = incl - sum;
@@ -228,50 +284,61 @@ __global__ void __launch_bounds__(kSelectThreads)
       __syncwarp();
       if (r >= excl && r < incl) {
         int cum = excl, digit = -1, count = 0, before = 0;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          if (digit < 0 && r < cum + local[k]) {
-            digit = lane * 8 + k;
-            count = local[k];
+        for (int k = 0; k < per_lane && digit < 0; ++k) {
+          const int c = h[lane * per_lane + k];
+          if (r < cum + c) {
+            digit = lane * per_lane + k;
+            count = c;
             before = cum;
           }
-          cum += local[k];
+          cum += c;
         }
         rem[t] = r - before;
         cnt[t] = count;
-        if (d < VD) {
-          pre_v[t] = static_cast<Bits>((pre_v[t] << 8) | static_cast<Bits>(digit));
+        if (nb < VB) {
+          pre_v[t] = static_cast<Bits>((pre_v[t] << w) | static_cast<Bits>(digit));
         } else {
-          pre_i[t] = (pre_i[t] << 8) | static_cast<uint32_t>(digit);
+          pre_i[t] = (pre_i[t] << w) | static_cast<uint32_t>(digit);
         }
       }
     }
+    if (compact) {
+      cur ^= 1;
+      if (tid == 0) list_n = next_n;
+    }
+    nb += w;
     __syncthreads();
   }
 
-  // collect each window: the elements whose d-byte prefix lies between its targets'
+  // collect each window: the elements (of the current list) whose nb-bit prefix lies
+  // between its targets' prefixes
   if (tid < 3) coll_n[tid] = 0;
   __syncthreads();
-  Bits lo_v[3], hi_v[3];
-  uint32_t lo_i[3], hi_i[3];
+  {
+    const bool implicit = list_n < 0;
+    const int64_t n_cur = implicit ? N : list_n;
+    Bits lo_v[3], hi_v[3];
+    uint32_t lo_i[3], hi_i[3];
 #pragma unroll
-  for (int w = 0; w < 3; ++w) {
-    const int t = w < win.count ? 2 * w : 0;
-    lo_v[w] = pre_v[t];
-    lo_i[w] = pre_i[t];
-    hi_v[w] = pre_v[t + 1];
-    hi_i[w] = pre_i[t + 1];
-  }
-  for (int64_t p = tid; p < N; p += kSelectThreads) {
-    const Bits vb = order_bits(value_at(p));
-    Bits pv;
-    uint32_t pi;
-    key_prefix(vb, static_cast<uint32_t>(p), d, idigits, pv, pi);
+    for (int k = 0; k < 3; ++k) {
+      const int t = k < win.count ? 2 * k : 0;
+      lo_v[k] = pre_v[t];
+      lo_i[k] = pre_i[t];
+      hi_v[k] = pre_v[t + 1];
+      hi_i[k] = pre_i[t + 1];
+    }
+    for (int64_t i = tid; i < n_cur; i += kSelectThreads) {
+      const int64_t p = implicit ? i : static_cast<int64_t>((cur ? list1 : list0)[i]);
+      const Bits vb = order_bits(value_at(p));
+      Bits pv;
+      uint32_t pi;
+      key_prefix(vb, static_cast<uint32_t>(p), nb, IB, pv, pi);
 #pragma unroll
-    for (int w = 0; w < 3; ++w) {
-      if (w < win.count && !prefix_less(pv, pi, lo_v[w], lo_i[w]) && !prefix_less(hi_v[w], hi_i[w], pv, pi)) {
-        const int slot = atomicAdd(&coll_n[w], 1);
-        if (slot < kRankWindow) coll_idx[w][slot] = static_cast<int>(p);
+      for (int k = 0; k < 3; ++k) {
+        if (k < win.count && !prefix_less(pv, pi, lo_v[k], lo_i[k]) && !prefix_less(hi_v[k], hi_i[k], pv, pi)) {
+          const int slot = atomicAdd(&coll_n[k], 1);
+          if (slot < kRankWindow) coll_idx[k][slot] = static_cast<int>(p);
+        }
       }
     }
   }
@@ -281,16 +348,16 @@ __global__ void __launch_bounds__(kSelectThreads)
     int* idx = coll_idx[w];
     const int n = coll_n[w] < kRankWindow ? coll_n[w] : kRankWindow;
     for (int k = 1; k < n; ++k) {  // insertion sort by (key, index)
-      const int cur = idx[k];
-      const Bits ck = order_bits(value_at(cur));
+      const int cur_idx = idx[k];
+      const Bits ck = order_bits(value_at(cur_idx));
       int j = k - 1;
       while (j >= 0) {
         const Bits jk = order_bits(value_at(idx[j]));
-        if (jk < ck || (jk == ck && idx[j] < cur)) break;
+        if (jk < ck || (jk == ck && idx[j] < cur_idx)) break;
         idx[j + 1] = idx[j];
         --j;
       }
-      idx[j + 1] = cur;
+      idx[j + 1] = cur_idx;
     }
     double value = 0.0;
     int64_t* row = ranks + (b * kQuantiles + win.quantile[w]) * kRankWindow;
@@ -661,7 +728,7 @@ void launch_channel_mean(Dtype dtype, const void* R, const Map4& map, const Shap
 }
 
 void launch_select(bool is_double, bool abs_values, const void* planes, const Shape& s, const QuantileWindows& win,
-                   void* stats, int64_t* ranks, void* mask, double slope, cudaStream_t stream) {
+                   int32_t* scratch, void* stats, int64_t* ranks, void* mask, double slope, cudaStream_t stream) {
   // |g| serves lo, q80, hi; d serves t2 and then gives the mask
   TORCH_CHECK(win.count >= 1 && win.count <= 3 && (abs_values ? mask == nullptr : (win.count == 1 && mask)),
               "sib_head (CUDA kernel): bad selection request");
@@ -670,7 +737,7 @@ void launch_select(bool is_double, bool abs_values, const void* planes, const Sh
     using acc_t = typename decltype(tag)::type;
     auto kernel = abs_values ? select_kernel<acc_t, true, false> : select_kernel<acc_t, false, true>;
     SIB_LAUNCH(kernel, dim3(static_cast<unsigned>(s.B)), dim3(kSelectThreads), 0, stream,
-               static_cast<const acc_t*>(planes), s.N, idigits, win, static_cast<acc_t*>(stats), ranks,
+               static_cast<const acc_t*>(planes), s.N, idigits, win, scratch, static_cast<acc_t*>(stats), ranks,
                static_cast<acc_t*>(mask), static_cast<acc_t>(slope));
   });
 }

@@ -123,17 +123,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor stats = at::empty({B, kImageStats}, opts);
   at::Tensor ranks = at::empty({B, kQuantiles, kRankWindow}, R.options().dtype(at::kLong));
 
-  // the mask chain on planes: g, then d, in `plane`; row window sums in `rows`
+  // the mask chain on planes: g, then d, in `plane`; row window sums in `rows`, which
+  // also hold the selections' candidate lists (2 int32 per pixel) while they are free
   {
     at::Tensor plane = at::empty({B, N}, opts);
     at::Tensor rows = at::empty({B, N}, dopts);
+    auto* lists = static_cast<int32_t*>(rows.data_ptr());
     launch_channel_mean(dtype_of(R), R.data_ptr(), make_map(R), sh, plane.data_ptr(), stream);
     launch_select(dbl, /*abs_values=*/true, plane.data_ptr(), sh,
-                  make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), stats.data_ptr(),
+                  make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), lists, stats.data_ptr(),
                   ranks.data_ptr<int64_t>(), nullptr, slope, stream);
     launch_box_mean_h(dbl, plane.data_ptr(), stats.data_ptr(), slope, sh, window_size, rows.data_ptr<double>(),
                       plane.data_ptr(), stream);
-    launch_select(dbl, /*abs_values=*/false, plane.data_ptr(), sh, make_windows({kQuantT2}, N, temperature),
+    launch_select(dbl, /*abs_values=*/false, plane.data_ptr(), sh, make_windows({kQuantT2}, N, temperature), lists,
                   stats.data_ptr(), ranks.data_ptr<int64_t>(), mask.data_ptr(), slope, stream);
   }
 
