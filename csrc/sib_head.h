@@ -78,6 +78,19 @@ SIB_HOST_DEVICE T sign_of(T g) {
   return g > T(0) ? T(1) : (g < T(0) ? T(-1) : (g == T(0) ? T(0) : g));
 }
 
+// The forward box mean of h (values in [0, 1]) runs on a dyadic grid: h rounded to a
+// multiple of 2^-F, with F such that every sum of up to k * (k + 1) grid values stays
+// below 2^52 quanta. Window sums are then exact, so windows that hold the same values in
+// any arrangement give the same d and tie exactly (the rank selection then orders them by
+// index, as the reference's stable sort). avg_pool2d sums each window in row order and
+// may split such ties by an ulp; no running sum can reproduce that. Rounding h costs at
+// most 2^-(F+1) (about 1e-13 for k = 31).
+SIB_HOST_DEVICE int box_grid_bits(int64_t window) {
+  int bits = 0;
+  while (bits < 62 && (int64_t(1) << bits) <= window * (window + 1)) ++bits;
+  return bits >= 52 ? 0 : 52 - bits;
+}
+
 // A key that orders values like a stable sort does: by value (-0 == +0, NaN
 // last whatever its sign) in the top bits; ties then go by flat index.
 SIB_HOST_DEVICE uint64_t order_bits(double v) {

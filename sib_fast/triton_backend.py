@@ -918,9 +918,14 @@ def _windows(N: int):
 
 
 def _fixed_point_bits(window_size: int, dtype: torch.dtype) -> int:
-    """S such that the forward box sums of h * 2^S (h in (0, 1)) fit the signed integer type."""
-    bits = 64 if dtype == torch.float64 else 32
-    return min(bits - 2 - math.ceil(math.log2(window_size * window_size + 1)), 52)
+    """S such that the forward box sums of h * 2^S (h in (0, 1)) fit the signed integer type.
+
+    In float64 (int64 sums) the grid of the C++ kernels (``box_grid_bits`` in
+    csrc/sib_head.h), so that all backends round h alike.
+    """
+    if dtype == torch.float64:
+        return max(0, 52 - (window_size * (window_size + 1)).bit_length())
+    return 30 - math.ceil(math.log2(window_size * window_size + 1))
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,7 +1,10 @@
 """Comparison against the float64 reference, with a report that says where it differs."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 # Error allowed relative to the reference's scale, per dtype of the backend's inputs.
 RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
@@ -77,3 +80,45 @@ def compare_head_with_reference(backend: str, R: torch.Tensor, x: torch.Tensor, 
     for name, a, e, t in zip(("dR", "dx"), grads, grads_ref, inputs):
         assert a.dtype == t.dtype and a.shape == t.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
         assert_matches_reference(a, e, GRADIENT_TOLERANCE[dtype], f"{backend} {name}")
+
+
+def piecewise_constant_maps(B, C, H, W, block, seed=0, dtype=torch.float64, device="cpu"):
+    """R made of block x block squares of three levels, and a random x.
+
+    Many windows of h then hold the same values in different arrangements: ties in d that
+    avg_pool2d's summation order may split by an ulp (see reference_with_exact_box_sums).
+    """
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randint(0, 3, (B, C, -(-H // block), -(-W // block)), generator=g).double() * 0.25
+    R = levels.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :H, :W]
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    return R.to(dtype=dtype, device=device), x.to(dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def reference_with_exact_box_sums():
+    """The reference with the box mean of h summed exactly, as the fused backends sum it.
+
+    The fused backends put h on a dyadic grid (about 1e-13 apart for k = 31) so that window
+    sums are exact and windows holding the same values in any arrangement tie exactly;
+    avg_pool2d sums each window in row order and may split such ties by an ulp, and the
+    tie order decides which pixel receives a rank's gradient. On inputs with such ties
+    (piecewise-constant maps) compare against this reference; everywhere else against the
+    plain one. The grid is the one of ``box_grid_bits`` in csrc/sib_head.h.
+    """
+    from sib_fast import reference
+
+    plain = reference.box_mean
+
+    def exact_box_mean(h, window_size):
+        scale = 2.0 ** (52 - (window_size * (window_size + 1)).bit_length())
+        on_grid = h + (torch.round(h.double() * scale) / scale - h.double()).to(h.dtype).detach()
+        # sums of grid values below 2^52 quanta are exact in float64 in any order
+        box = F.avg_pool2d(on_grid.double().unsqueeze(1), window_size, stride=1, padding=window_size // 2)
+        return box.squeeze(1).to(h.dtype)
+
+    reference.box_mean = exact_box_mean
+    try:
+        yield
+    finally:
+        reference.box_mean = plain

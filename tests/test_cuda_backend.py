@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import sib_fast
-from comparison import assert_matches_reference, compare_head_with_reference
+from comparison import (assert_matches_reference, compare_head_with_reference, piecewise_constant_maps,
+                        reference_with_exact_box_sums)
 from sib_fast import dispatch
 
 pytestmark = pytest.mark.gpu
@@ -217,3 +218,12 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def test_auto_picks_a_fused_backend_on_cuda_tensors():
     assert dispatch.resolve_backend(torch.device(DEVICE)) in ("cuda", "triton")
+
+
+@pytest.mark.parametrize("case", [(4, 24, 20, 5), (8, 64, 48, 31)], ids=["b4-k5", "b8-k31"])
+def test_piecewise_constant_maps_tie_windows_exactly(case):
+    # float64: windows of h holding the same levels in other arrangements tie exactly
+    block, H, W, window = case
+    R, x = piecewise_constant_maps(3, 3, H, W, block, seed=1, device=DEVICE)
+    with reference_with_exact_box_sums():
+        compare_head_with_reference("cuda", R, x, window, 0.1, 10.0)

@@ -56,31 +56,63 @@ struct RowBlocks {
   int64_t end(int64_t blk) const { return std::min(H, (blk + 1) * rows_per_block); }
 };
 
-// k x k box mean with zero padding, divided by k*k (SPEC section 3): prefix sums
-// in double along rows, then along columns; O(1) per pixel for any k. The box
-// mean is self-adjoint, so the backward calls this same routine.
-template <typename acc_t>
-void box_mean_plane(const acc_t* in, acc_t* out, int64_t H, int64_t W, int64_t k,
-                    std::vector<double>& row_sums, std::vector<double>& prefix) {
+// k x k box sums with zero padding (SPEC section 3): prefix sums along rows, then
+// along columns; O(1) per pixel for any k. out = (window sum) * out_scale.
+// `load` maps an input value to sum_t.
+template <typename sum_t, typename acc_t, typename Load>
+void box_sum_plane(const acc_t* in, acc_t* out, int64_t H, int64_t W, int64_t k, double out_scale,
+                   std::vector<sum_t>& row_sums, std::vector<sum_t>& prefix, Load load) {
   const int64_t r = k / 2;
   row_sums.resize(H * W);
   prefix.resize(std::max(W, (H + 1) * W) + 1);
   for (int64_t h = 0; h < H; ++h) {
-    prefix[0] = 0.0;
-    for (int64_t w = 0; w < W; ++w) prefix[w + 1] = prefix[w] + static_cast<double>(in[h * W + w]);
+    prefix[0] = sum_t(0);
+    for (int64_t w = 0; w < W; ++w) prefix[w + 1] = prefix[w] + load(in[h * W + w]);
     for (int64_t w = 0; w < W; ++w)
       row_sums[h * W + w] = prefix[std::min(W, w + r + 1)] - prefix[std::max<int64_t>(0, w - r)];
   }
   // column prefix: prefix[(h + 1) * W + w] = sum of row_sums[0..h][w]
-  for (int64_t w = 0; w < W; ++w) prefix[w] = 0.0;
+  for (int64_t w = 0; w < W; ++w) prefix[w] = sum_t(0);
   for (int64_t h = 0; h < H; ++h)
     for (int64_t w = 0; w < W; ++w) prefix[(h + 1) * W + w] = prefix[h * W + w] + row_sums[h * W + w];
-  const double inv_area = 1.0 / static_cast<double>(k * k);
   for (int64_t h = 0; h < H; ++h) {
-    const double* top = &prefix[std::max<int64_t>(0, h - r) * W];
-    const double* bottom = &prefix[std::min(H, h + r + 1) * W];
-    for (int64_t w = 0; w < W; ++w) out[h * W + w] = static_cast<acc_t>((bottom[w] - top[w]) * inv_area);
+    const sum_t* top = &prefix[std::max<int64_t>(0, h - r) * W];
+    const sum_t* bottom = &prefix[std::min(H, h + r + 1) * W];
+    for (int64_t w = 0; w < W; ++w)
+      out[h * W + w] = static_cast<acc_t>(static_cast<double>(bottom[w] - top[w]) * out_scale);
   }
+}
+
+// Box mean divided by k*k, in double. It is self-adjoint, so the backward uses it on dd.
+template <typename acc_t>
+void box_mean_plane(const acc_t* in, acc_t* out, int64_t H, int64_t W, int64_t k, std::vector<double>& row_sums,
+                    std::vector<double>& prefix) {
+  box_sum_plane(in, out, H, W, k, 1.0 / static_cast<double>(k * k), row_sums, prefix,
+                [](acc_t v) { return static_cast<double>(v); });
+}
+
+// Buffers of the forward box mean.
+struct BoxScratch {
+  std::vector<uint64_t> row_sums, prefix;
+  std::vector<double> row_sums_f, prefix_f;
+};
+
+// d = box mean of h in the forward, with h on the grid of box_grid_bits (sib_head.h):
+// integer sums, exact, so tied windows tie exactly. Unsigned prefix sums may wrap; their
+// differences, the window sums (below 2^52), do not. A plane with a NaN takes the
+// floating-point sums, so the NaN reaches d as in avg_pool2d.
+template <typename acc_t>
+void box_mean_of_h(const acc_t* h, acc_t* d, int64_t H, int64_t W, int64_t k, BoxScratch& scratch) {
+  const int64_t N = H * W;
+  for (int64_t p = 0; p < N; ++p)
+    if (!(h[p] >= acc_t(0) && h[p] <= acc_t(1))) {
+      box_mean_plane(h, d, H, W, k, scratch.row_sums_f, scratch.prefix_f);
+      return;
+    }
+  const double scale = static_cast<double>(int64_t(1) << box_grid_bits(k));
+  const double out_scale = (1.0 / scale) / static_cast<double>(k * k);
+  box_sum_plane(h, d, H, W, k, out_scale, scratch.row_sums, scratch.prefix,
+                [scale](acc_t v) { return static_cast<uint64_t>(std::nearbyint(static_cast<double>(v) * scale)); });
 }
 
 // Sort keys that order (value, flat index) as a stable sort does: one packed
@@ -244,7 +276,7 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
   // Planes, one image per task: channel mean, quantiles of |g|, h, d, t2, M.
   at::parallel_for(0, sh.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> g(sh.N), a(sh.N), h(sh.N), d(sh.N);
-    std::vector<double> row_sums, prefix;
+    BoxScratch box;
     SelectionScratch<acc_t> keys;
     for (int64_t b = b0; b < b1; ++b) {
       channel_mean_plane(Rs, b, sh, g.data(), h.data());  // h is free until h_plane
@@ -258,7 +290,7 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
       st[kStatHigh] = static_cast<acc_t>(q[2]);
       const MaskScalars<acc_t> ms(st[kStatLow], st[kStatMaskLevel], st[kStatHigh]);
       h_plane(g.data(), ms, s, sh.N, h.data());
-      box_mean_plane(h.data(), d.data(), sh.H, sh.W, window, row_sums, prefix);
+      box_mean_of_h(h.data(), d.data(), sh.H, sh.W, window, box);
       const int d_quantile[1] = {kQuantT2};
       double t2;
       soft_quantiles(d.data(), sh.N, d_quantile, 1, temperature, keys, ranks + b * kQuantiles * kRankWindow, &t2);

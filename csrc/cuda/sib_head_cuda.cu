@@ -388,12 +388,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 // out[b, y, w] = sum of f(in[b, y, w']) over |w' - w| <= r inside the row, summed in
 // double. With kFromG, f = sigmoid(s (u - t1)) of g (the plane h of SPEC section 3),
-// rounded to a multiple of 1 / `scale` (a power of two small enough that every partial
-// window sum is an exact double): then the sliding sums are exact, and windows with the
-// same values give the same d whatever their position, so ties in d are ties as in
-// avg_pool2d (the rank selection breaks them by index, as the reference's stable sort).
-// (avg_pool2d sums each window in row order, so windows holding the same values in
-// different arrangements may differ there by an ulp; here they tie exactly.)
+// rounded to the grid of box_grid_bits (sib_head.h), so that the sliding sums are exact
+// and tied windows tie exactly. `scale` is 2^F.
 // Otherwise f is the identity (the backward's box of dd, a linear map: no rounding).
 // Each thread slides a window along kSegment outputs.
 template <typename acc_t, bool kFromG, typename out_t>
@@ -744,12 +740,8 @@ void launch_select(bool is_double, bool abs_values, const void* planes, const Sh
 
 void launch_box_mean_h(bool is_double, const void* g, const void* stats, double slope, const Shape& s,
                        int64_t window, double* rows, void* d, cudaStream_t stream) {
-  // h on a grid of 2^-F with every partial window sum below 2^53 quanta: h <= 1, and a
-  // sliding sum holds k + 1 rows of k values for a moment
-  int bits = 0;
-  while (bits < 62 && (int64_t(1) << bits) <= window * (window + 1)) ++bits;
-  const int F = bits >= 52 ? 0 : 52 - bits;
-  const double scale = static_cast<double>(int64_t(1) << F);
+  // h on the grid of box_grid_bits (a sliding sum holds k + 1 rows of k values for a moment)
+  const double scale = static_cast<double>(int64_t(1) << box_grid_bits(window));
   const int64_t radius = window / 2;
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
