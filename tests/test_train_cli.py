@@ -50,6 +50,7 @@ def test_defaults_are_the_documented_main_job():
     train.validate(args)
     assert args.data == "synthetic" and args.arch == "sib_cnn" and args.vjp == "exact"
     assert args.image_size == 64 and args.window_size == 9 and args.lr == train.SYNTHETIC_LR
+    assert args.epochs == 4 and args.train_samples == 2048 and args.val_samples == 256
     assert args.weight_decay == 1e-4 and args.lambda_fg == 0.01 and args.lambda_bg == 1000.0
     assert train.default_window(224) == 31 and train.default_window(32) == 5 and train.default_window(8) == 3
 
@@ -60,6 +61,7 @@ def test_imagefolder_defaults_follow_the_paper(tmp_path):
     args = train.build_parser().parse_args(["--data", str(tmp_path)])
     train.validate(args)
     assert args.lr == 1e-4 and args.image_size == 224 and args.window_size == 31
+    assert args.train_samples == 0 and args.val_samples == 0  # the whole dataset, not a demo subset
 
 
 def _bad_cases(tmp_path):
@@ -169,6 +171,28 @@ def test_exact_mode_on_a_model_without_double_backward_is_one_line(tmp_path, cap
     assert code == 1 and len(err) == 1 and "--vjp finite_difference" in err[0], err
     code, out = _run(tmp_path, "--arch", "tiny_vit", "--vjp", "finite_difference", name="fd")
     assert code == 0 and math.isfinite(_records(out)[-1]["train_ce"])
+
+
+def _check_vjp_line(capsys):
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--check-vjp" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_check_vjp_reports_the_cosine_and_warns_on_kinks(tmp_path, capsys):
+    code, _ = _run(tmp_path, "--epochs", "1", "--vjp", "finite_difference", "--check-vjp")
+    line = _check_vjp_line(capsys)
+    assert code == 0 and float(line.split("cosine ")[1].split(";")[0]) > 0.999 and "warning" not in line, line
+    # torchvision's resnet18 (ReLU, max pool): the modes disagree and the line says why
+    code, _ = _run(tmp_path, "--epochs", "1", "--arch", "resnet18", "--check-vjp", name="relu")
+    line = _check_vjp_line(capsys)
+    assert code == 0 and float(line.split("cosine ")[1].split(";")[0]) < 0.9, line
+    assert "warning" in line and "ReLU" in line and "--vjp exact" in line, line
+    # no double backward: nothing to compare, said in the same line; training goes on
+    code, _ = _run(tmp_path, "--epochs", "1", "--arch", "tiny_vit", "--vjp", "finite_difference",
+                   "--check-vjp", name="vit")
+    line = _check_vjp_line(capsys)
+    assert code == 0 and "cannot run" in line, line
 
 
 def test_resume_refuses_a_different_run(tmp_path, capsys):

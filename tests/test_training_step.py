@@ -116,6 +116,59 @@ def test_finite_difference_float32_default_eps():
     assert _cos(fd, exact) >= 0.99, _cos(fd, exact)
 
 
+def _synthetic_batch(dtype, n=4, size=32):
+    from sib_fast.data import SyntheticObjects
+    data = SyntheticObjects(length=n, image_size=size, seed=0)
+    x, y = zip(*[data[i][:2] for i in range(n)])
+    return torch.stack(x).to(dtype), torch.tensor(y)
+
+
+@pytest.mark.parametrize("dtype,minimum", [(torch.float64, 0.9999), (torch.float32, 0.999)])
+def test_default_builtin_cnn_is_smooth_enough_for_finite_differences(dtype, minimum):
+    """sib-train's default model (GELU, log-sum-exp pooling, BatchNorm in train mode) on its own
+    data: the two VJP modes agree at the default step."""
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=6, width=8).to(dtype).train()
+    x, y = _synthetic_batch(dtype)
+    cos = sib_fast.vjp_agreement(model, x, y, SIBLoss(**HEAD))
+    assert cos >= minimum, cos
+
+
+def test_vjp_agreement_flags_a_network_with_kinks():
+    """Max pooling (like ReLUs) makes grad_theta phi jump where an argmax switches between
+    x - eps*g and x + eps*g; each such jump enters the difference divided by eps, so their share
+    does not vanish as eps shrinks (only a small network may, by luck, see none), while the double
+    backward does not see them. The same network with log-sum-exp pooling agrees."""
+    x, y = _synthetic_batch(torch.float64, n=8)
+    crit = SIBLoss(**HEAD)
+    cosines = {}
+    for pool in ("max", "lse"):
+        torch.manual_seed(0)
+        model = SmallCNN(num_classes=6, width=16, pool=pool).double().train()
+        cosines[pool] = sib_fast.vjp_agreement(model, x, y, crit, fd_eps=1e-3)
+    assert cosines["max"] < 0.9 and cosines["lse"] > 0.9999, cosines
+
+
+def test_vjp_agreement_leaves_grads_statistics_and_rng_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(SmallCNN(num_classes=4, width=8).features, nn.Flatten(1), nn.Dropout(0.2),
+                          nn.LazyLinear(4))
+    x, y = _synthetic_batch(torch.float32, size=16)
+    model(x)
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    bn = model[0][1]
+    stats = bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)
+    rng = torch.get_rng_state()
+    cos = sib_fast.vjp_agreement(model, x, y, SIBLoss(**HEAD))
+    assert 0.99 <= cos <= 1.0 + 1e-6, cos
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert int(bn.num_batches_tracked) == stats[2]
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_finite_difference_in_train_mode_with_batchnorm_and_dropout():
     """BatchNorm in train mode couples the images (one batch-wide eps); dropout masks are replayed
     in the perturbed passes; the running statistics move once per step, as in a plain step."""
