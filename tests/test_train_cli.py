@@ -298,3 +298,16 @@ def test_arch_lookup():
     assert build_model("resnet18", 7, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(ValueError, match="did you mean resnet18"):
         check_arch("resnet1")
+
+
+def test_timm_models_train(tmp_path):
+    """--arch takes timm names: a ReLU ResNet in the exact mode, and a ViT (timm's attention is
+    fused scaled_dot_product_attention, no double backward) in the finite-difference mode."""
+    pytest.importorskip("timm")
+    from sib_fast.models import build_model
+    assert build_model("timm/vit_tiny_patch16_224", 4, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+    code, out = _run(tmp_path, "--epochs", "1", "--arch", "resnet10t", name="resnet")
+    assert code == 0 and math.isfinite(_records(out)[-1]["train_ce"])
+    code, out = _run(tmp_path, "--epochs", "1", "--arch", "timm/vit_tiny_patch16_224", "--image-size", "32",
+                     "--vjp", "finite_difference", name="vit")
+    assert code == 0 and math.isfinite(_records(out)[-1]["train_ce"])
