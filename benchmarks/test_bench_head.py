@@ -3,7 +3,7 @@
 Each case is one (part, device, dtype, shape) group, so pytest-benchmark's
 table puts the backends of a group side by side in the same run. Before a
 fused backend is timed it is compared with the eager reference on the same
-inputs. Inputs rotate over several sets (see sib_fast.bench_measure); CUDA
+inputs. Inputs rotate over several sets (see sib_fast.bench.measure); CUDA
 work is synchronised inside the timed call. ``extra_info`` holds the floor
 bytes of SPEC section 7 and the achieved GB/s.
 
@@ -18,8 +18,8 @@ import torch
 
 import sib_fast
 from sib_fast import reference
-from sib_fast.bench_machine import cache_bytes
-from sib_fast.bench_measure import floor_bytes, make_head_inputs, rotation_count
+from sib_fast.bench.machine import cache_bytes
+from sib_fast.bench.measure import floor_bytes, make_head_inputs, rotation_count
 
 SMALL = {"cpu": [(4, 3, 64, 64), (3, 1, 17, 23)], "cuda": [(32, 3, 224, 224)]}
 LARGE = {"cpu": [(16, 3, 224, 224)], "cuda": [(128, 3, 224, 224)]}

@@ -122,3 +122,20 @@ def reference_with_exact_box_sums():
         yield
     finally:
         reference.box_mean = plain
+
+
+# (block, H, W, window): windows of h holding the same levels in different arrangements
+PIECEWISE_CASES = [(4, 24, 20, 5), (2, 17, 23, 3), (8, 64, 48, 31)]
+
+
+def compare_piecewise_constant_with_reference(backend, case, seeds=(0, 1, 2), device="cpu"):
+    """``backend`` on piecewise_constant_maps against the reference with exact box sums.
+
+    float64 only: in float32, windows whose exact sums differ by less than h's own rounding
+    are near-ties that any float32 computation may order either way.
+    """
+    block, H, W, window = case
+    for seed in seeds:
+        R, x = piecewise_constant_maps(3, 3, H, W, block, seed=seed, device=device)
+        with reference_with_exact_box_sums():
+            compare_head_with_reference(backend, R, x, window, 0.1, 10.0)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sib_fast import bench
-from sib_fast.bench_measure import (floor_bytes, make_head_inputs, peak_extra_memory, rotation_count,
+from sib_fast.bench import cli as bench
+from sib_fast.bench.measure import (floor_bytes, make_head_inputs, peak_extra_memory, rotation_count,
                                     summarize)
 
 # one thread: on a loaded 2-core machine OpenMP barriers make 2 threads 10-100x slower on tiny shapes

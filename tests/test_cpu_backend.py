@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sib_fast
-from comparison import compare_head_with_reference, piecewise_constant_maps, reference_with_exact_box_sums
+from comparison import PIECEWISE_CASES, compare_head_with_reference, compare_piecewise_constant_with_reference
 
 pytestmark = pytest.mark.skipif("cpu" not in sib_fast.available_backends("cpu"),
                                 reason="sib_fast._C was not built with CPU kernels")
@@ -179,16 +179,6 @@ def test_mixed_input_dtypes_are_promoted():
         assert torch.equal(a, b)
 
 
-# (block, H, W, window): windows of h holding the same levels in different arrangements
-PIECEWISE_CASES = [(4, 24, 20, 5), (2, 17, 23, 3), (8, 64, 48, 31)]
-
-
 @pytest.mark.parametrize("case", PIECEWISE_CASES, ids=lambda c: "b{}-{}x{}-k{}".format(*c))
 def test_piecewise_constant_maps_tie_windows_exactly(case):
-    # float64 only: in float32, windows whose exact sums differ by less than h's own
-    # rounding are near-ties that any float32 computation may order either way.
-    block, H, W, window = case
-    for seed in range(3):
-        R, x = piecewise_constant_maps(3, 3, H, W, block, seed=seed)
-        with reference_with_exact_box_sums():
-            compare_head_with_reference("cpu", R, x, window, 0.1, 10.0)
+    compare_piecewise_constant_with_reference("cpu", case)

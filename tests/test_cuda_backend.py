@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sib_fast
-from comparison import (assert_matches_reference, compare_head_with_reference, piecewise_constant_maps,
-                        reference_with_exact_box_sums)
+from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_head_with_reference,
+                        compare_piecewise_constant_with_reference)
 from sib_fast import dispatch
 
 pytestmark = pytest.mark.gpu
@@ -220,10 +220,6 @@ def test_auto_picks_a_fused_backend_on_cuda_tensors():
     assert dispatch.resolve_backend(torch.device(DEVICE)) in ("cuda", "triton")
 
 
-@pytest.mark.parametrize("case", [(4, 24, 20, 5), (8, 64, 48, 31)], ids=["b4-k5", "b8-k31"])
+@pytest.mark.parametrize("case", PIECEWISE_CASES, ids=lambda c: "b{}-{}x{}-k{}".format(*c))
 def test_piecewise_constant_maps_tie_windows_exactly(case):
-    # float64: windows of h holding the same levels in other arrangements tie exactly
-    block, H, W, window = case
-    R, x = piecewise_constant_maps(3, 3, H, W, block, seed=1, device=DEVICE)
-    with reference_with_exact_box_sums():
-        compare_head_with_reference("cuda", R, x, window, 0.1, 10.0)
+    compare_piecewise_constant_with_reference("cuda", case, device=DEVICE)

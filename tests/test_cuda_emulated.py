@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import sib_fast
-from comparison import (assert_matches_reference, compare_head_with_reference, piecewise_constant_maps,
-                        reference_with_exact_box_sums)
+from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_head_with_reference,
+                        compare_piecewise_constant_with_reference)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -241,16 +241,6 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.sib_fast_emu.sib_head_forward.default, (R.requires_grad_(), x, 3, 0.1, 10.0))
 
 
-# (block, H, W, window): windows of h holding the same levels in different arrangements
-PIECEWISE_CASES = [(4, 24, 20, 5), (2, 17, 23, 3), (8, 64, 48, 31)]
-
-
 @pytest.mark.parametrize("case", PIECEWISE_CASES, ids=lambda c: "b{}-{}x{}-k{}".format(*c))
 def test_piecewise_constant_maps_tie_windows_exactly(case):
-    # float64 only: in float32, windows whose exact sums differ by less than h's own
-    # rounding are near-ties that any float32 computation may order either way.
-    block, H, W, window = case
-    for seed in range(3):
-        R, x = piecewise_constant_maps(3, 3, H, W, block, seed=seed)
-        with reference_with_exact_box_sums():
-            compare_head_with_reference(BACKEND, R, x, window, 0.1, 10.0)
+    compare_piecewise_constant_with_reference(BACKEND, case)

@@ -20,6 +20,7 @@
 
 #include "cpu/row_kernels.h"
 #include "sib_head.h"
+#include "sib_head_host.h"
 
 namespace sib_fast {
 namespace {
@@ -356,21 +357,8 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
 }
 
 void check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
-  TORCH_CHECK(R.dim() == 4, "sib_head: R must be (B, C, H, W), got ", R.sizes());
-  TORCH_CHECK(R.sizes() == x.sizes(), "sib_head: R and x must have the same shape, got ", R.sizes(), " and ",
-              x.sizes());
-  TORCH_CHECK(R.scalar_type() == x.scalar_type(), "sib_head: R and x must have the same dtype, got ",
-              R.scalar_type(), " and ", x.scalar_type());
   TORCH_CHECK(R.device().is_cpu() && x.device().is_cpu(), "sib_head (CPU kernel): R and x must be CPU tensors");
-  TORCH_CHECK(R.size(0) >= 2, "sib_head: needs a batch of at least 2 images, got ", R.size(0));
-  TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) >= 2, "sib_head: needs C*H*W >= 2");
-  TORCH_CHECK(R.size(2) * R.size(3) < (int64_t(1) << 31), "sib_head: images of 2^31 pixels or more are not supported");
-  TORCH_CHECK(window > 0 && window % 2 == 1, "sib_head: window_size must be a positive odd integer, got ", window);
-  TORCH_CHECK(temperature > 0 && slope > 0, "sib_head: temperature and slope must be > 0");
-}
-
-at::ScalarType compute_type(const at::Tensor& R) {
-  return R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_head_inputs(R, x, window, temperature, slope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sib_head_forward_cpu(

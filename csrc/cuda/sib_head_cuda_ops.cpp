@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "cuda/sib_cuda_launch.h"
+#include "sib_head_host.h"
 
 namespace sib_fast {
 namespace cuda {
@@ -88,24 +89,13 @@ QuantileWindows make_windows(std::initializer_list<int> quantiles, int64_t N, do
 }
 
 void check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
-  TORCH_CHECK(R.dim() == 4, "sib_head: R must be (B, C, H, W), got ", R.sizes());
-  TORCH_CHECK(R.sizes() == x.sizes(), "sib_head: R and x must have the same shape, got ", R.sizes(), " and ",
-              x.sizes());
-  TORCH_CHECK(R.scalar_type() == x.scalar_type(), "sib_head: R and x must have the same dtype, got ",
-              R.scalar_type(), " and ", x.scalar_type());
   TORCH_CHECK(on_device(R) && R.device() == x.device(), kKernelName,
               ": R and x must be tensors on the same GPU, got ", R.device(), " and ", x.device());
-  TORCH_CHECK(R.size(0) >= 2, "sib_head: needs a batch of at least 2 images, got ", R.size(0));
-  TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) >= 2, "sib_head: needs C*H*W >= 2");
-  TORCH_CHECK(R.size(2) * R.size(3) < (int64_t(1) << 31), "sib_head: images of 2^31 pixels or more are not supported");
+  check_head_inputs(R, x, window, temperature, slope);
   TORCH_CHECK(R.size(0) <= 32768, kKernelName, ": batches of more than 32768 images are not supported");
   TORCH_CHECK(R.numel() < (int64_t(1) << 32), kKernelName, ": tensors of 2^32 elements or more are not supported");
-  TORCH_CHECK(window > 0 && window % 2 == 1, "sib_head: window_size must be a positive odd integer, got ", window);
-  TORCH_CHECK(temperature > 0 && slope > 0, "sib_head: temperature and slope must be > 0");
   (void)dtype_of(R);
 }
-
-at::ScalarType compute_type(const at::Tensor& R) { return R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sib_head_forward_cuda(
     const at::Tensor& R, const at::Tensor& x, int64_t window_size, double temperature, double slope) {

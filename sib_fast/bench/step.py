@@ -109,7 +109,7 @@ def make_step(model, optimizer, vjp, backend, sib_backward):
 
 
 def _time_step(step, batches, device, reps):
-    from sib_fast.bench_measure import summarize, synchronize
+    from sib_fast.bench.measure import summarize, synchronize
 
     times = []
     for i in range(reps):
@@ -131,7 +131,7 @@ def _time_step(step, batches, device, reps):
 
 def _peak_memory(step, batch, device) -> dict:
     """Peak memory of one step: absolute and beyond what existed before (model, optimizer state, inputs)."""
-    from sib_fast.bench_measure import rss_peak_extra, synchronize
+    from sib_fast.bench.measure import rss_peak_extra, synchronize
 
     if device.type == "cuda":
         synchronize(device)
@@ -148,7 +148,7 @@ def _peak_memory(step, batch, device) -> dict:
 
 def step_config(args, device: torch.device) -> dict:
     """The step-mode settings from the arguments, checked before anything is measured."""
-    from sib_fast.bench import UsageError
+    from sib_fast.bench.cli import UsageError
     from sib_fast.dispatch import available_backends
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -178,7 +178,7 @@ def step_config(args, device: torch.device) -> dict:
 
 
 def run_step(args, device: torch.device, record: dict, config: dict) -> None:
-    from sib_fast.bench import UsageError, _first_line, save_json
+    from sib_fast.bench.cli import UsageError, _first_line, save_json
 
     record["step_settings"] = config
     models, vjp_modes, fused, batch = config["models"], config["vjp_modes"], config["fused"], config["batch"]
@@ -232,7 +232,7 @@ def step_table(record: dict) -> str:
              f"{s.get('reps')} steps after {s.get('warmup')} warm-up; S-IB via {s.get('sib_backward')}", "",
              "| model | B | size | row | head | step ms | images/s | x plain step | peak MB | peak extra MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    from sib_fast.bench import _ms, short_error
+    from sib_fast.bench.cli import _ms, short_error
 
     for row in record["rows"]:
         if row.get("kind") != "step":

@@ -18,7 +18,7 @@ cross-entropy and with S-IB in its exact and finite-difference modes.
     sib-bench --from-json head.json --plot head.png --markdown RESULTS.md
 
 Timings are medians over rotating input sets (CUDA events on GPU,
-``perf_counter`` after warm-up on CPU); see ``sib_fast.bench_measure``.
+``perf_counter`` after warm-up on CPU); see ``sib_fast.bench.measure``.
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def select_lanes(spec: str, device: torch.device, no_compile: bool) -> list[str]
 
 
 def new_record(args, device: torch.device, mode: str) -> dict:
-    from sib_fast.bench_machine import copy_bandwidth, git_state, library_versions, machine_info, now_utc
+    from sib_fast.bench.machine import copy_bandwidth, git_state, library_versions, machine_info, now_utc
 
     record = {
         "schema": SCHEMA, "mode": mode, "created": now_utc(), "argv": sys.argv[1:] if args.argv is None else args.argv,
@@ -232,7 +232,7 @@ def _first_line(exc: BaseException) -> str:
 
 def bench_head_lane(lane, fn, inputs, upstream, device, args, reference_out) -> dict:
     """One row: warm-up, the three timings, peak memory and the error against the reference."""
-    from sib_fast.bench_measure import peak_extra_memory, synchronize, time_calls
+    from sib_fast.bench.measure import peak_extra_memory, synchronize, time_calls
 
     def forward(inp, _state=None):
         R, x = inp
@@ -321,8 +321,8 @@ def head_config(args, device: torch.device) -> dict:
 
 
 def run_head(args, device: torch.device, record: dict, config: dict) -> None:
-    from sib_fast.bench_machine import available_ram_bytes, cache_bytes
-    from sib_fast.bench_measure import floor_bytes, make_head_inputs, rotation_count
+    from sib_fast.bench.machine import available_ram_bytes, cache_bytes
+    from sib_fast.bench.measure import floor_bytes, make_head_inputs, rotation_count
     from sib_fast.dispatch import unavailable_reason
     from sib_fast.reference import compute_dtype
 
@@ -438,7 +438,7 @@ def head_table(record: dict) -> str:
 
 
 def step_table(record: dict) -> str:
-    from sib_fast.bench_step import step_table as table
+    from sib_fast.bench.step import step_table as table
 
     return table(record)
 
@@ -455,7 +455,7 @@ def short_error(row: dict) -> str:
 
 
 def header_lines(record: dict) -> list[str]:
-    from sib_fast.bench_machine import device_label
+    from sib_fast.bench.machine import device_label
 
     git = record.get("git") or {}
     commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
@@ -506,7 +506,7 @@ def append_markdown(record: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sib_fast.bench_machine import load_average
+    from sib_fast.bench.machine import load_average
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from sib_fast.bench_machine import load_average
+    from sib_fast.bench.machine import load_average
 
     try:
         if args.from_json:
@@ -539,7 +539,7 @@ def _run(args) -> int:
                 raise UsageError("need --warmup >= 0, 1 <= --min-reps <= --max-reps and --min-time >= 0")
             device = resolve_device(args.device)
             if args.step:
-                from sib_fast.bench_step import step_config
+                from sib_fast.bench.step import step_config
 
                 config = step_config(args, device)
             else:
@@ -548,7 +548,7 @@ def _run(args) -> int:
             print("\n".join(header_lines(record)), file=sys.stderr, flush=True)
             try:
                 if args.step:
-                    from sib_fast.bench_step import run_step
+                    from sib_fast.bench.step import run_step
 
                     run_step(args, device, record, config)
                 else:
@@ -571,7 +571,7 @@ def _run(args) -> int:
             print("sib-bench: --plot draws head-mode records; nothing plotted", file=sys.stderr)
         else:
             try:
-                from sib_fast.bench_plot import plot_head
+                from sib_fast.bench.plot import plot_head
 
                 plot_head(record, args.plot)
             except ImportError as exc:
@@ -579,7 +579,3 @@ def _run(args) -> int:
     if args.markdown:
         append_markdown(record, args.markdown)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

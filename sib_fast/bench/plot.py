@@ -18,7 +18,7 @@ def plot_head(record: dict, path: str, part: str = "fwd_bwd") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sib_fast.bench import PART_LABELS, header_lines
+    from sib_fast.bench.cli import PART_LABELS, header_lines
 
     series = defaultdict(list)
     for row in record["rows"]:

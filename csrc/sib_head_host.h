@@ -1,0 +1,32 @@
+// Host-side parts of the head ops that the CPU and CUDA kernels share: the input
+// checks of SPEC section 8 that do not depend on the device (each kernel adds its
+// own device checks) and the compute dtype of the outputs. Uses ATen, so only .cpp
+// files include it (sib_head.h is the math shared with device code).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace sib_fast {
+
+inline void check_head_inputs(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature,
+                              double slope) {
+  TORCH_CHECK(R.dim() == 4, "sib_head: R must be (B, C, H, W), got ", R.sizes());
+  TORCH_CHECK(R.sizes() == x.sizes(), "sib_head: R and x must have the same shape, got ", R.sizes(), " and ",
+              x.sizes());
+  TORCH_CHECK(R.scalar_type() == x.scalar_type(), "sib_head: R and x must have the same dtype, got ",
+              R.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(R.size(0) >= 2, "sib_head: needs a batch of at least 2 images, got ", R.size(0));
+  TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) >= 2, "sib_head: needs C*H*W >= 2");
+  TORCH_CHECK(R.size(2) * R.size(3) < (int64_t(1) << 31), "sib_head: images of 2^31 pixels or more are not supported");
+  TORCH_CHECK(window > 0 && window % 2 == 1, "sib_head: window_size must be a positive odd integer, got ", window);
+  TORCH_CHECK(temperature > 0 && slope > 0, "sib_head: temperature and slope must be > 0");
+}
+
+// float64 if R (and so x) is float64, else float32 (SPEC section 6: reductions in float32 or better).
+inline at::ScalarType compute_type(const at::Tensor& R) {
+  return R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace sib_fast
