@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define SIB_MULTIVERSION __attribute__((target_clones("avx2", "default")))
@@ -22,6 +23,24 @@
 #endif
 
 namespace sib_fast {
+
+// The scan of the rank selection: counts the values below lo and writes the (value, index)
+// pairs with lo <= value <= hi to `out` (room for n), returning how many. Branch-free:
+// every pair is written and the cursor advances only for a candidate, since a branch on
+// either test would mispredict at random.
+template <typename acc_t>
+SIB_MULTIVERSION int64_t scan_window(const acc_t* v, int64_t n, acc_t lo, acc_t hi, std::pair<acc_t, int64_t>* out,
+                                     int64_t* below) {
+  int64_t count = 0, kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = v[i];
+    count += x < lo;
+    out[kept] = {x, i};
+    kept += (x >= lo) & (x <= hi);
+  }
+  *below = count;
+  return kept;
+}
 
 // dst[w] = src[w * stride], converted to the compute type.
 template <typename scalar_t, typename acc_t>
@@ -150,19 +169,28 @@ SIB_MULTIVERSION void sigmoid_row(const acc_t* in, bool absolute, acc_t shift, a
   }
 }
 
-// One image row of the head's backward (SPEC section 7) before the mask chain:
-//   dR = M T_u + (1 - M) g_bg,   dM += r T_u + x T_v - r g_bg,
-// with g_bg = bg_scale (r (1 - M) - bg_mean) the background variance's gradient.
+// Backward of one image row of one channel, given Tu = dL/du and Tv = dL/dv of the masked
+// rows (u = M r, v = M x) and the background term's dBG/dr = bg_scale (r (1 - M) - bg_mean):
+// dM += r Tu + x Tv - r dBG/dr (the mask's share, summed over channels).
 template <typename acc_t>
-SIB_MULTIVERSION void backward_row(const acc_t* r, const acc_t* x, const acc_t* m, const acc_t* Tu,
-                                   const acc_t* Tv, acc_t bg_scale, acc_t bg_mean, acc_t* dR, acc_t* dM,
-                                   int64_t n) {
+SIB_MULTIVERSION void mask_grad_row(const acc_t* r, const acc_t* x, const acc_t* m, const acc_t* Tu,
+                                    const acc_t* Tv, acc_t bg_scale, acc_t bg_mean, acc_t* dM, int64_t n) {
+#pragma omp simd
+  for (int64_t w = 0; w < n; ++w) {
+    const acc_t bg_grad = bg_scale * (r[w] * (acc_t(1) - m[w]) - bg_mean);
+    dM[w] += r[w] * Tu[w] + x[w] * Tv[w] - r[w] * bg_grad;
+  }
+}
+
+// dR = M Tu + (1 - M) dBG/dr + dg / C: R's gradient through the Gram term, the background
+// term and the mask chain (dg = dL/dg, g the channel mean).
+template <typename acc_t>
+SIB_MULTIVERSION void vjp_grad_row(const acc_t* r, const acc_t* m, const acc_t* Tu, const acc_t* dg, acc_t inv_c,
+                                   acc_t bg_scale, acc_t bg_mean, acc_t* dR, int64_t n) {
 #pragma omp simd
   for (int64_t w = 0; w < n; ++w) {
     const acc_t keep = acc_t(1) - m[w];
-    const acc_t bg_grad = bg_scale * (r[w] * keep - bg_mean);
-    dR[w] = m[w] * Tu[w] + keep * bg_grad;
-    dM[w] += r[w] * Tu[w] + x[w] * Tv[w] - r[w] * bg_grad;
+    dR[w] = m[w] * Tu[w] + keep * (bg_scale * (r[w] * keep - bg_mean)) + dg[w] * inv_c;
   }
 }
 

@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -112,8 +114,12 @@ void box_mean_of_h(const acc_t* h, acc_t* d, int64_t H, int64_t W, int64_t k, Bo
     }
   const double scale = static_cast<double>(int64_t(1) << box_grid_bits(k));
   const double out_scale = (1.0 / scale) / static_cast<double>(k * k);
-  box_sum_plane(h, d, H, W, k, out_scale, scratch.row_sums, scratch.prefix,
-                [scale](acc_t v) { return static_cast<uint64_t>(std::nearbyint(static_cast<double>(v) * scale)); });
+  // h * scale <= 2^51: adding and subtracting 2^52 rounds it to the nearest integer, ties to
+  // even (as rint on the GPU), without a libm call
+  constexpr double kRound = 4503599627370496.0;  // 2^52
+  box_sum_plane(h, d, H, W, k, out_scale, scratch.row_sums, scratch.prefix, [scale](acc_t v) {
+    return static_cast<uint64_t>((static_cast<double>(v) * scale + kRound) - kRound);
+  });
 }
 
 // Sort keys that order (value, flat index) as a stable sort does: one packed
@@ -173,28 +179,26 @@ void select_ranks(const acc_t* plane, int64_t n, RankWindow win, SelectionScratc
     const int64_t lo_pos = static_cast<int64_t>(static_cast<double>(first) * S / static_cast<double>(n)) - margin;
     const int64_t hi_pos = static_cast<int64_t>(static_cast<double>(end) * S / static_cast<double>(n)) + margin;
     const bool has_lo = lo_pos >= 0, has_hi = hi_pos < kSampleSize;
-    const acc_t lo = has_lo ? sample[lo_pos].first : acc_t(0);
-    const acc_t hi = has_hi ? sample[hi_pos].first : acc_t(0);
+    constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+    const acc_t lo = has_lo ? sample[lo_pos].first : -inf;
+    const acc_t hi = has_hi ? sample[hi_pos].first : inf;
     if (lo == lo && hi == hi) {  // NaN bounds: exact path
-      auto& cand = scratch.candidates;
-      cand.clear();
+      auto& buffer = scratch.candidates;
+      if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);  // grows once per task
+      // NaNs are neither below nor candidates: they sort last, and if the window reaches
+      // them the count check below fails.
       int64_t below = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t v = plane[i];
-        if (has_lo && v < lo) {
-          ++below;
-        } else if ((!has_lo || v >= lo) && (!has_hi || v <= hi)) {
-          cand.push_back({v, i});
-        }
-      }
-      const int64_t cand_end = below + static_cast<int64_t>(cand.size());
+      const int64_t kept = scan_window(plane, n, lo, hi, buffer.data(), &below);
+      const auto cand = buffer.begin();
+      const auto cand_stop = cand + kept;
+      const int64_t cand_end = below + kept;
       if (below <= first && end <= cand_end) {
         auto less = [](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) {
           return a.first < b.first || (a.first == b.first && a.second < b.second);
         };
-        auto a = cand.begin() + (first - below), b = cand.begin() + (end - below);
-        std::nth_element(cand.begin(), a, cand.end(), less);
-        std::partial_sort(a, b, cand.end(), less);
+        auto a = cand + (first - below), b = cand + (end - below);
+        std::nth_element(cand, a, cand_stop, less);
+        std::partial_sort(a, b, cand_stop, less);
         for (int64_t k = 0; k < win.count; ++k) index[k] = cand[first - below + k].second;
         return;
       }
@@ -462,69 +466,101 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
     bg_mean[b] = static_cast<acc_t>(static_cast<double>(stats[b * kImageStats + kStatBgSum]) / D);
   }
 
-  // Pass 1 over R, x: dR without the mask chain's share, dx, and dM.
-  // The one B x H x W scratch plane, from torch's allocator so memory profiles see it.
-  const at::Tensor dM_plane = at::empty({B * N}, mask_t.options());
-  acc_t* dM = dM_plane.data_ptr<acc_t>();
+  // dM, then dg, lives between the passes in channel C - 1 of dR when dR holds the compute
+  // dtype: pass 2 reads each row of dg before it writes that row of dR. Half-precision
+  // inputs take a plane from torch's allocator instead (dR could not hold dg exactly).
+  const bool dg_in_dR = std::is_same<scalar_t, acc_t>::value;
+  const at::Tensor own_plane = dg_in_dR ? at::Tensor() : at::empty({B * N}, mask_t.options());
+  acc_t* own = dg_in_dR ? nullptr : own_plane.data_ptr<acc_t>();
+  auto plane_row = [&](int64_t b, int64_t y) -> std::pair<acc_t*, int64_t> {
+    if (dg_in_dR) return {reinterpret_cast<acc_t*>(dRs.row(b, sh.C - 1, y)), dRs.sw};
+    return {own + b * N + y * W, 1};
+  };
+
+  // Pass 1 over R, x: dM (and dx). Tu = A_u (M R), Tv = A_v (M x) mix the images of a row.
   at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
-    std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), Tu(B * W), Tv(B * W), out(W);
+    std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), Tu(B * W), Tv(B * W), dMv(B * W), out(W);
     for (int64_t y = y0; y < y1; ++y) {
-      for (int64_t j = 0; j < B; ++j)
-        for (int64_t w = 0; w < W; ++w) dM[j * N + y * W + w] = 0;
+      std::fill(dMv.begin(), dMv.end(), acc_t(0));
       for (int64_t c = 0; c < sh.C; ++c) {
         for (int64_t j = 0; j < B; ++j) {
-          acc_t* r = &rv[j * W];
-          load_row(Rs.row(j, c, y), Rs.sw, r, W);
+          load_row(Rs.row(j, c, y), Rs.sw, &rv[j * W], W);
           load_row(xs.row(j, c, y), xs.sw, &xv[j * W], W);
           acc_t unused_s1, unused_s2;
-          mask_row(r, &xv[j * W], mask + j * N + y * W, &mr[j * W], &mx[j * W], W, &unused_s1, &unused_s2);
+          mask_row(&rv[j * W], &xv[j * W], mask + j * N + y * W, &mr[j * W], &mx[j * W], W, &unused_s1,
+                   &unused_s2);
         }
         mix_rows(A_u.data(), mr.data(), B, W, Tu.data());
         mix_rows(A_v.data(), mx.data(), B, W, Tv.data());
         for (int64_t i = 0; i < B; ++i) {
           const acc_t* m = mask + i * N + y * W;
-          backward_row(&rv[i * W], &xv[i * W], m, &Tu[i * W], &Tv[i * W], bg_scale[i], bg_mean[i], out.data(),
-                       &dM[i * N + y * W], W);
-          store_row(out.data(), dRs.row(i, c, y), dRs.sw, W);
+          mask_grad_row(&rv[i * W], &xv[i * W], m, &Tu[i * W], &Tv[i * W], bg_scale[i], bg_mean[i], &dMv[i * W], W);
           if (dx_t) {
             for (int64_t w = 0; w < W; ++w) out[w] = m[w] * Tv[i * W + w];
             store_row(out.data(), dxs.row(i, c, y), dxs.sw, W);
           }
         }
       }
+      for (int64_t i = 0; i < B; ++i) {
+        const auto dst = plane_row(i, y);
+        store_row(&dMv[i * W], dst.first, dst.second, W);
+      }
     }
   });
-  if (grad_mask.defined()) {
-    const at::Tensor gm = grad_mask.to(mask_t.scalar_type()).contiguous();
-    const acc_t* gmp = gm.data_ptr<acc_t>();
-    for (int64_t i = 0; i < B * N; ++i) dM[i] += gmp[i];
-  }
 
   // Planes: the mask chain's adjoint, dM -> dg, one image per task.
-  // dg overwrites dM, which each image's adjoint reads in full before writing dg.
-  acc_t* dg = dM;
+  const acc_t* gmp = nullptr;
+  at::Tensor gm;
+  if (grad_mask.defined()) {
+    gm = grad_mask.to(mask_t.scalar_type()).contiguous();
+    gmp = gm.data_ptr<acc_t>();
+  }
   const acc_t s = static_cast<acc_t>(slope);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> g(N), h(N), d(N), dd(N);
+    std::vector<acc_t> g(N), h(N), d(N), dd(N), dM(N), dg(N);
     std::vector<double> row_sums, prefix;
     for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t y = 0; y < sh.H; ++y) {
+        const auto src = plane_row(b, y);
+        load_row(static_cast<const acc_t*>(src.first), src.second, &dM[y * W], W);
+      }
+      if (gmp)
+        for (int64_t p = 0; p < N; ++p) dM[p] += gmp[b * N + p];
       // g is read again from R rather than kept from pass 1: a plane less of memory
       channel_mean_plane(Rs, b, sh, g.data(), h.data());
-      mask_chain_adjoint(g.data(), mask + b * N, &dM[b * N], stats + b * kImageStats,
-                         ranks + b * kQuantiles * kRankWindow, sh, window, temperature, s, &dg[b * N], h, d, dd,
+      mask_chain_adjoint(g.data(), mask + b * N, dM.data(), stats + b * kImageStats,
+                         ranks + b * kQuantiles * kRankWindow, sh, window, temperature, s, dg.data(), h, d, dd,
                          row_sums, prefix);
+      for (int64_t y = 0; y < sh.H; ++y) {
+        const auto dst = plane_row(b, y);
+        store_row(&dg[y * W], dst.first, dst.second, W);
+      }
     }
   });
 
-  // Pass 2 over dR: add dg / C to every channel.
+  // Pass 2 over R: dR = M Tu + (1 - M) dBG/dr + dg / C, written once. Tu is mixed again
+  // rather than kept: keeping it would cost a tensor the size of R.
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(sh.C);
-  at::parallel_for(0, B * sh.C * sh.H, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t rr = r0; rr < r1; ++rr) {
-      const int64_t y = rr % sh.H, c = (rr / sh.H) % sh.C, b = rr / (sh.H * sh.C);
-      scalar_t* dRrow = dRs.row(b, c, y);
-      const acc_t* dgrow = &dg[b * N + y * W];
-      for (int64_t w = 0; w < W; ++w)
-        dRrow[w * dRs.sw] = static_cast<scalar_t>(static_cast<acc_t>(dRrow[w * dRs.sw]) + dgrow[w] * inv_c);
+  at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
+    std::vector<acc_t> rv(B * W), mr(B * W), Tu(B * W), dgv(B * W), out(W);
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t i = 0; i < B; ++i) {  // before channel C - 1 of this row is overwritten
+        const auto src = plane_row(i, y);
+        load_row(static_cast<const acc_t*>(src.first), src.second, &dgv[i * W], W);
+      }
+      for (int64_t c = 0; c < sh.C; ++c) {
+        for (int64_t j = 0; j < B; ++j) {
+          load_row(Rs.row(j, c, y), Rs.sw, &rv[j * W], W);
+          const acc_t* m = mask + j * N + y * W;
+          for (int64_t w = 0; w < W; ++w) mr[j * W + w] = m[w] * rv[j * W + w];
+        }
+        mix_rows(A_u.data(), mr.data(), B, W, Tu.data());
+        for (int64_t i = 0; i < B; ++i) {
+          vjp_grad_row(&rv[i * W], mask + i * N + y * W, &Tu[i * W], &dgv[i * W], inv_c, bg_scale[i], bg_mean[i],
+                       out.data(), W);
+          store_row(out.data(), dRs.row(i, c, y), dRs.sw, W);
+        }
+      }
     }
   });
 }
