@@ -7,9 +7,7 @@ is zero_grad, forward, loss, backward into the parameters, AdamW step; its
 time is the median over ``--step-reps`` steps after 2 warm-up steps. The
 ratio of each row's step time to the plain step's is the headline figure.
 
-The S-IB rows call ``sib_fast.sib_backward(model, x, target, criterion,
-vjp=...)`` when this version of sib_fast has it; otherwise the exact rows use
-``SIBLoss`` directly and the finite-difference rows are reported unavailable.
+The S-IB rows call ``sib_fast.sib_backward(model, x, target, criterion, vjp=...)``.
 """
 from __future__ import annotations
 
@@ -21,22 +19,6 @@ import torch.nn.functional as F
 
 WARMUP_STEPS = 2
 DEFAULT_STEP_BATCH = {"cpu": 4, "cuda": 64}
-
-
-def find_sib_backward():
-    """``sib_backward`` of the training-step API, or None where this version lacks it."""
-    try:
-        from sib_fast import sib_backward  # type: ignore[attr-defined]
-
-        return sib_backward
-    except ImportError:
-        pass
-    try:
-        from sib_fast.training_step import sib_backward  # type: ignore[import-not-found]
-
-        return sib_backward
-    except ImportError:
-        return None
 
 
 def tiny_cnn(num_classes: int) -> torch.nn.Module:
@@ -77,16 +59,9 @@ def step_rows(fused: list[str], vjp_modes: list[str]) -> list[tuple[str, str | N
     return rows
 
 
-def _fallback_exact(model, x, target, criterion):
-    xr = x.detach().requires_grad_(True)
-    loss = criterion(model(xr), target, xr)
-    loss.backward()
-    return loss.detach()
-
-
-def make_step(model, optimizer, vjp, backend, sib_backward):
+def make_step(model, optimizer, vjp, backend):
     """A function of (x, target) doing one full training step."""
-    from sib_fast import SIBLoss
+    from sib_fast import SIBLoss, sib_backward
 
     if vjp is None:
         def step(x, target):
@@ -95,15 +70,10 @@ def make_step(model, optimizer, vjp, backend, sib_backward):
             optimizer.step()
         return step
     criterion = SIBLoss(backend=backend)
-    if sib_backward is None and vjp != "exact":
-        raise NotImplementedError("sib_fast.sib_backward (the training-step API) is not in this version")
 
     def step(x, target):
         optimizer.zero_grad(set_to_none=True)
-        if sib_backward is not None:
-            sib_backward(model, x, target, criterion, vjp=vjp)
-        else:
-            _fallback_exact(model, x, target, criterion)
+        sib_backward(model, x, target, criterion, vjp=vjp)
         optimizer.step()
     return step
 
@@ -169,12 +139,9 @@ def step_config(args, device: torch.device) -> dict:
     fused = [b for b in available_backends(device) if b != "reference"]
     if device.type == "cpu":
         fused = [b for b in fused if b != "triton"]
-    sib_backward = find_sib_backward()
     return {"models": models, "batch": batch, "image_size": args.step_size, "num_classes": args.num_classes,
             "vjp_modes": vjp_modes, "fused": fused, "reps": args.step_reps, "warmup": WARMUP_STEPS,
-            "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4)", "channels_last": args.channels_last,
-            "sib_backward": "sib_fast.sib_backward" if sib_backward else
-            "fallback (no sib_fast.sib_backward in this version): exact rows use SIBLoss directly"}
+            "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4)", "channels_last": args.channels_last}
 
 
 def run_step(args, device: torch.device, record: dict, config: dict) -> None:
@@ -182,7 +149,6 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
 
     record["step_settings"] = config
     models, vjp_modes, fused, batch = config["models"], config["vjp_modes"], config["fused"], config["batch"]
-    sib_backward = find_sib_backward()
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for model_name in models:
@@ -203,7 +169,7 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
                    "batch": batch, "image_size": args.step_size, "device": device.type}
             print(f"  {model_name} B={batch} {name} {backend or ''} ...", file=sys.stderr, flush=True)
             try:
-                step = make_step(model, optimizer, vjp, backend, sib_backward)
+                step = make_step(model, optimizer, vjp, backend)
                 for i in range(WARMUP_STEPS):
                     step(*batches[i % 2])
                 row["timing"] = _time_step(step, batches, device, args.step_reps)
@@ -213,8 +179,6 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
                 if vjp is None:
                     base_median = median
                 row["x_plain_step"] = median / base_median if base_median else None
-            except NotImplementedError as exc:
-                row["error"] = f"unavailable: {exc}"
             except Exception as exc:  # e.g. no double backward for an op: the finding, not a crash
                 row["error"] = _first_line(exc)
             finally:
@@ -229,7 +193,7 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
 def step_table(record: dict) -> str:
     s = record.get("step_settings", {})
     lines = [f"step: zero_grad, forward, loss, backward, {s.get('optimizer', 'AdamW')} step; median (IQR) of "
-             f"{s.get('reps')} steps after {s.get('warmup')} warm-up; S-IB via {s.get('sib_backward')}", "",
+             f"{s.get('reps')} steps after {s.get('warmup')} warm-up; S-IB via sib_fast.sib_backward", "",
              "| model | B | size | row | head | step ms | images/s | x plain step | peak MB | peak extra MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     from sib_fast.bench.cli import _ms, short_error
