@@ -13,6 +13,8 @@ import torch
 import sib_fast
 from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_head_with_reference,
                         compare_piecewise_constant_with_reference)
+from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
+                         relu_like_maps, strided_maps)
 from sib_fast import dispatch
 
 pytestmark = pytest.mark.gpu
@@ -34,23 +36,8 @@ def _needs_backend(request):
         pytest.skip(f"the cuda backend cannot run: {_unavailable()}")
 
 
-def _maps(B, C, H, W, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    R = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * 1e-3
-    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
-    return R.to(DEVICE, dtype), x.to(DEVICE, dtype)
-
-
 # (B, C, H, W, window, temperature, slope): as the CPU matrix, and realistic shapes
-CASES = [
-    (2, 3, 1, 1, 31, 0.1, 10.0),
-    (7, 4, 1, 1, 1, 0.1, 10.0),
-    (3, 1, 5, 5, 3, 0.1, 10.0),
-    (7, 1, 5, 5, 1, 0.3, 5.0),
-    (2, 3, 5, 5, 31, 0.1, 10.0),
-    (7, 3, 17, 23, 31, 0.1, 10.0),
-    (2, 4, 17, 23, 1, 0.05, 20.0),
-    (3, 1, 23, 17, 3, 0.2, 4.0),
+CASES = SMALL_CASES + [
     (2, 4, 64, 64, 31, 0.1, 10.0),
     (3, 3, 64, 64, 3, 0.07, 15.0),
     (2, 3, 224, 224, 31, 0.1, 10.0),
@@ -61,61 +48,46 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", CASES, ids=["x".join(map(str, c[:4])) + f"-k{c[4]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(case, dtype):
     B, C, H, W, window, temperature, slope = case
     if dtype == torch.float64 and B * C * H * W > 4_000_000:
         pytest.skip("the float64 reference at this size is slow; float32 covers it")
-    R, x = _maps(B, C, H, W, dtype)
+    R, x = random_maps(B, C, H, W, dtype, device=DEVICE)
     compare_head_with_reference("cuda", R, x, window, temperature, slope)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed", "offset"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_inputs(layout, dtype):
-    R, x = _maps(4, 3, 40, 36, dtype, seed=1)
-    if layout == "channels_last":
-        R, x = R.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    elif layout == "sliced":  # every other column and a channel window: non-dense strides
-        R, x = _maps(4, 5, 40, 72, dtype, seed=1)
-        R, x = R[:, 1:4, :, ::2], x[:, 1:4, :, ::2]
-    elif layout == "transposed":
-        R, x = R.transpose(2, 3), x.transpose(2, 3)
-    else:  # dense but not 16-byte aligned: scalar loads
-        R = torch.cat([R.new_zeros(1), R.flatten()])[1:].view(R.shape)
-    compare_head_with_reference("cuda", R, x, 9, 0.1, 10.0)
+    compare_head_with_reference("cuda", *strided_maps(layout, dtype, device=DEVICE), 9, 0.1, 10.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype):
-    R, x = _maps(3, 3, 32, 24, torch.float32, seed=2)
+    R, x = random_maps(3, 3, 32, 24, torch.float32, seed=2, device=DEVICE)
     compare_head_with_reference("cuda", R.to(dtype) * 100, x.to(dtype), 7, 0.1, 10.0)
 
 
 def test_bfloat16_at_realistic_shape():
-    R, x = _maps(32, 3, 224, 224, torch.float32, seed=9)
+    R, x = random_maps(32, 3, 224, 224, torch.float32, seed=9, device=DEVICE)
     compare_head_with_reference("cuda", (R * 100).to(torch.bfloat16), x.to(torch.bfloat16), 31, 0.1, 10.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_maps_with_many_exact_zeros(dtype):
-    R, x = _maps(4, 3, 48, 40, dtype, seed=3)
-    R = torch.relu(R)
-    R[:, :, :20] = 0
-    R[:, :, :, 30:] = 0
-    R[1] = 0  # one image with no VJP at all
-    compare_head_with_reference("cuda", R, x, 7, 0.1, 10.0)
+    compare_head_with_reference("cuda", *relu_like_maps(dtype, device=DEVICE), 7, 0.1, 10.0)
 
 
 def test_no_grad_for_x_when_it_does_not_require_it():
-    R, x = _maps(3, 2, 12, 12, torch.float64, seed=4)
+    R, x = random_maps(3, 2, 12, 12, torch.float64, seed=4, device=DEVICE)
     compare_head_with_reference("cuda", R, x, 5, 0.1, 10.0, x_grad=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_saved_tensors_are_the_cpu_kernels(dtype):
     """Same ranks (ties by index) and, to rounding, the same mask, Gram matrices and stats."""
-    R, x = _maps(5, 3, 33, 29, dtype, seed=5)
+    R, x = random_maps(5, 3, 33, 29, dtype, seed=5, device=DEVICE)
     gpu = torch.ops.sib_fast.sib_head_forward(R, x, 5, 0.1, 10.0)
     cpu = torch.ops.sib_fast.sib_head_forward(R.cpu(), x.cpu(), 5, 0.1, 10.0)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -126,7 +98,7 @@ def test_saved_tensors_are_the_cpu_kernels(dtype):
 
 
 def test_repeated_runs_are_bitwise_equal():
-    R, x = _maps(32, 3, 224, 224, torch.float32, seed=10)
+    R, x = random_maps(32, 3, 224, 224, torch.float32, seed=10, device=DEVICE)
     results = []
     for _ in range(3):
         Rg, xg = R.clone().requires_grad_(), x.clone().requires_grad_()
@@ -139,7 +111,7 @@ def test_repeated_runs_are_bitwise_equal():
 
 
 def test_runs_on_the_current_stream():
-    R, x = _maps(8, 3, 64, 64, torch.float32, seed=11)
+    R, x = random_maps(8, 3, 64, 64, torch.float32, seed=11, device=DEVICE)
     grads = (torch.tensor(0.5, device=DEVICE), torch.tensor(2.0, device=DEVICE))
 
     def run():
@@ -158,7 +130,7 @@ def test_runs_on_the_current_stream():
 
 
 def test_no_host_synchronisation():
-    R, x = _maps(8, 3, 32, 32, torch.float32, seed=12)
+    R, x = random_maps(8, 3, 32, 32, torch.float32, seed=12, device=DEVICE)
     R.requires_grad_()
     sib_fast.sib_terms(R, x, backend="cuda")  # warm up
     torch.cuda.set_sync_debug_mode("error")
@@ -169,23 +141,13 @@ def test_no_host_synchronisation():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("where", ["R", "x"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@non_finite_cases
 def test_non_finite_inputs_give_nan(where, bad):
-    R, x = _maps(3, 2, 9, 9, torch.float32, seed=6)
-    (R if where == "R" else x)[1, 0, 4, 4] = bad
-    R.requires_grad_()
-    hsic, bg, _ = sib_fast.sib_terms(R, x, window_size=3, backend="cuda")
-    assert torch.isnan(hsic)
-    if where == "R":
-        assert torch.isnan(bg)
-    (dR,) = torch.autograd.grad(hsic + bg, R)  # must not crash or hang
-    assert dR.shape == R.shape
-    torch.cuda.synchronize()
+    check_non_finite_gives_nan("cuda", where, bad, device=DEVICE)
 
 
 def test_op_checks_its_inputs_when_called_directly():
-    R, x = _maps(3, 2, 9, 9, torch.float32)
+    R, x = random_maps(3, 2, 9, 9, torch.float32, device=DEVICE)
     with pytest.raises(RuntimeError, match="same dtype"):
         torch.ops.sib_fast.sib_head_forward(R, x.double(), 3, 0.1, 10.0)
     with pytest.raises(RuntimeError, match="odd"):
@@ -194,7 +156,7 @@ def test_op_checks_its_inputs_when_called_directly():
 
 @pytest.mark.parametrize("shape,dtype", [((3, 2, 9, 11), torch.float64), ((2, 3, 16, 16), torch.float32)])
 def test_opcheck(shape, dtype):
-    R, x = _maps(*shape, dtype)
+    R, x = random_maps(*shape, dtype, device=DEVICE)
     torch.library.opcheck(torch.ops.sib_fast.sib_head_forward.default, (R.requires_grad_(), x, 5, 0.1, 10.0))
     torch.library.opcheck(torch.ops.sib_fast.sib_head_forward.default,
                           (R.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),
@@ -202,7 +164,7 @@ def test_opcheck(shape, dtype):
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    R, x = _maps(3, 3, 20, 18, torch.float32, seed=7)
+    R, x = random_maps(3, 3, 20, 18, torch.float32, seed=7, device=DEVICE)
 
     def loss(R, x):
         hsic, bg, mask = sib_fast.sib_terms(R, x, window_size=5, backend="cuda")

@@ -27,6 +27,8 @@ import torch
 import sib_fast
 from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_head_with_reference,
                         compare_piecewise_constant_with_reference)
+from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
+                         relu_like_maps, strided_maps)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -97,23 +99,8 @@ def emulated_backend():
         yield
 
 
-def _maps(B, C, H, W, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    R = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * 1e-3
-    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
-    return R.to(dtype), x.to(dtype)
-
-
 # (B, C, H, W, window, temperature, slope)
-CASES = [
-    (2, 3, 1, 1, 31, 0.1, 10.0),
-    (7, 4, 1, 1, 1, 0.1, 10.0),
-    (3, 1, 5, 5, 3, 0.1, 10.0),
-    (7, 1, 5, 5, 1, 0.3, 5.0),
-    (2, 3, 5, 5, 31, 0.1, 10.0),
-    (7, 3, 17, 23, 31, 0.1, 10.0),
-    (2, 4, 17, 23, 1, 0.05, 20.0),
-    (3, 1, 23, 17, 3, 0.2, 4.0),
+CASES = SMALL_CASES + [
     (20, 2, 9, 7, 5, 0.1, 10.0),   # image tile 64
     (70, 1, 4, 6, 3, 0.1, 10.0),   # image tile 128 in float32; two tiles and two j-chunks in float64
     (2, 2, 64, 64, 31, 0.1, 10.0),
@@ -121,43 +108,27 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", CASES, ids=["x".join(map(str, c[:4])) + f"-k{c[4]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(case, dtype):
     B, C, H, W, window, temperature, slope = case
-    R, x = _maps(B, C, H, W, dtype)
+    R, x = random_maps(B, C, H, W, dtype)
     compare_head_with_reference(BACKEND, R, x, window, temperature, slope)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed", "offset"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_inputs(layout):
-    R, x = _maps(4, 3, 20, 18, torch.float32, seed=1)
-    if layout == "channels_last":
-        R, x = R.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    elif layout == "sliced":  # every other column and a channel window: strided, no vectors
-        R, x = _maps(4, 5, 20, 36, torch.float32, seed=1)
-        R, x = R[:, 1:4, :, ::2], x[:, 1:4, :, ::2]
-    elif layout == "transposed":  # pixels not evenly spaced: h and w strides apart
-        R, x = R.transpose(2, 3), x.transpose(2, 3)
-    else:  # dense but not 16-byte aligned: scalar loads
-        R = torch.cat([torch.zeros(1), R.flatten()])[1:].view(R.shape)
-    compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0)
+    compare_head_with_reference(BACKEND, *strided_maps(layout, torch.float32, H=20, W=18), 5, 0.1, 10.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype):
-    R, x = _maps(3, 3, 16, 24, torch.float32, seed=2)
+    R, x = random_maps(3, 3, 16, 24, torch.float32, seed=2)
     compare_head_with_reference(BACKEND, R.to(dtype) * 100, x.to(dtype), 7, 0.1, 10.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_maps_with_many_exact_zeros(dtype):
-    # As ReLU networks give: whole regions of R exactly zero, so |g| and d have many ties.
-    R, x = _maps(4, 3, 24, 20, dtype, seed=3)
-    R = torch.relu(R)
-    R[:, :, :10] = 0
-    R[:, :, :, 15:] = 0
-    R[1] = 0  # one image with no VJP at all
-    compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0)
+    compare_head_with_reference(BACKEND, *relu_like_maps(dtype, H=24, W=20), 7, 0.1, 10.0)
 
 
 def test_sparse_maps_tie_in_d_as_the_reference():
@@ -166,20 +137,20 @@ def test_sparse_maps_tie_in_d_as_the_reference():
     # reference's stable sort. (Windows holding the same values in another arrangement are
     # a different matter: avg_pool2d's summation order can split such ties by an ulp, and
     # no running sum reproduces that; the kernels then tie them exactly.)
-    R, x = _maps(3, 2, 30, 30, torch.float64, seed=4)
+    R, x = random_maps(3, 2, 30, 30, torch.float64, seed=4)
     R[:, :, 4:, :] = 0
     compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0)
 
 
 def test_no_grad_for_x_when_it_does_not_require_it():
-    R, x = _maps(3, 2, 12, 12, torch.float64, seed=4)
+    R, x = random_maps(3, 2, 12, 12, torch.float64, seed=4)
     compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0, x_grad=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_saved_tensors_are_the_cpu_kernels(dtype):
     """Same ranks (ties by index) and, to rounding, the same mask, Gram matrices and stats."""
-    R, x = _maps(5, 3, 13, 11, dtype, seed=5)
+    R, x = random_maps(5, 3, 13, 11, dtype, seed=5)
     emu = torch.ops.sib_fast_emu.sib_head_forward(R, x, 5, 0.1, 10.0)
     cpu = torch.ops.sib_fast.sib_head_forward(R, x, 5, 0.1, 10.0)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -198,7 +169,7 @@ def test_saved_tensors_are_the_cpu_kernels(dtype):
 @pytest.mark.parametrize("order", ["reverse", "random"])
 def test_results_do_not_depend_on_the_thread_schedule(order, monkeypatch):
     """Threads resumed in another order between barriers: a missing barrier would show."""
-    R, x = _maps(3, 2, 11, 9, torch.float32, seed=6)
+    R, x = random_maps(3, 2, 11, 9, torch.float32, seed=6)
     grads = (torch.tensor(0.5), torch.tensor(1.5), torch.randn(3, 11, 9, generator=torch.Generator().manual_seed(1)))
 
     def run():
@@ -212,22 +183,13 @@ def test_results_do_not_depend_on_the_thread_schedule(order, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("where", ["R", "x"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@non_finite_cases
 def test_non_finite_inputs_give_nan(where, bad):
-    R, x = _maps(3, 2, 9, 9, torch.float32, seed=7)
-    (R if where == "R" else x)[1, 0, 4, 4] = bad
-    R.requires_grad_()
-    hsic, bg, _ = sib_fast.sib_terms(R, x, window_size=3, backend=BACKEND)
-    assert torch.isnan(hsic)
-    if where == "R":
-        assert torch.isnan(bg)
-    (dR,) = torch.autograd.grad(hsic + bg, R)  # must not crash or hang
-    assert dR.shape == R.shape
+    check_non_finite_gives_nan(BACKEND, where, bad)
 
 
 def test_op_checks_its_inputs():
-    R, x = _maps(3, 2, 9, 9, torch.float32)
+    R, x = random_maps(3, 2, 9, 9, torch.float32)
     with pytest.raises(RuntimeError, match="same dtype"):
         torch.ops.sib_fast_emu.sib_head_forward(R, x.double(), 3, 0.1, 10.0)
     with pytest.raises(RuntimeError, match="odd"):
@@ -237,7 +199,7 @@ def test_op_checks_its_inputs():
 
 
 def test_opcheck():
-    R, x = _maps(3, 2, 6, 5, torch.float32)
+    R, x = random_maps(3, 2, 6, 5, torch.float32)
     torch.library.opcheck(torch.ops.sib_fast_emu.sib_head_forward.default, (R.requires_grad_(), x, 3, 0.1, 10.0))
 
 

@@ -406,7 +406,7 @@ def head_table(record: dict) -> str:
     # CPU seconds of the process next to wall time: on a loaded machine the gap shows the contention
     cpu_col = any("cpu_time_median" in r.get("timings", {}).get("fwd_bwd", {}) for r in record["rows"])
     lines = [
-        f"| dtype | B | shape | backend | forward ms | backward ms | fwd+bwd ms | "
+        "| dtype | B | shape | backend | forward ms | backward ms | fwd+bwd ms | "
         + ("fwd+bwd CPU-time ms | " if cpu_col else "")
         + f"fwd+bwd vs eager | fwd+bwd GB/s over floor | % of copy BW ({copy:.1f} GB/s) | "
         f"peak extra MB (x R) | max rel err |",
@@ -506,8 +506,6 @@ def append_markdown(record: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sib_fast.bench.machine import load_average
-
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
