@@ -150,6 +150,8 @@ def validate(args: argparse.Namespace) -> None:
                                  "ROOT/train/CLASS/*.jpeg and ROOT/val/CLASS/*.jpeg)")
         if args.spurious:
             raise UsageError("--spurious applies to --data synthetic only")
+    if args.check_vjp and args.no_sib:
+        raise UsageError("--check-vjp compares the two VJP modes of the S-IB loss; it has no use with --no-sib")
     if args.image_size is None:
         args.image_size = 64 if synthetic else 224
     if args.lr is None:

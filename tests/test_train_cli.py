@@ -79,6 +79,7 @@ def _bad_cases(tmp_path):
         (["--spurious", "2"], ["--spurious"]),
         (["--epochs", "0"], ["--epochs"]),
         (["--threads", "0"], ["--threads"]),
+        (["--check-vjp", "--no-sib"], ["--check-vjp", "--no-sib"]),
     ]
 
 
