@@ -30,7 +30,8 @@ from sib_fast.data import CLASSES, SyntheticObjects
 from sib_fast.dispatch import BACKEND_NAMES, BackendUnavailableError, resolve_backend
 from sib_fast.loss import SIBLoss
 from sib_fast.models import BUILTIN, build_model, check_arch
-from sib_fast.training_step import VJP_MODES, DoubleBackwardUnsupportedError, sib_backward, vjp_agreement
+from sib_fast.training_step import (VJP_MODES, DoubleBackwardUnsupportedError, non_smooth_layers, sib_backward,
+                                    vjp_agreement)
 from sib_fast.vjp import input_vjp
 
 PROG = "sib-train"
@@ -522,6 +523,10 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
 
     model = build_model(args.arch, num_classes, args.image_size).to(d.device)
     raw_model = model
+    kinks = non_smooth_layers(model) if args.vjp == "finite_difference" and not args.no_sib else []
+    if kinks:
+        notes.append(f"{args.arch} has {', '.join(kinks)} layers: finite differences do not follow the exact "
+                     "gradient across their kinks (README, 'The two VJP modes'); --check-vjp measures how far")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(args.seed + 1 + d.rank)  # dropout etc. differ between ranks

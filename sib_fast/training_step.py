@@ -47,6 +47,18 @@ _DOUBLE_BACKWARD_MARKERS = (
 )
 
 
+#: Layers whose output has kinks in x (ReLU-like switches, max selection): with them the finite-
+#: difference mode does not follow the exact gradient (see ``vjp_agreement``).
+NON_SMOOTH_LAYERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+                     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                     nn.AdaptiveMaxPool3d)
+
+
+def non_smooth_layers(model: nn.Module) -> list[str]:
+    """Names of the layer types of ``model`` that are not smooth (a hint; functional calls are not seen)."""
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, NON_SMOOTH_LAYERS)})
+
+
 class DoubleBackwardUnsupportedError(RuntimeError):
     """The exact VJP mode needs a double backward that some op of the model does not have."""
 

@@ -180,6 +180,14 @@ def _check_vjp_line(capsys):
     return lines[0]
 
 
+def test_finite_differences_on_a_relu_network_get_a_note(tmp_path, capsys):
+    code, _ = _run(tmp_path, "--epochs", "1", "--arch", "resnet18", "--vjp", "finite_difference")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line and "kinks" in line]
+    assert code == 0 and len(notes) == 1 and "MaxPool2d, ReLU" in notes[0] and "--check-vjp" in notes[0], notes
+    code, _ = _run(tmp_path, "--epochs", "1", "--vjp", "finite_difference", name="smooth")  # sib_cnn: none
+    assert code == 0 and "kinks" not in capsys.readouterr().out
+
+
 def test_check_vjp_reports_the_cosine_and_warns_on_kinks(tmp_path, capsys):
     code, _ = _run(tmp_path, "--epochs", "1", "--vjp", "finite_difference", "--check-vjp")
     line = _check_vjp_line(capsys)
