@@ -466,26 +466,35 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
     bg_mean[b] = static_cast<acc_t>(static_cast<double>(stats[b * kImageStats + kStatBgSum]) / D);
   }
 
-  // dM, then dg, lives between the passes in channel C - 1 of dR when dR holds the compute
-  // dtype: pass 2 reads each row of dg before it writes that row of dR. Half-precision
-  // inputs take a plane from torch's allocator instead (dR could not hold dg exactly).
-  const bool dg_in_dR = std::is_same<scalar_t, acc_t>::value;
-  const at::Tensor own_plane = dg_in_dR ? at::Tensor() : at::empty({B * N}, mask_t.options());
-  acc_t* own = dg_in_dR ? nullptr : own_plane.data_ptr<acc_t>();
-  auto plane_row = [&](int64_t b, int64_t y) -> std::pair<acc_t*, int64_t> {
-    if (dg_in_dR) return {reinterpret_cast<acc_t*>(dRs.row(b, sh.C - 1, y)), dRs.sw};
-    return {own + b * N + y * W, 1};
+  // Planes kept between the passes: dM (then dg) and g, the channel mean of R that pass 1
+  // sums on its way (the chain needs it; reading R again for it would cost a pass). They
+  // live in channels C - 1 and C - 2 of dR when dR holds the compute dtype, as pass 2 reads
+  // each row of them before it writes that row of dR; otherwise (half-precision inputs, or
+  // g when C = 1) in planes from torch's allocator.
+  const bool in_dR = std::is_same<scalar_t, acc_t>::value;
+  const int64_t own_planes = (in_dR ? 0 : 1) + ((in_dR && sh.C >= 2) ? 0 : 1);
+  const at::Tensor own = own_planes ? at::empty({own_planes, B * N}, mask_t.options()) : at::Tensor();
+  auto plane_row = [&](int slot, int64_t b, int64_t y) -> std::pair<acc_t*, int64_t> {
+    const int64_t channel = sh.C - 1 - slot;  // slot 0: dM / dg, slot 1: g
+    if (in_dR && channel >= 0) return {reinterpret_cast<acc_t*>(dRs.row(b, channel, y)), dRs.sw};
+    const int64_t own_index = in_dR ? 0 : slot;
+    return {own.data_ptr<acc_t>() + own_index * B * N + b * N + y * W, 1};
   };
+  constexpr int kSlotDM = 0, kSlotG = 1;
 
-  // Pass 1 over R, x: dM (and dx). Tu = A_u (M R), Tv = A_v (M x) mix the images of a row.
+  // Pass 1 over R, x: dM (and dx), and g. Tu = A_u (M R), Tv = A_v (M x) mix the images of a row.
   at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
-    std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), Tu(B * W), Tv(B * W), dMv(B * W), out(W);
+    std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), Tu(B * W), Tv(B * W), dMv(B * W), gv(B * W),
+        out(W);
     for (int64_t y = y0; y < y1; ++y) {
       std::fill(dMv.begin(), dMv.end(), acc_t(0));
+      std::fill(gv.begin(), gv.end(), acc_t(0));
       for (int64_t c = 0; c < sh.C; ++c) {
         for (int64_t j = 0; j < B; ++j) {
           load_row(Rs.row(j, c, y), Rs.sw, &rv[j * W], W);
           load_row(xs.row(j, c, y), xs.sw, &xv[j * W], W);
+          // channels summed in the forward's order (channel_mean_plane): the same g
+          for (int64_t w = 0; w < W; ++w) gv[j * W + w] += rv[j * W + w];
           acc_t unused_s1, unused_s2;
           mask_row(&rv[j * W], &xv[j * W], mask + j * N + y * W, &mr[j * W], &mx[j * W], W, &unused_s1,
                    &unused_s2);
@@ -502,8 +511,11 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
         }
       }
       for (int64_t i = 0; i < B; ++i) {
-        const auto dst = plane_row(i, y);
-        store_row(&dMv[i * W], dst.first, dst.second, W);
+        for (int64_t w = 0; w < W; ++w) gv[i * W + w] /= static_cast<acc_t>(sh.C);
+        const auto dm_dst = plane_row(kSlotDM, i, y);
+        store_row(&dMv[i * W], dm_dst.first, dm_dst.second, W);
+        const auto g_dst = plane_row(kSlotG, i, y);
+        store_row(&gv[i * W], g_dst.first, g_dst.second, W);
       }
     }
   });
@@ -521,18 +533,18 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
     std::vector<double> row_sums, prefix;
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t y = 0; y < sh.H; ++y) {
-        const auto src = plane_row(b, y);
-        load_row(static_cast<const acc_t*>(src.first), src.second, &dM[y * W], W);
+        const auto dm_src = plane_row(kSlotDM, b, y);
+        load_row(static_cast<const acc_t*>(dm_src.first), dm_src.second, &dM[y * W], W);
+        const auto g_src = plane_row(kSlotG, b, y);
+        load_row(static_cast<const acc_t*>(g_src.first), g_src.second, &g[y * W], W);
       }
       if (gmp)
         for (int64_t p = 0; p < N; ++p) dM[p] += gmp[b * N + p];
-      // g is read again from R rather than kept from pass 1: a plane less of memory
-      channel_mean_plane(Rs, b, sh, g.data(), h.data());
       mask_chain_adjoint(g.data(), mask + b * N, dM.data(), stats + b * kImageStats,
                          ranks + b * kQuantiles * kRankWindow, sh, window, temperature, s, dg.data(), h, d, dd,
                          row_sums, prefix);
       for (int64_t y = 0; y < sh.H; ++y) {
-        const auto dst = plane_row(b, y);
+        const auto dst = plane_row(kSlotDM, b, y);
         store_row(&dg[y * W], dst.first, dst.second, W);
       }
     }
@@ -545,7 +557,7 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
     std::vector<acc_t> rv(B * W), mr(B * W), Tu(B * W), dgv(B * W), out(W);
     for (int64_t y = y0; y < y1; ++y) {
       for (int64_t i = 0; i < B; ++i) {  // before channel C - 1 of this row is overwritten
-        const auto src = plane_row(i, y);
+        const auto src = plane_row(kSlotDM, i, y);
         load_row(static_cast<const acc_t*>(src.first), src.second, &dgv[i * W], W);
       }
       for (int64_t c = 0; c < sh.C; ++c) {
