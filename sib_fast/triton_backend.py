@@ -27,7 +27,8 @@ backward (upstream dH, dBG and optionally dM)
   8. ``_bwd_prep_kernel``       A = d loss / d(masked R Gram) folded with the normalisation,
                                 and the same A' for x.
   9. ``_bwd_dm_kernel``         one pass over R, x, M: dM of the Gram and background terms,
-                                dx when x needs it, then dz = dM * s M (1 - M) and its sums.
+                                dx when x needs it, then dz = dM * s M (1 - M) and its sums;
+                                g = mean_c R again (the forward keeps no plane of it).
  10. ``_t2_scatter_kernel``     d t2 back to the selected ranks of d.
  11. ``_hbox_kernel``, ``_vbox_kernel``  the box mean is self-adjoint; the column pass ends
                                 with dy = dh * s h (1 - h) and its per-image sums.
@@ -42,7 +43,10 @@ Beyond 32 images the backward's image blocks read R and x once per block, from L
 the blocks of one pixel range run together (they are adjacent in the grid).
 
 Planes (B x N) are kept in the compute dtype (float32, or float64 when an input is
-float64); the big tensors are read in their own dtype and layout (contiguous,
+float64). The backward's three planes (g, dz/dy, prefix sums) are channels of dR itself
+when it can hold them (``_backward_planes``), so forward and backward together allocate
+dR, the saved mask and small buffers: 1.33x the size of R for three channels in float32
+(the target is 1.5x; tests/test_triton_backend.py measures it). The big tensors are read in their own dtype and layout (contiguous,
 channels_last or any strides). Every reduction has a fixed order, so results are
 deterministic. Registered as the custom ops ``sib_fast_triton::head_forward``,
 ``sib_fast_triton::mask_forward`` and ``sib_fast_triton::head_backward`` with fake
@@ -71,7 +75,7 @@ P_SLOPE, P_RANGE_EPS, P_NORM_EPS, P_FIXED = 0, 1, 2, 3
 TABLE_SIZE = (N_WINDOWS + 1) * SLOTS
 MAX_IMAGE_BLOCK = 128  # images per Gram tile
 BWD_SINGLE_MAX = 32  # the backward keeps A on chip up to this batch
-BWD_IMAGE_BLOCK = 64  # else image blocks of this size
+BWD_IMAGE_BLOCK = 32  # else image blocks of this size (64 spills on sm_80 with channels_last R)
 SELECT_CHUNK = 2048  # elements per iteration of the rank select
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
@@ -245,13 +249,14 @@ def _select_kernel(plane, table, stats, sel_idx, sel_w, scr_val, N,
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
+def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD, PS, PP,
                  FROM_G: tl.constexpr, CT: tl.constexpr, RT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                  N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """Row sums over [w - RAD, w + RAD] (zeros outside) of src, or of h computed from g.
 
     Prefix sums of each row go to ``pre``; after a barrier, out = pre[w + RAD] - pre[w - RAD - 1].
-    ``out`` may be ``src`` (each program owns its rows). With FROM_G (the forward) h is summed
+    ``out`` may be ``src`` (each program owns its rows). Every plane has pixel (b, p) at
+    b * PS + p * PP (the backward's planes may be channels of dR). With FROM_G (the forward) h is summed
     in fixed point, RT an integer type, h * 2^S rounded (S from the table): the sums wrap
     around but their differences, the box sums, are exact, so equal windows give equal sums
     as they do in avg_pool2d (the mask's quantile then breaks its ties like the reference).
@@ -259,8 +264,7 @@ def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
     b = tl.program_id(1)
     rows = tl.program_id(0) * BH + tl.arange(0, BH)
     rm = rows < H
-    plane = b.to(tl.int64) * H * W
-    rowoff = plane + rows.to(tl.int64)[:, None] * W
+    rowoff = b.to(tl.int64) * PS + rows.to(tl.int64)[:, None] * W * PP
     if FROM_G:
         slope = tl.load(table + N_WIN * NSLOT + 0)
         reps = tl.load(table + N_WIN * NSLOT + 1)
@@ -276,14 +280,14 @@ def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
         m = rm[:, None] & (cols < W)[None, :]
         last = cols[None, :] == tl.minimum(w0 + BW, W) - 1
         if FROM_G:
-            gv = tl.load(g + rowoff + cols[None, :], mask=m, other=0)
+            gv = tl.load(g + rowoff + cols[None, :] * PP, mask=m, other=0)
             h = 1.0 / (1.0 + tl.exp(-slope * ((tl.abs(gv) - lo) / S - t1)))
             hq = tl.where(m, (h * fixed + 0.5).to(RT), 0)
             run = tl.cumsum(hq, 1) + carry[:, None]
         else:
-            h = tl.load(src + rowoff + cols[None, :], mask=m, other=0)
+            h = tl.load(src + rowoff + cols[None, :] * PP, mask=m, other=0)
             run = tl.cumsum(h, 1) + carry[:, None]
-        tl.store(pre + rowoff + cols[None, :], run, mask=m)
+        tl.store(pre + rowoff + cols[None, :] * PP, run, mask=m)
         # the running sum at the chunk's last column (not carry + sum(h): that loop-carried
         # reduction trips an assertion in Triton's thread-locality pass)
         carry = tl.sum(tl.where(last, run, 0), axis=1)
@@ -293,30 +297,32 @@ def _hbox_kernel(src, g, stats, table, pre, out, H, W, RAD,
         m = rm[:, None] & (cols < W)[None, :]
         right = tl.minimum(cols + RAD, W - 1)
         left = cols - RAD - 1
-        s_r = tl.load(pre + rowoff + right[None, :], mask=m, other=0)
-        s_l = tl.load(pre + rowoff + left[None, :], mask=m & (left >= 0)[None, :], other=0)
-        tl.store(out + rowoff + cols[None, :], s_r - s_l, mask=m)
+        s_r = tl.load(pre + rowoff + right[None, :] * PP, mask=m, other=0)
+        s_l = tl.load(pre + rowoff + left[None, :] * PP, mask=m & (left >= 0)[None, :], other=0)
+        tl.store(out + rowoff + cols[None, :] * PP, s_r - s_l, mask=m)
 
 
 @triton.jit
-def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
+def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2, PS, PP,
                  BACKWARD: tl.constexpr, CT: tl.constexpr, RT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                  N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """Column sums over [h - RAD, h + RAD] of the row sums in src, divided by K2 = k*k.
 
     Forward: src holds _hbox_kernel's fixed-point row sums (RT), out = d (CT). Backward (RT =
     CT): out = dy = box(dd) * s h (1 - h), and part[b, program] gets the sums of dy and of
-    dy * u over the program's columns. ``out`` may be the memory of ``src``.
+    dy * u over the program's columns. ``out`` may be the memory of ``src``. Planes as in
+    _hbox_kernel: pixel (b, p) at b * PS + p * PP.
     """
     b = tl.program_id(1)
     cols = tl.program_id(0) * BW + tl.arange(0, BW)
     cm = cols < W
-    plane = b.to(tl.int64) * H * W
+    plane = b.to(tl.int64) * PS
+    cpix = cols.to(tl.int64)[None, :] * PP
     carry = tl.zeros([BW], RT)
     for h0 in range(0, H, BH):
         rows = h0 + tl.arange(0, BH)
         m = (rows < H)[:, None] & cm[None, :]
-        offs = plane + rows.to(tl.int64)[:, None] * W + cols[None, :]
+        offs = plane + rows.to(tl.int64)[:, None] * W * PP + cpix
         v = tl.load(src + offs, mask=m, other=0)
         run = tl.cumsum(v, 0) + carry[None, :]
         tl.store(pre + offs, run, mask=m)
@@ -340,10 +346,10 @@ def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2,
         m = (rows < H)[:, None] & cm[None, :]
         lower = tl.minimum(rows + RAD, H - 1)
         upper = rows - RAD - 1
-        s_r = tl.load(pre + plane + lower.to(tl.int64)[:, None] * W + cols[None, :], mask=m, other=0)
-        s_l = tl.load(pre + plane + upper.to(tl.int64)[:, None] * W + cols[None, :],
+        s_r = tl.load(pre + plane + lower.to(tl.int64)[:, None] * W * PP + cpix, mask=m, other=0)
+        s_l = tl.load(pre + plane + upper.to(tl.int64)[:, None] * W * PP + cpix,
                       mask=m & (upper >= 0)[:, None], other=0)
-        offs = plane + rows.to(tl.int64)[:, None] * W + cols[None, :]
+        offs = plane + rows.to(tl.int64)[:, None] * W * PP + cpix
         if BACKWARD:
             box = (s_r - s_l) / k2
             gv = tl.load(g + offs, mask=m, other=0)
@@ -571,15 +577,17 @@ def _bwd_prep_kernel(gram, grad_hsic, table, A, B,
 
 
 @triton.jit
-def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx,
+def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part, dx,
                    B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
-                   D, blocks_per_split,
+                   D, blocks_per_split, PS, PP,
                    HEAD: tl.constexpr, HAS_GM: tl.constexpr, GRAD_X: tl.constexpr, FLAT: tl.constexpr,
                    SINGLE: tl.constexpr, NBB: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
                    BB: tl.constexpr, BP: tl.constexpr,
                    N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """dM_i = sum_c R_i (A @ MR)_i + sum_c x_i (A' @ Mx)_i - beta sum_c R_i (r_i - mean_i) + gM;
-    writes dz = dM s M (1 - M), its per-program sums, and dx = M (A' @ Mx) when GRAD_X."""
+    writes dz = dM s M (1 - M), its per-program sums, and dx = M (A' @ Mx) when GRAD_X. Also
+    g = mean_c R again, as _channel_mean_kernel sums it (the same bits), rather than keeping
+    the forward's plane. The planes g and dz have pixel (b, p) at b * PS + p * PP."""
     ib = tl.program_id(0)
     split = tl.program_id(1)
     slope = tl.load(table + N_WIN * NSLOT + 0)
@@ -604,16 +612,16 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx
         plane_i = rows_i.to(tl.int64)[:, None] * N + p[None, :]
         M_i = tl.load(M + plane_i, mask=mi, other=0)
         dM = tl.zeros([BB, BP], CT)
+        if FLAT:
+            pixR = p.to(tl.int64) * sRw
+        else:
+            pixR = (p // W).to(tl.int64) * sRh + (p % W).to(tl.int64) * sRw
+        ptrR = R + rows_i.to(tl.int64)[:, None] * sRb + pixR[None, :]
         if HEAD:
-            if FLAT:
-                pixR = p.to(tl.int64) * sRw
-            else:
-                pixR = (p // W).to(tl.int64) * sRh + (p % W).to(tl.int64) * sRw
             if FLAT:
                 pixx = p.to(tl.int64) * sxw
             else:
                 pixx = (p // W).to(tl.int64) * sxh + (p % W).to(tl.int64) * sxw
-            ptrR = R + rows_i.to(tl.int64)[:, None] * sRb + pixR[None, :]
             ptrx = x + rows_i.to(tl.int64)[:, None] * sxb + pixx[None, :]
             if GRAD_X:
                 if FLAT:
@@ -621,6 +629,7 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx
                 else:
                     pixd = (p // W).to(tl.int64) * sdh + (p % W).to(tl.int64) * sdw
                 ptrd = dx + rows_i.to(tl.int64)[:, None] * sdb + pixd[None, :]
+        if HEAD:
             for c in range(C):
                 vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
                 vx = tl.load(ptrx + c * sxc, mask=mi, other=0).to(CT)
@@ -657,16 +666,22 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, dz, dz_part, dx
                     dM += vx * Tx
                 if GRAD_X:
                     tl.store(ptrd + c * sdc, (M_i * Tx).to(dx.dtype.element_ty), mask=mi)
+        # g after the products, from cache: a sum carried through them would spill at 64 images
+        gsum = tl.zeros([BB, BP], CT)
+        for c in range(C):
+            gsum += tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
         if HAS_GM:
             dM += tl.load(grad_mask + plane_i, mask=mi, other=0).to(CT)
         z = tl.where(mi, dM * slope * M_i * (1.0 - M_i), 0.0)
-        tl.store(dz + plane_i, z, mask=mi)
+        slot_i = rows_i.to(tl.int64)[:, None] * PS + p.to(tl.int64)[None, :] * PP
+        tl.store(dz + slot_i, z, mask=mi)
+        tl.store(g + slot_i, gsum / C, mask=mi)
         zsum += tl.sum(z, axis=1)
     tl.store(dz_part + rows_i * tl.num_programs(1) + split, zsum, mask=ri)
 
 
 @triton.jit
-def _t2_scatter_kernel(dz, dz_part, sel_idx, sel_w, N, n_part,
+def _t2_scatter_kernel(dz, dz_part, sel_idx, sel_w, n_part, PS, PP,
                        CT: tl.constexpr, BLOCK: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """dd = dz + w_k dt2 at the selected ranks of d, with dt2 = -sum dz (one program per image)."""
     b = tl.program_id(0)
@@ -680,14 +695,14 @@ def _t2_scatter_kernel(dz, dz_part, sel_idx, sel_w, N, n_part,
     ix = tl.load(sel_idx + row + j)
     w = tl.load(sel_w + row + j)
     ok = ix >= 0
-    ptr = dz + b.to(tl.int64) * N + tl.where(ok, ix, 0)
+    ptr = dz + b.to(tl.int64) * PS + tl.where(ok, ix, 0).to(tl.int64) * PP
     old = tl.load(ptr, mask=ok, other=0)
     tl.debug_barrier()
     tl.store(ptr, old + w * dt2, mask=ok)
 
 
 @triton.jit
-def _bwd_scalars_kernel(dy, part, stats, table, sel_idx, N, n_part,
+def _bwd_scalars_kernel(dy, part, stats, table, sel_idx, n_part, PS, PP,
                         r0_0, len_0, r0_1, len_1, r0_2, len_2,
                         CT: tl.constexpr, BLOCK: tl.constexpr, N_STATS: tl.constexpr,
                         NSLOT: tl.constexpr, N_WIN: tl.constexpr):
@@ -733,7 +748,7 @@ def _bwd_scalars_kernel(dy, part, stats, table, sel_idx, N, n_part,
     in2 = (k2 >= 0) & (k2 < len_2)
     total += tl.where(in2, tl.load(table + 2 * NSLOT + k2, mask=in2, other=0) * dhi, 0.0)
     ok = ix >= 0
-    ptr = dy + b.to(tl.int64) * N + tl.where(ok, ix, 0)
+    ptr = dy + b.to(tl.int64) * PS + tl.where(ok, ix, 0).to(tl.int64) * PP
     old = tl.load(ptr, mask=ok, other=0)
     tl.debug_barrier()  # a pixel in several windows: every entry reads before any writes
     tl.store(ptr, old + S * total, mask=ok)  # equal values for repeated pixels
@@ -741,12 +756,15 @@ def _bwd_scalars_kernel(dy, part, stats, table, sel_idx, N, n_part,
 
 @triton.jit
 def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
-                   B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, D, blocks_per_split,
+                   B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, D, blocks_per_split, PS, PP,
                    HEAD: tl.constexpr, FLAT: tl.constexpr, SINGLE: tl.constexpr, NBB: tl.constexpr,
                    CT: tl.constexpr,
                    DOT_PREC: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr,
                    N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
-    """dR_i = M_i (A @ MR)_i + (1 - M_i) beta (r_i - mean_i) + sign(g_i) dy_i / (S_i C)."""
+    """dR_i = M_i (A @ MR)_i + (1 - M_i) beta (r_i - mean_i) + sign(g_i) dy_i / (S_i C).
+
+    The planes g and dy have pixel (b, p) at b * PS + p * PP; they may be channels of dR
+    itself: each element of them is read before the one store that overwrites it."""
     ib = tl.program_id(0)
     split = tl.program_id(1)
     rows_i = ib * BB + tl.arange(0, BB)
@@ -768,9 +786,10 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
         pm = p < N
         mi = ri[:, None] & pm[None, :]
         plane_i = rows_i.to(tl.int64)[:, None] * N + p[None, :]
-        gv = tl.load(g + plane_i, mask=mi, other=0)
+        slot_i = rows_i.to(tl.int64)[:, None] * PS + p.to(tl.int64)[None, :] * PP
+        gv = tl.load(g + slot_i, mask=mi, other=0)
         sgn = tl.where(gv > 0, 1.0, tl.where(gv < 0, -1.0, 0.0))
-        dgc = sgn * tl.load(dy + plane_i, mask=mi, other=0) * inv_SC[:, None]
+        dgc = sgn * tl.load(dy + slot_i, mask=mi, other=0) * inv_SC[:, None]
         if FLAT:
             pixd = p.to(tl.int64) * sdw
         else:
@@ -863,8 +882,8 @@ class _Plan:
         self.gram_stages = 3
         self.gram_bps, self.gram_split = self._split(_cdiv(N, self.bp), target, 2 * self.nbb * self.nbb)
         # 9, 13. backward passes: T = A @ (M R) needs A (B x B) on chip as a dot operand. Up to
-        # 32 images it stays there for the whole pass; beyond, programs own 64 rows of images and
-        # loop over 64-image column blocks of A (the row blocks of one pixel range run side by
+        # 32 images it stays there for the whole pass; beyond, programs own 32 rows of images and
+        # loop over 32-image column blocks of A (the row blocks of one pixel range run side by
         # side, so the repeated reads of R and x come from L2).
         if B <= BWD_SINGLE_MAX:
             self.bwd_bb, self.bwd_single = max(16, _next_pow2(B)), True
@@ -970,7 +989,7 @@ _CONST = dict(N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS)
 
 
 def _mask_chain(R, ct, window_size, temperature, slope, plan):
-    """Stages 1-5: g, the quantile statistics, the selected ranks and d (B, H, W)."""
+    """Stages 1-5: the quantile statistics, the selected ranks and d (B, H, W)."""
     B, C, H, W = R.shape
     N = H * W
     table = _table(N, temperature, slope, window_size, ct, R.device)
@@ -992,17 +1011,17 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     rad = window_size // 2
     # forward box sums in fixed point: integer views of the same planes
     prefix_q, d_q = prefix.view(plan.key_dtype), d.view(plan.key_dtype)
-    _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), g, g, stats, table, prefix_q, d_q, H, W, rad,
+    _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), g, g, stats, table, prefix_q, d_q, H, W, rad, N, 1,
             FROM_G=True, CT=plan.tl_ct, RT=plan.tl_key, BH=plan.hbox_bh, BW=plan.hbox_bw, **_CONST,
             num_warps=plan.hbox_warps)
     _launch(_vbox_kernel, (plan.n_colblocks, B), d_q, g, stats, table, prefix_q, d, stats, H, W, rad,
-            window_size * window_size, BACKWARD=False, CT=plan.tl_ct, RT=plan.tl_key, BH=plan.vbox_bh, BW=plan.vbox_bw,
+            window_size * window_size, N, 1, BACKWARD=False, CT=plan.tl_ct, RT=plan.tl_key, BH=plan.vbox_bh, BW=plan.vbox_bw,
             **_CONST, num_warps=plan.vbox_warps)
     _launch(_select_kernel, (B,), d, table, stats, sel_idx, sel_w, scratch, N,
             win[3][0], win[3][1], 0, 1, 0, 1,
             WIN0=3, NQ=1, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk,
             NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
-    return table, g, stats, sel_idx, sel_w, d
+    return table, stats, sel_idx, sel_w, d
 
 
 def _head_forward_impl(R, x, window_size, temperature, slope):
@@ -1010,7 +1029,7 @@ def _head_forward_impl(R, x, window_size, temperature, slope):
     plan = _plan(R, ct)
     B, C, H, W = R.shape
     N = H * W
-    table, g, stats, sel_idx, sel_w, d = _mask_chain(R, ct, window_size, temperature, slope, plan)
+    table, stats, sel_idx, sel_w, d = _mask_chain(R, ct, window_size, temperature, slope, plan)
     mask = R.new_empty((B, H, W), dtype=ct)
     gram_part = R.new_empty((plan.gram_split, 2, B, B), dtype=ct)
     bg_part = R.new_empty((plan.gram_split, B, 3), dtype=ct)
@@ -1028,7 +1047,7 @@ def _head_forward_impl(R, x, window_size, temperature, slope):
     _launch(_finalize_kernel, (1,), gram, bg_part, table, stats, hsic, bg, B, C * N,
             plan.gram_split, CT=plan.tl_ct, BB=plan.bb_all, RB=plan.row_block, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS,
             num_warps=plan.small_warps)
-    return hsic, bg, mask, g, stats, sel_idx, sel_w, gram
+    return hsic, bg, mask, stats, sel_idx, sel_w, gram
 
 
 def _mask_forward_impl(R, window_size, temperature, slope):
@@ -1036,14 +1055,31 @@ def _mask_forward_impl(R, window_size, temperature, slope):
     plan = _plan(R, ct)
     B, C, H, W = R.shape
     N = H * W
-    table, g, stats, sel_idx, sel_w, d = _mask_chain(R, ct, window_size, temperature, slope, plan)
+    table, stats, sel_idx, sel_w, d = _mask_chain(R, ct, window_size, temperature, slope, plan)
     mask = R.new_empty((B, H, W), dtype=ct)
     _launch(_mask_kernel, (_cdiv(N, plan.mean_block), B), d, stats, table, mask, N,
             BLOCK=plan.mean_block, **_CONST, num_warps=plan.mean_warps)
-    return mask, g, stats, sel_idx, sel_w
+    return mask, stats, sel_idx, sel_w
 
 
-def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel_idx, sel_w, gram,
+def _backward_planes(dR, ct):
+    """The backward's three (B, H*W) planes of the compute dtype: g, dz (then dy) and the box
+    pass's prefix sums, with pixel (b, p) of each at b * PS + p * PP; returns them, PS and PP.
+
+    They are channels C-1, C-2, C-3 of dR itself when dR holds the compute dtype, has three
+    channels or more and evenly spaced pixels (contiguous or channels_last): _bwd_dr_kernel
+    reads g and dy at a pixel before it writes dR there. Then the backward allocates no plane
+    besides dR, and the head's extra memory is dR and the saved mask. Otherwise, one buffer.
+    """
+    B, C, H, W = dR.shape
+    (sb, sc, _, sw), flat = _strides(dR)
+    if dR.dtype == ct and C >= 3 and flat:
+        return dR[:, C - 1], dR[:, C - 2], dR[:, C - 3], sb, sw
+    own = dR.new_empty((3, B, H, W), dtype=ct)
+    return own[0], own[1], own[2], H * W, 1
+
+
+def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_idx, sel_w, gram,
                         window_size, temperature, slope, head, grad_x):
     ct = stats.dtype
     plan = _plan(R, ct)
@@ -1061,7 +1097,8 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel
         grad_bg = stats
     has_gm = grad_mask is not None
     gm = grad_mask.contiguous() if has_gm else stats
-    dz = R.new_empty((B, H, W), dtype=ct)
+    dR = torch.empty_like(R)
+    g, dz, prefix, PS, PP = _backward_planes(dR, ct)
     dz_part = R.new_empty((B, plan.bwd_split), dtype=ct)
     dx = x.new_empty(0)
     want_dx = bool(head and grad_x)
@@ -1070,30 +1107,28 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel
     (sRb, sRc, sRh, sRw), flat_r = _strides(R)
     (sxb, sxc, sxh, sxw), flat_x = _strides(x)
     (sdb, sdc, sdh, sdw), flat_d = _strides(dx) if want_dx else ((0, 0, 0, 0), True)
-    _launch(_bwd_dm_kernel, (plan.bwd_nbb, plan.bwd_split), R, x, mask, A, stats, table, grad_bg, gm, dz, dz_part,
-            dx if want_dx else dz, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
-            C * N, plan.bwd_bps, HEAD=bool(head), HAS_GM=has_gm, GRAD_X=want_dx,
+    _launch(_bwd_dm_kernel, (plan.bwd_nbb, plan.bwd_split), R, x, mask, A, stats, table, grad_bg, gm, g, dz,
+            dz_part, dx if want_dx else dz, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
+            C * N, plan.bwd_bps, PS, PP, HEAD=bool(head), HAS_GM=has_gm, GRAD_X=want_dx,
             FLAT=flat_r and flat_x and flat_d, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
             BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
             num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
-    _launch(_t2_scatter_kernel, (B,), dz, dz_part, sel_idx, sel_w, N, plan.bwd_split,
+    _launch(_t2_scatter_kernel, (B,), dz, dz_part, sel_idx, sel_w, plan.bwd_split, PS, PP,
             CT=plan.tl_ct, BLOCK=plan.part_block, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
-    prefix = R.new_empty((B, H, W), dtype=ct)
     rad = window_size // 2
     part = R.new_empty((B, plan.n_colblocks, 2), dtype=ct)
-    _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), dz, g, stats, table, prefix, dz, H, W, rad,
+    _launch(_hbox_kernel, (_cdiv(H, plan.hbox_bh), B), dz, g, stats, table, prefix, dz, H, W, rad, PS, PP,
             FROM_G=False, CT=plan.tl_ct, RT=plan.tl_ct, BH=plan.hbox_bh, BW=plan.hbox_bw, **_CONST,
             num_warps=plan.hbox_warps)
     _launch(_vbox_kernel, (plan.n_colblocks, B), dz, g, stats, table, prefix, dz, part, H, W, rad,
-            window_size * window_size, BACKWARD=True, CT=plan.tl_ct, RT=plan.tl_ct, BH=plan.vbox_bh, BW=plan.vbox_bw,
+            window_size * window_size, PS, PP, BACKWARD=True, CT=plan.tl_ct, RT=plan.tl_ct, BH=plan.vbox_bh, BW=plan.vbox_bw,
             **_CONST, num_warps=plan.vbox_warps)
     win = _windows(N)
-    _launch(_bwd_scalars_kernel, (B,), dz, part, stats, table, sel_idx, N, plan.n_colblocks,
+    _launch(_bwd_scalars_kernel, (B,), dz, part, stats, table, sel_idx, plan.n_colblocks, PS, PP,
             win[0][0], win[0][1], win[1][0], win[1][1], win[2][0], win[2][1], CT=plan.tl_ct, BLOCK=plan.part_block, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
-    dR = torch.empty_like(R)
     (sdb, sdc, sdh, sdw), flat_dr = _strides(dR)
     _launch(_bwd_dr_kernel, (plan.bwd_nbb, plan.bwd_split), R, mask, g, dz, A, stats, table, grad_bg, dR,
-            B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, C * N, plan.bwd_bps,
+            B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, C * N, plan.bwd_bps, PS, PP,
             HEAD=bool(head), FLAT=flat_r and flat_dr, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct,
             DOT_PREC=plan.dot_prec, BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
             num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
@@ -1109,8 +1144,8 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("sib_fast_triton::head_forward", mutates_args=())
 def head_forward(R: Tensor, x: Tensor, window_size: int, temperature: float, slope: float
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(hsic, bg, mask, g, stats, sel_idx, sel_w, gram); the last five are saved for the backward."""
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(hsic, bg, mask, stats, sel_idx, sel_w, gram); the last five are saved for the backward."""
     return _head_forward_impl(R, x, window_size, temperature, slope)
 
 
@@ -1119,15 +1154,15 @@ def _head_forward_fake(R, x, window_size, temperature, slope):
     ct = compute_dtype(R, x)
     B, _, H, W = R.shape
     return (R.new_empty((), dtype=ct), R.new_empty((), dtype=ct), R.new_empty((B, H, W), dtype=ct),
-            R.new_empty((B, H, W), dtype=ct), R.new_empty((B, STATS), dtype=ct),
+            R.new_empty((B, STATS), dtype=ct),
             R.new_empty((B, N_WINDOWS, SLOTS), dtype=torch.int32), R.new_empty((B, N_WINDOWS, SLOTS), dtype=ct),
             R.new_empty((2, B, B), dtype=ct))
 
 
 @torch.library.custom_op("sib_fast_triton::mask_forward", mutates_args=())
 def mask_forward(R: Tensor, window_size: int, temperature: float, slope: float
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(mask, g, stats, sel_idx, sel_w): the mask chain alone."""
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mask, stats, sel_idx, sel_w): the mask chain alone."""
     return _mask_forward_impl(R, window_size, temperature, slope)
 
 
@@ -1135,38 +1170,40 @@ def mask_forward(R: Tensor, window_size: int, temperature: float, slope: float
 def _mask_forward_fake(R, window_size, temperature, slope):
     ct = compute_dtype(R)
     B, _, H, W = R.shape
-    return (R.new_empty((B, H, W), dtype=ct), R.new_empty((B, H, W), dtype=ct), R.new_empty((B, STATS), dtype=ct),
+    return (R.new_empty((B, H, W), dtype=ct), R.new_empty((B, STATS), dtype=ct),
             R.new_empty((B, N_WINDOWS, SLOTS), dtype=torch.int32), R.new_empty((B, N_WINDOWS, SLOTS), dtype=ct))
 
 
 @torch.library.custom_op("sib_fast_triton::head_backward", mutates_args=())
 def head_backward(grad_hsic: Optional[Tensor], grad_bg: Optional[Tensor], grad_mask: Optional[Tensor],
-                  R: Tensor, x: Tensor, mask: Tensor, g: Tensor, stats: Tensor, sel_idx: Tensor,
+                  R: Tensor, x: Tensor, mask: Tensor, stats: Tensor, sel_idx: Tensor,
                   sel_w: Tensor, gram: Tensor, window_size: int, temperature: float, slope: float,
                   head: bool, grad_x: bool) -> tuple[Tensor, Tensor]:
     """(dR, dx); dx is empty unless head and grad_x."""
-    return _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel_idx, sel_w, gram,
+    return _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_idx, sel_w, gram,
                                window_size, temperature, slope, head, grad_x)
 
 
 @head_backward.register_fake
-def _head_backward_fake(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel_idx, sel_w, gram,
+def _head_backward_fake(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_idx, sel_w, gram,
                         window_size, temperature, slope, head, grad_x):
     return torch.empty_like(R), (torch.empty_like(x) if (head and grad_x) else x.new_empty(0))
 
 
 def _head_setup_context(ctx, inputs, output):
     R, x, window_size, temperature, slope = inputs
-    _, _, mask, g, stats, sel_idx, sel_w, gram = output
-    ctx.save_for_backward(R, x, mask, g, stats, sel_idx, sel_w, gram)
+    _, _, mask, stats, sel_idx, sel_w, gram = output
+    ctx.save_for_backward(R, x, mask, stats, sel_idx, sel_w, gram)
     ctx.hyperparameters = (window_size, temperature, slope)
-    ctx.mark_non_differentiable(g, stats, sel_idx, sel_w, gram)
+    ctx.mark_non_differentiable(stats, sel_idx, sel_w, gram)
+    # Unused outputs would otherwise get (B, H, W) planes of zeros as their gradients.
+    ctx.set_materialize_grads(False)
 
 
 def _head_autograd(ctx, grad_hsic, grad_bg, grad_mask, *_unused):
-    R, x, mask, g, stats, sel_idx, sel_w, gram = ctx.saved_tensors
+    R, x, mask, stats, sel_idx, sel_w, gram = ctx.saved_tensors
     want_dx = ctx.needs_input_grad[1]
-    dR, dx = head_backward(grad_hsic, grad_bg, grad_mask, R, x, mask, g, stats, sel_idx, sel_w, gram,
+    dR, dx = head_backward(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_idx, sel_w, gram,
                            *ctx.hyperparameters, True, want_dx)
     return dR, (dx if want_dx else None), None, None, None
 
@@ -1176,15 +1213,18 @@ head_forward.register_autograd(_head_autograd, setup_context=_head_setup_context
 
 def _mask_setup_context(ctx, inputs, output):
     R, window_size, temperature, slope = inputs
-    mask, g, stats, sel_idx, sel_w = output
-    ctx.save_for_backward(R, mask, g, stats, sel_idx, sel_w)
+    mask, stats, sel_idx, sel_w = output
+    ctx.save_for_backward(R, mask, stats, sel_idx, sel_w)
     ctx.hyperparameters = (window_size, temperature, slope)
-    ctx.mark_non_differentiable(g, stats, sel_idx, sel_w)
+    ctx.mark_non_differentiable(stats, sel_idx, sel_w)
+    ctx.set_materialize_grads(False)
 
 
 def _mask_autograd(ctx, grad_mask, *_unused):
-    R, mask, g, stats, sel_idx, sel_w = ctx.saved_tensors
-    dR, _ = head_backward(None, None, grad_mask, R, R, mask, g, stats, sel_idx, sel_w, R.new_empty(0),
+    if grad_mask is None:
+        return None, None, None, None
+    R, mask, stats, sel_idx, sel_w = ctx.saved_tensors
+    dR, _ = head_backward(None, None, grad_mask, R, R, mask, stats, sel_idx, sel_w, R.new_empty(0),
                           *ctx.hyperparameters, False, False)
     return dR, None, None, None
 

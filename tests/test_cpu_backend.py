@@ -6,6 +6,7 @@ import sib_fast
 from comparison import PIECEWISE_CASES, compare_head_with_reference, compare_piecewise_constant_with_reference
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
                          relu_like_maps, strided_maps)
+from memory_budget import check_head_memory_budget
 
 pytestmark = pytest.mark.skipif("cpu" not in sib_fast.available_backends("cpu"),
                                 reason="sib_fast._C was not built with CPU kernels")
@@ -31,6 +32,15 @@ def test_matches_reference(case, dtype):
 def test_strided_inputs(layout, dtype):
     R, x = strided_maps(layout, dtype)
     compare_head_with_reference("cpu", R, x, 9, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_extra_memory_within_budget(layout):
+    # dM, dg and g live in channels of dR between the passes: dR and the mask only
+    R, x = random_maps(4, 3, 64, 56, torch.float32)
+    if layout == "channels_last":
+        R, x = strided_maps(layout, torch.float32)
+    check_head_memory_budget("cpu", R, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

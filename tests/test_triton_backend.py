@@ -21,6 +21,7 @@ import torch
 
 from comparison import (GRADIENT_TOLERANCE, RELATIVE_TOLERANCE, assert_matches_reference, compare_head_with_reference,
                         compare_piecewise_constant_with_reference)
+from memory_budget import check_head_memory_budget
 
 # The interpreter evaluates in numpy, which warns where the kernels rely on IEEE overflow
 # (sigmoid of a large argument: exp overflows to inf, 1 / (1 + inf) = 0).
@@ -76,6 +77,8 @@ def _layout(t, layout):
         big = torch.zeros(B, C + 1, H + 3, W + 4, dtype=t.dtype, device=t.device)
         big[:, 1:, 2:H + 2, 1:W + 1] = t
         return big[:, 1:, 2:H + 2, 1:W + 1]
+    if layout == "transposed":
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
     return t
 
 
@@ -86,6 +89,7 @@ CASES = [
     (5, 3, 40, 48, 9, 0.1, 10.0, "contiguous", True),     # the largest: several pixel splits and column blocks
     (3, 3, 8, 6, 3, 0.1, 10.0, "channels_last", True),
     (2, 3, 9, 7, 1, 0.3, 4.0, "sliced", False),          # window 1, other T and s, x without grad
+    (2, 3, 7, 9, 3, 0.1, 10.0, "transposed", True),      # pixels not evenly spaced: planes of its own
 ]
 
 
@@ -107,6 +111,13 @@ def test_bfloat16_inputs():
     # on the same (rounded) values; the gradients are written in bfloat16.
     R, x = _maps(2, 3, 6, 6, torch.bfloat16, seed=2)
     compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_extra_memory_within_budget(layout):
+    # the backward's planes (g, dz, prefix sums) live in channels of dR: dR and the mask only
+    R, x = _maps(4, 3, 32, 28)
+    check_head_memory_budget("triton", _layout(R, layout), _layout(x, layout))
 
 
 def test_loops_over_several_chunks(monkeypatch):

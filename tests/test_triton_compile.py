@@ -2,6 +2,7 @@
 
 The launchers of ``sib_fast.triton_backend`` run on CPU tensors with their launches
 recorded instead of executed (``_launch_hook``), at 224x224 (B=128) and at a small shape,
+contiguous and channels_last (whose backward planes are strided channels of dR),
 for the head's forward and backward (with and without dx) and the mask alone. Each
 recorded launch is specialised exactly as Triton's JIT would (its binder and
 ``_pack_args``) and compiled with ``triton.compile`` for ``GPUTarget("cuda", 80|90, 32)``;
@@ -25,7 +26,9 @@ import pytest
 # The passes over R, x and dR: a spill there costs bandwidth on every element.
 HOT_KERNELS = ("_channel_mean_kernel", "_gram_kernel", "_bwd_dm_kernel", "_bwd_dr_kernel")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
-SHAPES = {"224x224": (128, 3, 224, 224), "small": (3, 3, 9, 7)}
+# name: (B, C, H, W), channels_last
+SHAPES = {"224x224": ((128, 3, 224, 224), False), "224x224-cl": ((128, 3, 224, 224), True),
+          "small": ((3, 3, 9, 7), False)}
 TARGETS = (80, 90)
 
 
@@ -33,21 +36,23 @@ TARGETS = (80, 90)
 # worker: record the launches of one shape and compile them for one target
 # ---------------------------------------------------------------------------------------------
 
-def record_launches(B, C, H, W, dtype):
+def record_launches(shape, channels_last, dtype):
     import torch
     import sib_fast.triton_backend as tb
 
     calls = []
     tb._launch_hook = lambda kernel, grid, args, meta: calls.append((kernel, grid, args, meta))
+    B, C, H, W = shape
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     try:
-        R, x = torch.empty(B, C, H, W, dtype=dtype), torch.empty(B, C, H, W, dtype=dtype)
-        hsic, bg, mask, g, stats, sel_idx, sel_w, gram = tb._head_forward_impl(R, x, 31, 0.1, 10.0)
+        R, x = (torch.empty(B, C, H, W, dtype=dtype, memory_format=layout) for _ in range(2))
+        hsic, bg, mask, stats, sel_idx, sel_w, gram = tb._head_forward_impl(R, x, 31, 0.1, 10.0)
         gm = torch.empty(B, H, W, dtype=mask.dtype)
         for want_dx in (True, False):
-            tb._head_backward_impl(hsic, bg, gm, R, x, mask, g, stats, sel_idx, sel_w, gram, 31, 0.1, 10.0,
+            tb._head_backward_impl(hsic, bg, gm, R, x, mask, stats, sel_idx, sel_w, gram, 31, 0.1, 10.0,
                                    True, want_dx)
-        mask, g, stats, sel_idx, sel_w = tb._mask_forward_impl(R, 31, 0.1, 10.0)
-        tb._head_backward_impl(None, None, gm, R, R, mask, g, stats, sel_idx, sel_w, R.new_empty(0),
+        mask, stats, sel_idx, sel_w = tb._mask_forward_impl(R, 31, 0.1, 10.0)
+        tb._head_backward_impl(None, None, gm, R, R, mask, stats, sel_idx, sel_w, R.new_empty(0),
                                31, 0.1, 10.0, False, False)
     finally:
         tb._launch_hook = None
@@ -119,10 +124,10 @@ def main():
 # ---------------------------------------------------------------------------------------------
 
 def _table(rows):
-    lines = [f"{'kernel':22s} {'shape':8s} {'sm':>3s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} "
+    lines = [f"{'kernel':22s} {'shape':10s} {'sm':>3s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} "
              f"{'smem':>7s}  blocks / flags"]
     for r in rows:
-        lines.append(f"{r['kernel']:22s} {r['shape']:8s} {r['sm']:>3d} {r['warps']:>5d} {r['stages']:>6d} "
+        lines.append(f"{r['kernel']:22s} {r['shape']:10s} {r['sm']:>3d} {r['warps']:>5d} {r['stages']:>6d} "
                      f"{r['regs']:>4d} {r['spill_bytes']:>5d} {r['shared']:>7d}  {r['blocks']} {r['flags']}")
     return "\n".join(lines)
 
