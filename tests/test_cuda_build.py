@@ -28,7 +28,7 @@ ARCHS = ("80", "90")
 # setup.py's nvcc flags (the ones that change code generation)
 NVCC_FLAGS = ["-O3", "--use_fast_math"]
 HOT_KERNELS = ("channel_mean_kernel", "select_kernel", "hbox_kernel", "vbox_kernel", "gram_kernel",
-               "backward_kernel", "mask_adjoint_t2_kernel", "mask_adjoint_h_kernel", "add_dg_kernel")
+               "backward_kernel", "mask_adjoint_t2_kernel", "mask_adjoint_h_kernel")
 SMALL_KERNELS = ("gram_reduce_kernel", "finalize_kernel", "adjoint_kernel")  # one block or B x B work
 
 
@@ -42,7 +42,7 @@ def _extension_path() -> pathlib.Path:
 
 def _built_with_cuda_sources(path: pathlib.Path) -> bool:
     # a symbol of the CUDA host code (csrc/cuda/sib_head_cuda_ops.cpp -> *.cu launchers)
-    return b"launch_backward_products" in path.read_bytes()
+    return b"launch_backward_grad_r" in path.read_bytes()
 
 
 def test_built_extension_registers_a_cuda_kernel_for_every_op():

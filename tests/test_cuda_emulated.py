@@ -29,6 +29,7 @@ from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_head_
                         compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
                          relu_like_maps, strided_maps)
+from memory_budget import check_head_memory_budget
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -62,6 +63,7 @@ def _build_and_register():
         R, x, window_size, temperature, slope = inputs
         ctx.save_for_backward(R, x, *output[2:])
         ctx.hyperparameters = (window_size, temperature, slope)
+        ctx.set_materialize_grads(False)  # as sib_fast.fused_ops: no zero planes for unused outputs
 
     def backward(ctx, grad_hsic, grad_bg, grad_mask, *_):
         R, x, mask, gram, stats, ranks = ctx.saved_tensors
@@ -113,6 +115,12 @@ def test_matches_reference(case, dtype):
     B, C, H, W, window, temperature, slope = case
     R, x = random_maps(B, C, H, W, dtype)
     compare_head_with_reference(BACKEND, R, x, window, temperature, slope)
+
+
+def test_extra_memory_within_budget():
+    # the backward's planes (dM_u, dM_v, g) live in channels of dR: dR and the mask only
+    R, x = random_maps(4, 3, 64, 64, torch.float32)
+    check_head_memory_budget(BACKEND, R, x)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,18 +1,19 @@
-// Backward pass over R, x and M (SPEC section 7): the HSIC term's gradient is
+// The backward's passes over R, x and M (SPEC section 7): the HSIC term's gradient is
 // d/du_i = sum_j A_u[i, j] u_j (u = R*M), likewise for v = x*M (the B x B factors
 // A_u, A_v come from hsic_and_adjoint's math, see sib_head_cuda.cu). With T_u = A_u U:
-//   dR   = M T_u + (1 - M) g_bg          g_bg = bg_scale (R (1 - M) - bg_mean)
-//   dx   = M T_v
-//   dM_u = sum_c (R T_u - R g_bg)         dM_v = sum_c x T_v
-//   g    = mean_c R                       (for the mask chain's adjoint)
-// Block (pixel tiles, image tile, m) with m = 0 for R (T_u, dR, dM_u, g) and m = 1 for x
-// (T_v, dx, dM_v): it stages the A rows of its image tile and, per channel, the masked
+//   pass 1   dM_u = sum_c (R T_u - R g_bg)    g_bg = bg_scale (R (1 - M) - bg_mean)
+//            dM_v = sum_c x T_v,   g = mean_c R (for the mask chain's adjoint),   dx = M T_v
+//   pass 2   dR = M T_u + (1 - M) g_bg + sign(g) da / C, with da from the mask chain's
+//            adjoint (sib_head_cuda.cu) on the planes of pass 1
+// Pass 2 mixes T_u again rather than storing it: dR is then written once, and the planes
+// fit in dR's own channels (sib_head_cuda_ops.cpp), so the backward allocates no more
+// than dR. Block (pixel tiles, image tile, m) with m = 0 for R (T_u) and, in pass 1,
+// m = 1 for x (T_v): it stages the A rows of its image tile and, per channel, the masked
 // rows of all images over TP pixels in shared memory, multiplies them on tensor cores
 // (3xTF32 or double MMA), stages T and finishes each element; dM and g sum over the
 // channels in shared memory, so every output element is written once by one block.
 // Blocks are persistent (a grid of about two per multiprocessor loops over the pixel
 // tiles), so A is loaded once per block when the batch fits one chunk.
-// The mask chain's share of dR (sign(g) da / C) is added afterwards by one more pass.
 #include "cuda/sib_cuda_common.cuh"
 
 namespace sib_fast {
@@ -20,6 +21,8 @@ namespace cuda {
 namespace {
 
 constexpr int kBackwardThreads = 256;
+
+enum class Pass { kPlanes, kGradR };
 
 // The tile: TI images (rows of T and of A) by TP pixels, with the inner dimension (the
 // images j of u_j) in chunks of JC; 8 warps as a WI x WP grid, each owning FRI x FCP
@@ -44,13 +47,16 @@ struct BackwardShape {
   }
 };
 
-template <typename scalar_t, typename acc_t, int TI, int JC>
+// The planes dM_u (da in pass 2), dM_v and g have image b at b * plane_stride; they may be
+// channels of dR, which pass 2 overwrites: each thread reads da and g of its groups before
+// it stores dR there, and no other block touches them.
+template <typename scalar_t, typename acc_t, int TI, int JC, Pass kPass>
 __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
     const scalar_t* __restrict__ R, const scalar_t* __restrict__ x, Map4 map_r, Map4 map_x,
     const acc_t* __restrict__ mask, bool plane_aligned, const acc_t* __restrict__ A, int64_t Bp,
-    const acc_t* __restrict__ bg_terms, int64_t B, int64_t C, int64_t N, scalar_t* __restrict__ dR, Map4 map_dr,
-    scalar_t* __restrict__ dx, Map4 map_dx, acc_t* __restrict__ dM_u, acc_t* __restrict__ dM_v,
-    acc_t* __restrict__ g_out) {
+    const acc_t* __restrict__ bg_terms, int64_t B, int64_t C, int64_t N, scalar_t* dR, Map4 map_dr,
+    scalar_t* __restrict__ dx, Map4 map_dx, acc_t* dM_u, acc_t* dM_v, acc_t* g_planes,
+    int64_t plane_stride, bool slots_aligned) {
   using S = BackwardShape<acc_t, TI, JC>;
   using MT = Mma<acc_t>;
   constexpr int V = VecWidth<scalar_t>::value;
@@ -63,8 +69,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
   SIB_DYNAMIC_SMEM(smem_raw);
   acc_t* As = reinterpret_cast<acc_t*>(smem_raw);  // A[i0 + il][j0 + jl]
   acc_t* Us = As + TI * LDA;                        // u_j over the tile's pixels; then T
-  acc_t* dm = Us + JC * LDU;                        // sum over channels of dM, per element
-  acc_t* gsum = dm + TI * TP;                       // sum over channels of R, per element
+  acc_t* dm = Us + JC * LDU;                        // sum over channels of dM; da in pass 2
+  acc_t* gsum = dm + TI * TP;                       // sum over channels of R; g in pass 2
   const int m = blockIdx.z;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * TI;
   const scalar_t* X = m == 0 ? R : x;
@@ -80,9 +86,25 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
 
   for (int64_t pt = blockIdx.x; pt < ptiles; pt += gridDim.x) {
     const int64_t p_base = pt * TP;
-    for (int q = tid; q < OUT_GROUPS; q += kBackwardThreads)
+    for (int q = tid; q < OUT_GROUPS; q += kBackwardThreads) {
+      if constexpr (kPass == Pass::kGradR) {
+        const int il = q / GPR, pg = q % GPR;
+        const int64_t i = i0 + il, p = p_base + pg * V;
+        acc_t dav[V] = {}, gv[V] = {};
+        if (i < B && p < N) {
+          load_plane<acc_t, V>(dM_u + i * plane_stride, p, N, slots_aligned, dav);
+          load_plane<acc_t, V>(g_planes + i * plane_stride, p, N, slots_aligned, gv);
+        }
 #pragma unroll
-      for (int e = 0; e < V; ++e) dm[q * V + e] = gsum[q * V + e] = acc_t(0);
+        for (int e = 0; e < V; ++e) {
+          dm[q * V + e] = dav[e];
+          gsum[q * V + e] = gv[e];
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) dm[q * V + e] = gsum[q * V + e] = acc_t(0);
+      }
+    }
 
     for (int64_t c = 0; c < C; ++c) {
       typename MT::Acc acc[S::FRI][S::FCP];
@@ -156,18 +178,27 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
         load_plane<acc_t, V>(mask + i * N, p, N, plane_aligned, mv);
         const acc_t* T = Us + il * LDU + pg * V;
         acc_t* dmq = dm + q * V;
-        if (m == 0) {
+        if constexpr (kPass == Pass::kGradR) {
+          const acc_t bg_mean = bg_terms[1 + i];
+          const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+          const acc_t* gq = gsum + q * V;
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            const acc_t keep = acc_t(1) - mv[e];
+            const acc_t bg_grad = bg_scale * (xv[e] * keep - bg_mean);
+            out[e] = mv[e] * T[e] + keep * bg_grad + dmq[e] * sign_of(gq[e]) * inv_c;
+          }
+          store_group<scalar_t, acc_t, V>(dR, map_dr, i, c, p, N, out);
+        } else if (m == 0) {
           const acc_t bg_mean = bg_terms[1 + i];
           acc_t* gq = gsum + q * V;
 #pragma unroll
           for (int e = 0; e < V; ++e) {
             const acc_t keep = acc_t(1) - mv[e];
             const acc_t bg_grad = bg_scale * (xv[e] * keep - bg_mean);
-            out[e] = mv[e] * T[e] + keep * bg_grad;
             dmq[e] += xv[e] * T[e] - xv[e] * bg_grad;
             gq[e] += xv[e];
           }
-          store_group<scalar_t, acc_t, V>(dR, map_dr, i, c, p, N, out);
         } else {
 #pragma unroll
           for (int e = 0; e < V; ++e) {
@@ -180,6 +211,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
     }
 
     // the planes of this tile (each thread its own groups: no barrier needed)
+    if constexpr (kPass == Pass::kPlanes)
     for (int q = tid; q < OUT_GROUPS; q += kBackwardThreads) {
       const int il = q / GPR, pg = q % GPR;
       const int64_t i = i0 + il;
@@ -189,43 +221,42 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
         const int64_t p = p_base + pg * V + e;
         if (p >= N) continue;
         if (m == 0) {
-          dM_u[i * N + p] = dm[q * V + e];
-          g_out[i * N + p] = exact_div(gsum[q * V + e], static_cast<acc_t>(C));
+          dM_u[i * plane_stride + p] = dm[q * V + e];
+          g_planes[i * plane_stride + p] = exact_div(gsum[q * V + e], static_cast<acc_t>(C));
         } else {
-          dM_v[i * N + p] = dm[q * V + e];
+          dM_v[i * plane_stride + p] = dm[q * V + e];
         }
       }
     }
   }
 }
 
-template <typename scalar_t, typename acc_t, int TI, int JC>
+template <typename scalar_t, typename acc_t, int TI, int JC, Pass kPass>
 void launch_tile(const void* R, const void* x, const Map4& map_r, const Map4& map_x, const void* mask, const void* A,
                  int64_t Bp, const void* bg_terms, const Shape& sh, void* dR, const Map4& map_dr, void* dx,
-                 const Map4& map_dx, void* dM_u, void* dM_v, void* g, cudaStream_t stream) {
+                 const Map4& map_dx, const BackwardPlanes& planes, cudaStream_t stream) {
   using S = BackwardShape<acc_t, TI, JC>;
   const bool plane_aligned = sh.N % (16 / sizeof(acc_t)) == 0;
   const int64_t itiles = ceil_div(sh.B, TI), ptiles = ceil_div(sh.N, S::TP);
   // persistent blocks: about two per multiprocessor in all, each looping over pixel tiles
-  const int64_t want = ceil_div(2 * device_info().num_sms, 2 * itiles);
+  const int64_t mats = kPass == Pass::kPlanes ? 2 : 1;
+  const int64_t want = ceil_div(2 * device_info().num_sms, mats * itiles);
   const int64_t blocks = want < 1 ? 1 : (want > ptiles ? ptiles : want);
   const size_t smem = S::smem_bytes();
-  auto kernel = backward_kernel<scalar_t, acc_t, TI, JC>;
+  auto kernel = backward_kernel<scalar_t, acc_t, TI, JC, kPass>;
   allow_smem(kernel, smem);
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(itiles), 2);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(itiles), static_cast<unsigned>(mats));
   SIB_LAUNCH(kernel, grid, dim3(kBackwardThreads), smem, stream, static_cast<const scalar_t*>(R),
              static_cast<const scalar_t*>(x), map_r, map_x, static_cast<const acc_t*>(mask), plane_aligned,
              static_cast<const acc_t*>(A), Bp, static_cast<const acc_t*>(bg_terms), sh.B, sh.C, sh.N,
-             static_cast<scalar_t*>(dR), map_dr, static_cast<scalar_t*>(dx), map_dx, static_cast<acc_t*>(dM_u),
-             static_cast<acc_t*>(dM_v), static_cast<acc_t*>(g));
+             static_cast<scalar_t*>(dR), map_dr, static_cast<scalar_t*>(dx), map_dx, static_cast<acc_t*>(planes.dM_u),
+             static_cast<acc_t*>(planes.dM_v), static_cast<acc_t*>(planes.g), planes.stride, planes.aligned);
 }
 
-}  // namespace
-
-void launch_backward_products(Dtype dtype, const void* R, const void* x, const Map4& map_r, const Map4& map_x,
-                              const void* mask, const void* A, int64_t Bp, const void* bg_terms, const Shape& sh,
-                              void* dR, const Map4& map_dr, void* dx, const Map4& map_dx, void* dM_u, void* dM_v,
-                              void* g, cudaStream_t stream) {
+template <Pass kPass>
+void launch_pass(Dtype dtype, const void* R, const void* x, const Map4& map_r, const Map4& map_x, const void* mask,
+                 const void* A, int64_t Bp, const void* bg_terms, const Shape& sh, void* dR, const Map4& map_dr,
+                 void* dx, const Map4& map_dx, const BackwardPlanes& planes, cudaStream_t stream) {
   with_dtype(dtype, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = acc_of<scalar_t>;
@@ -233,8 +264,8 @@ void launch_backward_products(Dtype dtype, const void* R, const void* x, const M
     TORCH_CHECK(Bp % tile == 0, "sib_head_backward (CUDA kernel): A is not padded to the image tile");
     auto run = [&](auto tile_tag) {
       constexpr int JC = decltype(tile_tag)::value, TI = JC < 64 ? JC : 64;
-      launch_tile<scalar_t, acc_t, TI, JC>(R, x, map_r, map_x, mask, A, Bp, bg_terms, sh, dR, map_dr, dx, map_dx, dM_u,
-                                       dM_v, g, stream);
+      launch_tile<scalar_t, acc_t, TI, JC, kPass>(R, x, map_r, map_x, mask, A, Bp, bg_terms, sh, dR, map_dr, dx,
+                                                  map_dx, planes, stream);
     };
     if (tile == 16) {
       run(std::integral_constant<int, 16>{});
@@ -246,6 +277,22 @@ void launch_backward_products(Dtype dtype, const void* R, const void* x, const M
       run(std::integral_constant<int, 128>{});
     }
   });
+}
+
+}  // namespace
+
+void launch_backward_planes(Dtype dtype, const void* R, const void* x, const Map4& map_r, const Map4& map_x,
+                            const void* mask, const void* A, int64_t Bp, const void* bg_terms, const Shape& sh,
+                            void* dx, const Map4& map_dx, const BackwardPlanes& planes, cudaStream_t stream) {
+  launch_pass<Pass::kPlanes>(dtype, R, x, map_r, map_x, mask, A, Bp, bg_terms, sh, nullptr, map_r, dx, map_dx, planes,
+                             stream);
+}
+
+void launch_backward_grad_r(Dtype dtype, const void* R, const Map4& map_r, const void* mask, const void* A, int64_t Bp,
+                            const void* bg_terms, const Shape& sh, void* dR, const Map4& map_dr,
+                            const BackwardPlanes& planes, cudaStream_t stream) {
+  launch_pass<Pass::kGradR>(dtype, R, R, map_r, map_r, mask, A, Bp, bg_terms, sh, dR, map_dr, nullptr, map_dr, planes,
+                            stream);
 }
 
 }  // namespace cuda

@@ -17,14 +17,15 @@
 //                           sums per chunk of pixels (sib_gram_cuda.cu)
 //   gram_reduce_kernel      partials summed in a fixed order in double
 //   finalize_kernel         one block: HSIC (hsic_and_adjoint's math, in parallel) and BG
-// Backward:
+// Backward (its planes may be channels of dR: every plane kernel takes their batch stride):
 //   adjoint_kernel          one block: the B x B factors A_u, A_v and the background terms
-//   backward_kernel         one pass over R, x, M: dR (less the mask chain's share), dx,
-//                           dM and g planes (sib_backward_cuda.cu)
+//   backward_kernel         pass 1 over R, x, M: the planes dM_u, dM_v and g, and dx
+//                           (sib_backward_cuda.cu)
 //   mask_adjoint_t2_kernel  dd = dM s M (1 - M), d t2 scattered to its ranks
 //   hbox_kernel, vbox_kernel   dh = box(dd) (the box mean is self-adjoint)
 //   mask_adjoint_h_kernel   da from dh, d lo / d q80 / d hi scattered to their ranks
-//   add_dg_kernel           dR += sign(g) da / C
+//   backward_kernel         pass 2 over R, M: dR, the mask chain's share sign(g) da / C
+//                           included, written once
 // Every reduction runs in a fixed order, so repeated runs give identical bits.
 // The host code (checks, allocation, op registration) is sib_head_cuda_ops.cpp; these
 // files hold the kernels and their launchers (sib_cuda_launch.h).
@@ -391,11 +392,12 @@ __global__ void __launch_bounds__(kSelectThreads)
 // rounded to the grid of box_grid_bits (sib_head.h), so that the sliding sums are exact
 // and tied windows tie exactly. `scale` is 2^F.
 // Otherwise f is the identity (the backward's box of dd, a linear map: no rounding).
-// Each thread slides a window along kSegment outputs.
+// Each thread slides a window along kSegment outputs. Image b of `in` and `out` starts at
+// b * plane_stride.
 template <typename acc_t, bool kFromG, typename out_t>
 __global__ void __launch_bounds__(kThreads)
     hbox_kernel(const acc_t* __restrict__ in, const acc_t* __restrict__ stats, acc_t slope, int64_t B, int64_t H,
-                int64_t W, int64_t r, double scale, out_t* __restrict__ out) {
+                int64_t W, int64_t plane_stride, int64_t r, double scale, out_t* __restrict__ out) {
   const int64_t segs = ceil_div(W, kSegment);
   const double inv_scale = 1.0 / scale;
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < B * H * segs;
@@ -403,10 +405,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = static_cast<uint32_t>(q) / static_cast<uint32_t>(segs);
     const int64_t w0 = (q - row * segs) * kSegment;
     const int64_t w1 = w0 + kSegment < W ? w0 + kSegment : W;
-    const acc_t* src = in + row * W;
+    const int64_t b = static_cast<uint32_t>(row) / static_cast<uint32_t>(H);
+    const int64_t start = b * plane_stride + (row - b * H) * W;
+    const acc_t* src = in + start;
+    out_t* dst = out + start;
     acc_t lo = 0, range = 1, t1 = 0;
     if (kFromG) {
-      const acc_t* st = stats + static_cast<int64_t>(static_cast<uint32_t>(row) / static_cast<uint32_t>(H)) * kImageStats;
+      const acc_t* st = stats + b * kImageStats;
       const MaskScalars<acc_t> ms(st[kStatLow], st[kStatMaskLevel], st[kStatHigh]);
       lo = ms.lo;
       range = ms.range;
@@ -419,27 +424,29 @@ __global__ void __launch_bounds__(kThreads)
     double sum = 0.0;
     const int64_t a = w0 - r > 0 ? w0 - r : 0, e = w0 + r < W - 1 ? w0 + r : W - 1;
     for (int64_t w = a; w <= e; ++w) sum += f(w);
-    out[row * W + w0] = static_cast<out_t>(sum);
+    dst[w0] = static_cast<out_t>(sum);
     for (int64_t w = w0 + 1; w < w1; ++w) {
       if (w + r < W) sum += f(w + r);
       if (w - r - 1 >= 0) sum -= f(w - r - 1);
-      out[row * W + w] = static_cast<out_t>(sum);
+      dst[w] = static_cast<out_t>(sum);
     }
   }
 }
 
-// out[b, y, w] = inv_area * sum of in[b, y', w] over |y' - y| <= r (double sums).
+// out[b, y, w] = inv_area * sum of in[b, y', w] over |y' - y| <= r (double sums); image b
+// of `in` and `out` starts at b * plane_stride.
 template <typename in_t, typename out_t>
 __global__ void __launch_bounds__(kThreads) vbox_kernel(const in_t* __restrict__ in, int64_t B, int64_t H, int64_t W,
-                                                        int64_t r, double inv_area, out_t* __restrict__ out) {
+                                                        int64_t plane_stride, int64_t r, double inv_area,
+                                                        out_t* __restrict__ out) {
   const int64_t segs = ceil_div(H, kSegment);
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < B * segs * W;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = static_cast<uint32_t>(q) / static_cast<uint32_t>(W), w = q - t * W;
     const int64_t b = static_cast<uint32_t>(t) / static_cast<uint32_t>(segs), y0 = (t - b * segs) * kSegment;
     const int64_t y1 = y0 + kSegment < H ? y0 + kSegment : H;
-    const in_t* col = in + b * H * W + w;
-    out_t* dst = out + b * H * W + w;
+    const in_t* col = in + b * plane_stride + w;
+    out_t* dst = out + b * plane_stride + w;
     double sum = 0.0;
     const int64_t a = y0 - r > 0 ? y0 - r : 0, e = y0 + r < H - 1 ? y0 + r : H - 1;
     for (int64_t y = a; y <= e; ++y) sum += static_cast<double>(col[y * W]);
@@ -616,48 +623,54 @@ __device__ __forceinline__ void scatter_to_ranks(const QuantileWindows& win, int
 }
 
 // M = sigmoid(s (d - t2)), t2 = Q(d, .8): dd = dM s M (1 - M) with dM = dM_u + dM_v
-// (+ the mask's own upstream gradient), then d t2 = -sum dd to the ranks of t2.
+// (+ the mask's own upstream gradient), then d t2 = -sum dd to the ranks of t2. Image b
+// of the planes dM_u, dM_v starts at b * plane_stride (of mask and grad_mask at b * N).
 template <typename acc_t>
 __global__ void __launch_bounds__(kSelectThreads)
-    mask_adjoint_t2_kernel(acc_t* __restrict__ dM_u, const acc_t* __restrict__ dM_v,
+    mask_adjoint_t2_kernel(acc_t* __restrict__ dM_u, const acc_t* __restrict__ dM_v, int64_t plane_stride,
                            const acc_t* __restrict__ grad_mask, const acc_t* __restrict__ mask,
                            const int64_t* __restrict__ ranks, int64_t N, QuantileWindows win, acc_t slope) {
   __shared__ double scratch[32];
   const int64_t b = blockIdx.x;
+  acc_t* dd_b = dM_u + b * plane_stride;
+  const acc_t* dM_v_b = dM_v + b * plane_stride;
   double part = 0.0;
   for (int64_t p = threadIdx.x; p < N; p += kSelectThreads) {
     const int64_t i = b * N + p;
-    acc_t dM = dM_u[i] + dM_v[i];
+    acc_t dM = dd_b[p] + dM_v_b[p];
     if (grad_mask != nullptr) dM += grad_mask[i];
     const acc_t m = mask[i];
     const acc_t dd = dM * slope * m * (acc_t(1) - m);
-    dM_u[i] = dd;
+    dd_b[p] = dd;
     part += static_cast<double>(dd);
   }
   const double total = block_sum(part, scratch);  // also orders the writes above before the scatter
-  if (threadIdx.x == 0) scatter_to_ranks(win, 0, ranks + b * kQuantiles * kRankWindow, -total, dM_u + b * N);
+  if (threadIdx.x == 0) scatter_to_ranks(win, 0, ranks + b * kQuantiles * kRankWindow, -total, dd_b);
 }
 
 // h = sigmoid(s (u - t1)), u = (|g| - lo) / S, t1 = (q80 - lo) / S, S = hi - lo + eps:
-// from dh to da (= d|g|), the quantiles' gradients scattered to their ranks.
+// from dh to da (= d|g|), the quantiles' gradients scattered to their ranks. Image b of the
+// planes dh and g starts at b * plane_stride.
 template <typename acc_t>
 __global__ void __launch_bounds__(kSelectThreads)
-    mask_adjoint_h_kernel(acc_t* __restrict__ dh, const acc_t* __restrict__ g, const acc_t* __restrict__ stats,
-                          const int64_t* __restrict__ ranks, int64_t N, QuantileWindows win, acc_t slope) {
+    mask_adjoint_h_kernel(acc_t* __restrict__ dh_planes, const acc_t* __restrict__ g_planes, int64_t plane_stride,
+                          const acc_t* __restrict__ stats, const int64_t* __restrict__ ranks, int64_t N,
+                          QuantileWindows win, acc_t slope) {
   __shared__ double scratch[32];
   const int64_t b = blockIdx.x;
+  acc_t* dh = dh_planes + b * plane_stride;
+  const acc_t* g = g_planes + b * plane_stride;
   const acc_t* st = stats + b * kImageStats;
   const MaskScalars<acc_t> ms(st[kStatLow], st[kStatMaskLevel], st[kStatHigh]);
   double du_sum = 0.0, du_u_sum = 0.0;
   for (int64_t p = threadIdx.x; p < N; p += kSelectThreads) {
-    const int64_t i = b * N + p;
-    const acc_t a = abs_of(g[i]);
+    const acc_t a = abs_of(g[p]);
     const acc_t h = sigmoid_of(a, ms.lo, ms.range, ms.t1, slope);
-    const acc_t du = dh[i] * slope * h * (acc_t(1) - h);
+    const acc_t du = dh[p] * slope * h * (acc_t(1) - h);
     const acc_t u = ms.u(a);
     du_sum += static_cast<double>(du);
     du_u_sum += static_cast<double>(du) * static_cast<double>(u);
-    dh[i] = du / ms.range;  // da for now
+    dh[p] = du / ms.range;  // da for now
   }
   du_sum = block_sum(du_sum, scratch);
   du_u_sum = block_sum(du_u_sum, scratch);
@@ -669,31 +682,9 @@ __global__ void __launch_bounds__(kSelectThreads)
     const double dhi = dS;
     const double dlo = -du_sum / S - dt1 / S - dS;
     const int64_t* ranks_b = ranks + b * kQuantiles * kRankWindow;
-    scatter_to_ranks(win, 0, ranks_b, dlo, dh + b * N);
-    scatter_to_ranks(win, 1, ranks_b, dq80, dh + b * N);
-    scatter_to_ranks(win, 2, ranks_b, dhi, dh + b * N);
-  }
-}
-
-// dR += sign(g) da / C over every channel.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    add_dg_kernel(scalar_t* __restrict__ dR, Map4 map, const acc_t* __restrict__ da, const acc_t* __restrict__ g,
-                  bool plane_aligned, int64_t B, int64_t C, int64_t N) {
-  constexpr int V = VecWidth<scalar_t>::value;
-  const int64_t groups = ceil_div(N, V);
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < B * C * groups;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = static_cast<uint32_t>(q) / static_cast<uint32_t>(groups), p0 = (q - t * groups) * V;
-    const int64_t b = static_cast<uint32_t>(t) / static_cast<uint32_t>(C), c = t - b * C;
-    acc_t cur[V], dav[V], gv[V];
-    load_group<scalar_t, acc_t, V>(dR, map, b, c, p0, N, cur);
-    load_plane<acc_t, V>(da + b * N, p0, N, plane_aligned, dav);
-    load_plane<acc_t, V>(g + b * N, p0, N, plane_aligned, gv);
-#pragma unroll
-    for (int e = 0; e < V; ++e) cur[e] = cur[e] + dav[e] * sign_of(gv[e]) * inv_c;
-    store_group<scalar_t, acc_t, V>(dR, map, b, c, p0, N, cur);
+    scatter_to_ranks(win, 0, ranks_b, dlo, dh);
+    scatter_to_ranks(win, 1, ranks_b, dq80, dh);
+    scatter_to_ranks(win, 2, ranks_b, dhi, dh);
   }
 }
 
@@ -748,26 +739,26 @@ void launch_box_mean_h(bool is_double, const void* g, const void* stats, double 
     auto hbox = hbox_kernel<acc_t, true, double>;
     SIB_LAUNCH(hbox, grid_for(s.B * s.H * ceil_div(s.W, kSegment), kThreads), dim3(kThreads), 0, stream,
                static_cast<const acc_t*>(g), static_cast<const acc_t*>(stats), static_cast<acc_t>(slope), s.B, s.H,
-               s.W, radius, scale, rows);
+               s.W, s.N, radius, scale, rows);
     auto vbox = vbox_kernel<double, acc_t>;
     SIB_LAUNCH(vbox, grid_for(s.B * ceil_div(s.H, kSegment) * s.W, kThreads), dim3(kThreads), 0, stream, rows, s.B,
-               s.H, s.W, radius, 1.0 / static_cast<double>(window * window), static_cast<acc_t*>(d));
+               s.H, s.W, s.N, radius, 1.0 / static_cast<double>(window * window), static_cast<acc_t*>(d));
   });
 }
 
-void launch_box_mean(bool is_double, const void* in, const Shape& s, int64_t window, void* rows, void* out,
-                     cudaStream_t stream) {
+void launch_box_mean(bool is_double, const void* in, int64_t plane_stride, const Shape& s, int64_t window, void* rows,
+                     void* out, cudaStream_t stream) {
   const int64_t radius = window / 2;
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
     auto hbox = hbox_kernel<acc_t, false, acc_t>;
     SIB_LAUNCH(hbox, grid_for(s.B * s.H * ceil_div(s.W, kSegment), kThreads), dim3(kThreads), 0, stream,
-               static_cast<const acc_t*>(in), static_cast<const acc_t*>(nullptr), acc_t(0), s.B, s.H, s.W, radius, 1.0,
-               static_cast<acc_t*>(rows));
+               static_cast<const acc_t*>(in), static_cast<const acc_t*>(nullptr), acc_t(0), s.B, s.H, s.W, plane_stride,
+               radius, 1.0, static_cast<acc_t*>(rows));
     auto vbox = vbox_kernel<acc_t, acc_t>;
     SIB_LAUNCH(vbox, grid_for(s.B * ceil_div(s.H, kSegment) * s.W, kThreads), dim3(kThreads), 0, stream,
-               static_cast<const acc_t*>(rows), s.B, s.H, s.W, radius, 1.0 / static_cast<double>(window * window),
-               static_cast<acc_t*>(out));
+               static_cast<const acc_t*>(rows), s.B, s.H, s.W, plane_stride, radius,
+               1.0 / static_cast<double>(window * window), static_cast<acc_t*>(out));
   });
 }
 
@@ -804,40 +795,28 @@ void launch_adjoint(bool is_double, const void* gram, int64_t B, const void* gra
   });
 }
 
-void launch_mask_adjoint_t2(bool is_double, void* dM_u, const void* dM_v, const void* grad_mask, const void* mask,
-                            const int64_t* ranks, const Shape& s, const QuantileWindows& win, double slope,
-                            cudaStream_t stream) {
+void launch_mask_adjoint_t2(bool is_double, void* dM_u, const void* dM_v, int64_t plane_stride, const void* grad_mask,
+                            const void* mask, const int64_t* ranks, const Shape& s, const QuantileWindows& win,
+                            double slope, cudaStream_t stream) {
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
     auto kernel = mask_adjoint_t2_kernel<acc_t>;
     SIB_LAUNCH(kernel, dim3(static_cast<unsigned>(s.B)), dim3(kSelectThreads), 0, stream, static_cast<acc_t*>(dM_u),
-               static_cast<const acc_t*>(dM_v), static_cast<const acc_t*>(grad_mask), static_cast<const acc_t*>(mask),
+               static_cast<const acc_t*>(dM_v), plane_stride, static_cast<const acc_t*>(grad_mask),
+               static_cast<const acc_t*>(mask),
                ranks, s.N, win, static_cast<acc_t>(slope));
   });
 }
 
-void launch_mask_adjoint_h(bool is_double, void* dh, const void* g, const void* stats, const int64_t* ranks,
-                           const Shape& s, const QuantileWindows& win, double slope, cudaStream_t stream) {
+void launch_mask_adjoint_h(bool is_double, void* dh, const void* g, int64_t plane_stride, const void* stats,
+                           const int64_t* ranks, const Shape& s, const QuantileWindows& win, double slope,
+                           cudaStream_t stream) {
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
     auto kernel = mask_adjoint_h_kernel<acc_t>;
     SIB_LAUNCH(kernel, dim3(static_cast<unsigned>(s.B)), dim3(kSelectThreads), 0, stream, static_cast<acc_t*>(dh),
-               static_cast<const acc_t*>(g), static_cast<const acc_t*>(stats), ranks, s.N, win,
+               static_cast<const acc_t*>(g), plane_stride, static_cast<const acc_t*>(stats), ranks, s.N, win,
                static_cast<acc_t>(slope));
-  });
-}
-
-void launch_add_dg(Dtype dtype, void* dR, const Map4& map, const void* da, const void* g, const Shape& s,
-                   cudaStream_t stream) {
-  with_dtype(dtype, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using acc_t = acc_of<scalar_t>;
-    constexpr int V = VecWidth<scalar_t>::value;
-    const bool plane_aligned = s.N % (16 / sizeof(acc_t)) == 0;
-    auto kernel = add_dg_kernel<scalar_t, acc_t>;
-    SIB_LAUNCH(kernel, grid_for(s.B * s.C * ceil_div(s.N, V), kThreads), dim3(kThreads), 0, stream,
-               static_cast<scalar_t*>(dR), map, static_cast<const acc_t*>(da), static_cast<const acc_t*>(g),
-               plane_aligned, s.B, s.C, s.N);
   });
 }
 

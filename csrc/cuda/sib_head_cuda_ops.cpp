@@ -88,6 +88,28 @@ QuantileWindows make_windows(std::initializer_list<int> quantiles, int64_t N, do
   return w;
 }
 
+// The backward's three planes: channels C-1, C-2, C-3 of dR when dR is contiguous in the
+// compute type with three channels or more (pass 2 reads each pixel of them before it
+// writes dR there), so that forward and backward together allocate dR, the saved mask and
+// small buffers: 1.33x the size of R in float32 with three channels (the target is 1.5x).
+// Otherwise a buffer of their own, kept alive in `own`.
+BackwardPlanes backward_planes(const at::Tensor& dR, at::ScalarType acc, at::Tensor& own) {
+  const int64_t B = dR.size(0), C = dR.size(1), N = dR.size(2) * dR.size(3);
+  const int64_t bytes = static_cast<int64_t>(at::elementSize(acc));
+  const bool in_dR = dR.scalar_type() == acc && C >= 3 && dR.is_contiguous();
+  if (!in_dR) own = at::empty({3, B, N}, dR.options().dtype(acc));
+  char* base = in_dR ? static_cast<char*>(dR.data_ptr()) + (C - 3) * N * bytes : static_cast<char*>(own.data_ptr());
+  const int64_t next = (in_dR ? N : B * N) * bytes;  // from one plane to the next
+  BackwardPlanes planes;
+  planes.g = base;                 // channel C-3 of dR
+  planes.dM_v = base + next;       // channel C-2
+  planes.dM_u = base + 2 * next;   // channel C-1
+  planes.stride = in_dR ? C * N : N;
+  const int64_t per_vector = 16 / bytes;
+  planes.aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0 && N % per_vector == 0;
+  return planes;
+}
+
 void check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
   TORCH_CHECK(on_device(R) && R.device() == x.device(), kKernelName,
               ": R and x must be tensors on the same GPU, got ", R.device(), " and ", x.device());
@@ -184,25 +206,29 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cuda(
                    work.data_ptr<double>(), A.data_ptr(), Bp, bg_terms.data_ptr(), stream);
   }
 
-  // one pass over R, x, M: dR (less the mask chain's share), dx, and the planes dM_u, dM_v, g
-  at::Tensor g = at::empty({B, N}, opts), dM_u = at::empty({B, N}, opts), dM_v = at::empty({B, N}, opts);
-  launch_backward_products(dtype_of(R), R.data_ptr(), x.data_ptr(), make_map(R), make_map(x), mask.data_ptr(),
-                           A.data_ptr(), Bp, bg_terms.data_ptr(), sh, dR.data_ptr(), make_map(dR),
-                           compute_grad_x ? dx.data_ptr() : nullptr, compute_grad_x ? make_map(dx) : make_map(dR),
-                           dM_u.data_ptr(), dM_v.data_ptr(), g.data_ptr(), stream);
-  A.reset();
+  // pass 1 over R, x, M: the planes dM_u, dM_v, g, and dx
+  at::Tensor own_planes;
+  const BackwardPlanes planes = backward_planes(dR, acc, own_planes);
+  launch_backward_planes(dtype_of(R), R.data_ptr(), x.data_ptr(), make_map(R), make_map(x), mask.data_ptr(),
+                         A.data_ptr(), Bp, bg_terms.data_ptr(), sh, compute_grad_x ? dx.data_ptr() : nullptr,
+                         compute_grad_x ? make_map(dx) : make_map(x), planes, stream);
 
-  // the mask chain's adjoint on planes: dd in dM_u; dh = box(dd) by rows into dM_v, by
+  // the mask chain's adjoint on the planes: dd in dM_u; dh = box(dd) by rows into dM_v, by
   // columns back into dM_u; da in dM_u
   at::Tensor gm;
   if (grad_mask.has_value() && grad_mask->defined()) gm = grad_mask->to(opts).contiguous();
-  launch_mask_adjoint_t2(dbl, dM_u.data_ptr(), dM_v.data_ptr(), gm.defined() ? gm.data_ptr() : nullptr,
+  launch_mask_adjoint_t2(dbl, planes.dM_u, planes.dM_v, planes.stride, gm.defined() ? gm.data_ptr() : nullptr,
                          mask.data_ptr(), rank_index.data_ptr<int64_t>(), sh, make_windows({kQuantT2}, N, temperature),
                          slope, stream);
-  launch_box_mean(dbl, dM_u.data_ptr(), sh, window_size, dM_v.data_ptr(), dM_u.data_ptr(), stream);
-  launch_mask_adjoint_h(dbl, dM_u.data_ptr(), g.data_ptr(), image_stats.data_ptr(), rank_index.data_ptr<int64_t>(), sh,
+  launch_box_mean(dbl, planes.dM_u, planes.stride, sh, window_size, planes.dM_v, planes.dM_u, stream);
+  launch_mask_adjoint_h(dbl, planes.dM_u, planes.g, planes.stride, image_stats.data_ptr(),
+                        rank_index.data_ptr<int64_t>(), sh,
                         make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), slope, stream);
-  launch_add_dg(dtype_of(R), dR.data_ptr(), make_map(dR), dM_u.data_ptr(), g.data_ptr(), sh, stream);
+
+  // pass 2 over R, M: dR with the mask chain's share, written once (over the planes when
+  // they are its channels)
+  launch_backward_grad_r(dtype_of(R), R.data_ptr(), make_map(R), mask.data_ptr(), A.data_ptr(), Bp,
+                         bg_terms.data_ptr(), sh, dR.data_ptr(), make_map(dR), planes, stream);
   return {dR, dx};
 }
 
