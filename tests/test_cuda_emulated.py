@@ -117,9 +117,12 @@ def test_matches_reference(case, dtype):
     compare_head_with_reference(BACKEND, R, x, window, temperature, slope)
 
 
-def test_extra_memory_within_budget():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_extra_memory_within_budget(layout):
     # the backward's planes (dM_u, dM_v, g) live in channels of dR: dR and the mask only
     R, x = random_maps(4, 3, 64, 64, torch.float32)
+    if layout == "channels_last":
+        R, x = (t.contiguous(memory_format=torch.channels_last) for t in (R, x))
     check_head_memory_budget(BACKEND, R, x)
 
 

@@ -47,7 +47,7 @@ struct BackwardShape {
   }
 };
 
-// The planes dM_u (da in pass 2), dM_v and g have image b at b * plane_stride; they may be
+// The planes dM_u (da in pass 2), dM_v and g are laid out as `layout` says; they may be
 // channels of dR, which pass 2 overwrites: each thread reads da and g of its groups before
 // it stores dR there, and no other block touches them.
 template <typename scalar_t, typename acc_t, int TI, int JC, Pass kPass>
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
     const acc_t* __restrict__ mask, bool plane_aligned, const acc_t* __restrict__ A, int64_t Bp,
     const acc_t* __restrict__ bg_terms, int64_t B, int64_t C, int64_t N, scalar_t* dR, Map4 map_dr,
     scalar_t* __restrict__ dx, Map4 map_dx, acc_t* dM_u, acc_t* dM_v, acc_t* g_planes,
-    int64_t plane_stride, bool slots_aligned) {
+    PlaneLayout layout, bool planes_aligned) {
   using S = BackwardShape<acc_t, TI, JC>;
   using MT = Mma<acc_t>;
   constexpr int V = VecWidth<scalar_t>::value;
@@ -92,8 +92,18 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
         const int64_t i = i0 + il, p = p_base + pg * V;
         acc_t dav[V] = {}, gv[V] = {};
         if (i < B && p < N) {
-          load_plane<acc_t, V>(dM_u + i * plane_stride, p, N, slots_aligned, dav);
-          load_plane<acc_t, V>(g_planes + i * plane_stride, p, N, slots_aligned, gv);
+          if (layout.pixel == 1) {
+            load_plane<acc_t, V>(dM_u + layout.at(i, 0), p, N, planes_aligned, dav);
+            load_plane<acc_t, V>(g_planes + layout.at(i, 0), p, N, planes_aligned, gv);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+              if (p + e < N) {
+                dav[e] = dM_u[layout.at(i, p + e)];
+                gv[e] = g_planes[layout.at(i, p + e)];
+              }
+            }
+          }
         }
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -221,10 +231,10 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
         const int64_t p = p_base + pg * V + e;
         if (p >= N) continue;
         if (m == 0) {
-          dM_u[i * plane_stride + p] = dm[q * V + e];
-          g_planes[i * plane_stride + p] = exact_div(gsum[q * V + e], static_cast<acc_t>(C));
+          dM_u[layout.at(i, p)] = dm[q * V + e];
+          g_planes[layout.at(i, p)] = exact_div(gsum[q * V + e], static_cast<acc_t>(C));
         } else {
-          dM_v[i * plane_stride + p] = dm[q * V + e];
+          dM_v[layout.at(i, p)] = dm[q * V + e];
         }
       }
     }
@@ -250,7 +260,7 @@ void launch_tile(const void* R, const void* x, const Map4& map_r, const Map4& ma
              static_cast<const scalar_t*>(x), map_r, map_x, static_cast<const acc_t*>(mask), plane_aligned,
              static_cast<const acc_t*>(A), Bp, static_cast<const acc_t*>(bg_terms), sh.B, sh.C, sh.N,
              static_cast<scalar_t*>(dR), map_dr, static_cast<scalar_t*>(dx), map_dx, static_cast<acc_t*>(planes.dM_u),
-             static_cast<acc_t*>(planes.dM_v), static_cast<acc_t*>(planes.g), planes.stride, planes.aligned);
+             static_cast<acc_t*>(planes.dM_v), static_cast<acc_t*>(planes.g), planes.layout, planes.aligned);
 }
 
 template <Pass kPass>

@@ -47,14 +47,22 @@ struct QuantileWindows {
   double weight[3][kRankWindow];
 };
 
-// The backward's planes in the compute type (sib_backward_cuda.cu): image b of each at
-// b * stride, either channels of dR or a buffer of their own (sib_head_cuda_ops.cpp).
+// Where pixel p of image b of a (B, H*W) plane lives: contiguous planes have image = N,
+// pixel = 1; a channel of a contiguous or channels_last (B, C, H, W) tensor is a plane too.
+// pixel < 2^31 (the box kernels step in 32 bits).
+struct PlaneLayout {
+  int64_t image, pixel;
+  SIB_HOST_DEVICE int64_t at(int64_t b, int64_t p) const { return b * image + p * pixel; }
+};
+
+// The backward's planes in the compute type (sib_backward_cuda.cu): channels of dR or a
+// buffer of their own (sib_head_cuda_ops.cpp).
 struct BackwardPlanes {
-  void* dM_u;      // dM of the R products; then dd, dh and da of the mask chain's adjoint
-  void* dM_v;      // dM of the x products; then the row sums of the box pass
-  void* g;         // mean_c R
-  int64_t stride;  // between images
-  bool aligned;    // image starts on 16 bytes, so groups of pixels load as vectors
+  void* dM_u;  // dM of the R products; then dd, dh and da of the mask chain's adjoint
+  void* dM_v;  // dM of the x products; then the row sums of the box pass
+  void* g;     // mean_c R
+  PlaneLayout layout;
+  bool aligned;  // contiguous pixels and images on 16 bytes: groups of pixels load as vectors
 };
 
 // How the Gram pass splits its work (sib_gram_cuda.cu).
@@ -85,10 +93,10 @@ void launch_select(bool is_double, bool abs_values, const void* planes, const Sh
 // d = box_k(h), h = sigmoid(s (u - t1)) from g and the image stats; rows: a (B, N) double plane
 void launch_box_mean_h(bool is_double, const void* g, const void* stats, double slope, const Shape& s,
                        int64_t window, double* rows, void* d, cudaStream_t stream);
-// out = box_k(in) (the backward's, on dd); rows: planes of the compute type. Image b of in,
-// rows and out at b * plane_stride.
-void launch_box_mean(bool is_double, const void* in, int64_t plane_stride, const Shape& s, int64_t window, void* rows,
-                     void* out, cudaStream_t stream);
+// out = box_k(in) (the backward's, on dd); rows: planes of the compute type; all three
+// planes laid out alike.
+void launch_box_mean(bool is_double, const void* in, const PlaneLayout& layout, const Shape& s, int64_t window,
+                     void* rows, void* out, cudaStream_t stream);
 GramPlan gram_plan(int64_t B, int64_t N, bool is_double);
 void launch_gram(Dtype dtype, const void* R, const void* x, const Map4& map_r, const Map4& map_x, const void* mask,
                  const Shape& s, const GramPlan& plan, void* gram_part, double* bg_part, cudaStream_t stream);
@@ -105,10 +113,10 @@ void launch_adjoint(bool is_double, const void* gram, int64_t B, const void* gra
 void launch_backward_planes(Dtype dtype, const void* R, const void* x, const Map4& map_r, const Map4& map_x,
                             const void* mask, const void* A, int64_t Bp, const void* bg_terms, const Shape& s,
                             void* dx, const Map4& map_dx, const BackwardPlanes& planes, cudaStream_t stream);
-void launch_mask_adjoint_t2(bool is_double, void* dM_u, const void* dM_v, int64_t plane_stride, const void* grad_mask,
+void launch_mask_adjoint_t2(bool is_double, void* dM_u, const void* dM_v, const PlaneLayout& layout, const void* grad_mask,
                             const void* mask, const int64_t* ranks, const Shape& s, const QuantileWindows& win,
                             double slope, cudaStream_t stream);
-void launch_mask_adjoint_h(bool is_double, void* dh, const void* g, int64_t plane_stride, const void* stats,
+void launch_mask_adjoint_h(bool is_double, void* dh, const void* g, const PlaneLayout& layout, const void* stats,
                            const int64_t* ranks, const Shape& s, const QuantileWindows& win, double slope,
                            cudaStream_t stream);
 // pass 2 over R, M: dR, from da (in planes.dM_u) and g

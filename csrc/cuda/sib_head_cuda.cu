@@ -392,12 +392,12 @@ __global__ void __launch_bounds__(kSelectThreads)
 // rounded to the grid of box_grid_bits (sib_head.h), so that the sliding sums are exact
 // and tied windows tie exactly. `scale` is 2^F.
 // Otherwise f is the identity (the backward's box of dd, a linear map: no rounding).
-// Each thread slides a window along kSegment outputs. Image b of `in` and `out` starts at
-// b * plane_stride.
+// Each thread slides a window along kSegment outputs. `in` and `out` are planes laid out
+// as `layout` says.
 template <typename acc_t, bool kFromG, typename out_t>
 __global__ void __launch_bounds__(kThreads)
     hbox_kernel(const acc_t* __restrict__ in, const acc_t* __restrict__ stats, acc_t slope, int64_t B, int64_t H,
-                int64_t W, int64_t plane_stride, int64_t r, double scale, out_t* __restrict__ out) {
+                int64_t W, PlaneLayout layout, int64_t r, double scale, out_t* __restrict__ out) {
   const int64_t segs = ceil_div(W, kSegment);
   const double inv_scale = 1.0 / scale;
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < B * H * segs;
@@ -406,7 +406,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t w0 = (q - row * segs) * kSegment;
     const int64_t w1 = w0 + kSegment < W ? w0 + kSegment : W;
     const int64_t b = static_cast<uint32_t>(row) / static_cast<uint32_t>(H);
-    const int64_t start = b * plane_stride + (row - b * H) * W;
+    const int64_t start = layout.at(b, (row - b * H) * W);
+    // 32 bits, and 1 outright in the forward (contiguous planes): ptxas spilled otherwise
+    const int step = kFromG ? 1 : static_cast<int>(layout.pixel);
     const acc_t* src = in + start;
     out_t* dst = out + start;
     acc_t lo = 0, range = 1, t1 = 0;
@@ -418,26 +420,27 @@ __global__ void __launch_bounds__(kThreads)
       t1 = ms.t1;
     }
     auto f = [&](int64_t w) -> double {
-      if (kFromG) return rint(static_cast<double>(sigmoid_of(abs_of(src[w]), lo, range, t1, slope)) * scale) * inv_scale;
-      return static_cast<double>(src[w]);
+      const acc_t v = src[w * step];
+      if (kFromG) return rint(static_cast<double>(sigmoid_of(abs_of(v), lo, range, t1, slope)) * scale) * inv_scale;
+      return static_cast<double>(v);
     };
     double sum = 0.0;
     const int64_t a = w0 - r > 0 ? w0 - r : 0, e = w0 + r < W - 1 ? w0 + r : W - 1;
     for (int64_t w = a; w <= e; ++w) sum += f(w);
-    dst[w0] = static_cast<out_t>(sum);
+    dst[w0 * step] = static_cast<out_t>(sum);
     for (int64_t w = w0 + 1; w < w1; ++w) {
       if (w + r < W) sum += f(w + r);
       if (w - r - 1 >= 0) sum -= f(w - r - 1);
-      dst[w] = static_cast<out_t>(sum);
+      dst[w * step] = static_cast<out_t>(sum);
     }
   }
 }
 
-// out[b, y, w] = inv_area * sum of in[b, y', w] over |y' - y| <= r (double sums); image b
-// of `in` and `out` starts at b * plane_stride.
+// out[b, y, w] = inv_area * sum of in[b, y', w] over |y' - y| <= r (double sums); `in` and
+// `out` are planes laid out as `layout` says.
 template <typename in_t, typename out_t>
 __global__ void __launch_bounds__(kThreads) vbox_kernel(const in_t* __restrict__ in, int64_t B, int64_t H, int64_t W,
-                                                        int64_t plane_stride, int64_t r, double inv_area,
+                                                        PlaneLayout layout, int64_t r, double inv_area,
                                                         out_t* __restrict__ out) {
   const int64_t segs = ceil_div(H, kSegment);
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < B * segs * W;
@@ -445,16 +448,17 @@ __global__ void __launch_bounds__(kThreads) vbox_kernel(const in_t* __restrict__
     const int64_t t = static_cast<uint32_t>(q) / static_cast<uint32_t>(W), w = q - t * W;
     const int64_t b = static_cast<uint32_t>(t) / static_cast<uint32_t>(segs), y0 = (t - b * segs) * kSegment;
     const int64_t y1 = y0 + kSegment < H ? y0 + kSegment : H;
-    const in_t* col = in + b * plane_stride + w;
-    out_t* dst = out + b * plane_stride + w;
+    const in_t* col = in + layout.at(b, w);
+    out_t* dst = out + layout.at(b, w);
+    const int64_t row = W * layout.pixel;
     double sum = 0.0;
     const int64_t a = y0 - r > 0 ? y0 - r : 0, e = y0 + r < H - 1 ? y0 + r : H - 1;
-    for (int64_t y = a; y <= e; ++y) sum += static_cast<double>(col[y * W]);
-    dst[y0 * W] = static_cast<out_t>(sum * inv_area);
+    for (int64_t y = a; y <= e; ++y) sum += static_cast<double>(col[y * row]);
+    dst[y0 * row] = static_cast<out_t>(sum * inv_area);
     for (int64_t y = y0 + 1; y < y1; ++y) {
-      if (y + r < H) sum += static_cast<double>(col[(y + r) * W]);
-      if (y - r - 1 >= 0) sum -= static_cast<double>(col[(y - r - 1) * W]);
-      dst[y * W] = static_cast<out_t>(sum * inv_area);
+      if (y + r < H) sum += static_cast<double>(col[(y + r) * row]);
+      if (y - r - 1 >= 0) sum -= static_cast<double>(col[(y - r - 1) * row]);
+      dst[y * row] = static_cast<out_t>(sum * inv_area);
     }
   }
 }
@@ -611,66 +615,68 @@ __global__ void __launch_bounds__(kSmallThreads)
 // ---------------------------------------------------------------------------------
 
 // Adds w_k * grad to the elements at the ranks of window k of this image (serially:
-// windows may share elements on small images).
+// windows may share elements on small images); pixel p of the image at plane[p * step].
 template <typename acc_t>
 __device__ __forceinline__ void scatter_to_ranks(const QuantileWindows& win, int w, const int64_t* ranks_b,
-                                                 double grad, acc_t* plane) {
+                                                 double grad, acc_t* plane, int64_t step) {
   const int64_t* row = ranks_b + win.quantile[w] * kRankWindow;
   for (int k = 0; k < win.len[w]; ++k) {
     const int64_t idx = row[k];
-    if (idx >= 0) plane[idx] += static_cast<acc_t>(win.weight[w][k] * grad);
+    if (idx >= 0) plane[idx * step] += static_cast<acc_t>(win.weight[w][k] * grad);
   }
 }
 
 // M = sigmoid(s (d - t2)), t2 = Q(d, .8): dd = dM s M (1 - M) with dM = dM_u + dM_v
-// (+ the mask's own upstream gradient), then d t2 = -sum dd to the ranks of t2. Image b
-// of the planes dM_u, dM_v starts at b * plane_stride (of mask and grad_mask at b * N).
+// (+ the mask's own upstream gradient), then d t2 = -sum dd to the ranks of t2. The planes
+// dM_u, dM_v are laid out as `layout` says (mask and grad_mask are contiguous).
 template <typename acc_t>
 __global__ void __launch_bounds__(kSelectThreads)
-    mask_adjoint_t2_kernel(acc_t* __restrict__ dM_u, const acc_t* __restrict__ dM_v, int64_t plane_stride,
+    mask_adjoint_t2_kernel(acc_t* __restrict__ dM_u, const acc_t* __restrict__ dM_v, PlaneLayout layout,
                            const acc_t* __restrict__ grad_mask, const acc_t* __restrict__ mask,
                            const int64_t* __restrict__ ranks, int64_t N, QuantileWindows win, acc_t slope) {
   __shared__ double scratch[32];
   const int64_t b = blockIdx.x;
-  acc_t* dd_b = dM_u + b * plane_stride;
-  const acc_t* dM_v_b = dM_v + b * plane_stride;
+  acc_t* dd_b = dM_u + layout.at(b, 0);
+  const acc_t* dM_v_b = dM_v + layout.at(b, 0);
+  const int64_t step = layout.pixel;
   double part = 0.0;
   for (int64_t p = threadIdx.x; p < N; p += kSelectThreads) {
     const int64_t i = b * N + p;
-    acc_t dM = dd_b[p] + dM_v_b[p];
+    acc_t dM = dd_b[p * step] + dM_v_b[p * step];
     if (grad_mask != nullptr) dM += grad_mask[i];
     const acc_t m = mask[i];
     const acc_t dd = dM * slope * m * (acc_t(1) - m);
-    dd_b[p] = dd;
+    dd_b[p * step] = dd;
     part += static_cast<double>(dd);
   }
   const double total = block_sum(part, scratch);  // also orders the writes above before the scatter
-  if (threadIdx.x == 0) scatter_to_ranks(win, 0, ranks + b * kQuantiles * kRankWindow, -total, dd_b);
+  if (threadIdx.x == 0) scatter_to_ranks(win, 0, ranks + b * kQuantiles * kRankWindow, -total, dd_b, step);
 }
 
 // h = sigmoid(s (u - t1)), u = (|g| - lo) / S, t1 = (q80 - lo) / S, S = hi - lo + eps:
-// from dh to da (= d|g|), the quantiles' gradients scattered to their ranks. Image b of the
-// planes dh and g starts at b * plane_stride.
+// from dh to da (= d|g|), the quantiles' gradients scattered to their ranks. The planes dh
+// and g are laid out as `layout` says.
 template <typename acc_t>
 __global__ void __launch_bounds__(kSelectThreads)
-    mask_adjoint_h_kernel(acc_t* __restrict__ dh_planes, const acc_t* __restrict__ g_planes, int64_t plane_stride,
+    mask_adjoint_h_kernel(acc_t* __restrict__ dh_planes, const acc_t* __restrict__ g_planes, PlaneLayout layout,
                           const acc_t* __restrict__ stats, const int64_t* __restrict__ ranks, int64_t N,
                           QuantileWindows win, acc_t slope) {
   __shared__ double scratch[32];
   const int64_t b = blockIdx.x;
-  acc_t* dh = dh_planes + b * plane_stride;
-  const acc_t* g = g_planes + b * plane_stride;
+  acc_t* dh = dh_planes + layout.at(b, 0);
+  const acc_t* g = g_planes + layout.at(b, 0);
+  const int64_t step = layout.pixel;
   const acc_t* st = stats + b * kImageStats;
   const MaskScalars<acc_t> ms(st[kStatLow], st[kStatMaskLevel], st[kStatHigh]);
   double du_sum = 0.0, du_u_sum = 0.0;
   for (int64_t p = threadIdx.x; p < N; p += kSelectThreads) {
-    const acc_t a = abs_of(g[p]);
+    const acc_t a = abs_of(g[p * step]);
     const acc_t h = sigmoid_of(a, ms.lo, ms.range, ms.t1, slope);
-    const acc_t du = dh[p] * slope * h * (acc_t(1) - h);
+    const acc_t du = dh[p * step] * slope * h * (acc_t(1) - h);
     const acc_t u = ms.u(a);
     du_sum += static_cast<double>(du);
     du_u_sum += static_cast<double>(du) * static_cast<double>(u);
-    dh[p] = du / ms.range;  // da for now
+    dh[p * step] = du / ms.range;  // da for now
   }
   du_sum = block_sum(du_sum, scratch);
   du_u_sum = block_sum(du_u_sum, scratch);
@@ -682,9 +688,9 @@ __global__ void __launch_bounds__(kSelectThreads)
     const double dhi = dS;
     const double dlo = -du_sum / S - dt1 / S - dS;
     const int64_t* ranks_b = ranks + b * kQuantiles * kRankWindow;
-    scatter_to_ranks(win, 0, ranks_b, dlo, dh);
-    scatter_to_ranks(win, 1, ranks_b, dq80, dh);
-    scatter_to_ranks(win, 2, ranks_b, dhi, dh);
+    scatter_to_ranks(win, 0, ranks_b, dlo, dh, step);
+    scatter_to_ranks(win, 1, ranks_b, dq80, dh, step);
+    scatter_to_ranks(win, 2, ranks_b, dhi, dh, step);
   }
 }
 
@@ -739,25 +745,26 @@ void launch_box_mean_h(bool is_double, const void* g, const void* stats, double 
     auto hbox = hbox_kernel<acc_t, true, double>;
     SIB_LAUNCH(hbox, grid_for(s.B * s.H * ceil_div(s.W, kSegment), kThreads), dim3(kThreads), 0, stream,
                static_cast<const acc_t*>(g), static_cast<const acc_t*>(stats), static_cast<acc_t>(slope), s.B, s.H,
-               s.W, s.N, radius, scale, rows);
+               s.W, PlaneLayout{s.N, 1}, radius, scale, rows);
     auto vbox = vbox_kernel<double, acc_t>;
     SIB_LAUNCH(vbox, grid_for(s.B * ceil_div(s.H, kSegment) * s.W, kThreads), dim3(kThreads), 0, stream, rows, s.B,
-               s.H, s.W, s.N, radius, 1.0 / static_cast<double>(window * window), static_cast<acc_t*>(d));
+               s.H, s.W, PlaneLayout{s.N, 1}, radius, 1.0 / static_cast<double>(window * window),
+               static_cast<acc_t*>(d));
   });
 }
 
-void launch_box_mean(bool is_double, const void* in, int64_t plane_stride, const Shape& s, int64_t window, void* rows,
-                     void* out, cudaStream_t stream) {
+void launch_box_mean(bool is_double, const void* in, const PlaneLayout& layout, const Shape& s, int64_t window,
+                     void* rows, void* out, cudaStream_t stream) {
   const int64_t radius = window / 2;
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
     auto hbox = hbox_kernel<acc_t, false, acc_t>;
     SIB_LAUNCH(hbox, grid_for(s.B * s.H * ceil_div(s.W, kSegment), kThreads), dim3(kThreads), 0, stream,
-               static_cast<const acc_t*>(in), static_cast<const acc_t*>(nullptr), acc_t(0), s.B, s.H, s.W, plane_stride,
+               static_cast<const acc_t*>(in), static_cast<const acc_t*>(nullptr), acc_t(0), s.B, s.H, s.W, layout,
                radius, 1.0, static_cast<acc_t*>(rows));
     auto vbox = vbox_kernel<acc_t, acc_t>;
     SIB_LAUNCH(vbox, grid_for(s.B * ceil_div(s.H, kSegment) * s.W, kThreads), dim3(kThreads), 0, stream,
-               static_cast<const acc_t*>(rows), s.B, s.H, s.W, plane_stride, radius,
+               static_cast<const acc_t*>(rows), s.B, s.H, s.W, layout, radius,
                1.0 / static_cast<double>(window * window), static_cast<acc_t*>(out));
   });
 }
@@ -795,27 +802,27 @@ void launch_adjoint(bool is_double, const void* gram, int64_t B, const void* gra
   });
 }
 
-void launch_mask_adjoint_t2(bool is_double, void* dM_u, const void* dM_v, int64_t plane_stride, const void* grad_mask,
+void launch_mask_adjoint_t2(bool is_double, void* dM_u, const void* dM_v, const PlaneLayout& layout, const void* grad_mask,
                             const void* mask, const int64_t* ranks, const Shape& s, const QuantileWindows& win,
                             double slope, cudaStream_t stream) {
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
     auto kernel = mask_adjoint_t2_kernel<acc_t>;
     SIB_LAUNCH(kernel, dim3(static_cast<unsigned>(s.B)), dim3(kSelectThreads), 0, stream, static_cast<acc_t*>(dM_u),
-               static_cast<const acc_t*>(dM_v), plane_stride, static_cast<const acc_t*>(grad_mask),
+               static_cast<const acc_t*>(dM_v), layout, static_cast<const acc_t*>(grad_mask),
                static_cast<const acc_t*>(mask),
                ranks, s.N, win, static_cast<acc_t>(slope));
   });
 }
 
-void launch_mask_adjoint_h(bool is_double, void* dh, const void* g, int64_t plane_stride, const void* stats,
+void launch_mask_adjoint_h(bool is_double, void* dh, const void* g, const PlaneLayout& layout, const void* stats,
                            const int64_t* ranks, const Shape& s, const QuantileWindows& win, double slope,
                            cudaStream_t stream) {
   with_compute_type(is_double, [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
     auto kernel = mask_adjoint_h_kernel<acc_t>;
     SIB_LAUNCH(kernel, dim3(static_cast<unsigned>(s.B)), dim3(kSelectThreads), 0, stream, static_cast<acc_t*>(dh),
-               static_cast<const acc_t*>(g), plane_stride, static_cast<const acc_t*>(stats), ranks, s.N, win,
+               static_cast<const acc_t*>(g), layout, static_cast<const acc_t*>(stats), ranks, s.N, win,
                static_cast<acc_t>(slope));
   });
 }

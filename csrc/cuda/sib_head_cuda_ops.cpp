@@ -88,25 +88,27 @@ QuantileWindows make_windows(std::initializer_list<int> quantiles, int64_t N, do
   return w;
 }
 
-// The backward's three planes: channels C-1, C-2, C-3 of dR when dR is contiguous in the
-// compute type with three channels or more (pass 2 reads each pixel of them before it
-// writes dR there), so that forward and backward together allocate dR, the saved mask and
-// small buffers: 1.33x the size of R in float32 with three channels (the target is 1.5x).
-// Otherwise a buffer of their own, kept alive in `own`.
+// The backward's three planes: channels C-3, C-2, C-1 of dR when dR holds the compute type,
+// has three channels or more and evenly spaced pixels (contiguous or channels_last): pass 2
+// reads each pixel of them before it writes dR there. Forward and backward together then
+// allocate dR, the saved mask and small buffers: 1.33x the size of R in float32 with three
+// channels (the target is 1.5x). Otherwise a buffer of their own, kept alive in `own`.
 BackwardPlanes backward_planes(const at::Tensor& dR, at::ScalarType acc, at::Tensor& own) {
   const int64_t B = dR.size(0), C = dR.size(1), N = dR.size(2) * dR.size(3);
   const int64_t bytes = static_cast<int64_t>(at::elementSize(acc));
-  const bool in_dR = dR.scalar_type() == acc && C >= 3 && dR.is_contiguous();
+  const Map4 map = make_map(dR);
+  const bool in_dR = dR.scalar_type() == acc && C >= 3 && map.linear && map.sw < (int64_t(1) << 31);
   if (!in_dR) own = at::empty({3, B, N}, dR.options().dtype(acc));
-  char* base = in_dR ? static_cast<char*>(dR.data_ptr()) + (C - 3) * N * bytes : static_cast<char*>(own.data_ptr());
-  const int64_t next = (in_dR ? N : B * N) * bytes;  // from one plane to the next
+  char* base = in_dR ? static_cast<char*>(dR.data_ptr()) + (C - 3) * map.sc * bytes : static_cast<char*>(own.data_ptr());
+  const int64_t next = (in_dR ? map.sc : B * N) * bytes;  // from one plane to the next
   BackwardPlanes planes;
   planes.g = base;                 // channel C-3 of dR
   planes.dM_v = base + next;       // channel C-2
   planes.dM_u = base + 2 * next;   // channel C-1
-  planes.stride = in_dR ? C * N : N;
+  planes.layout = in_dR ? PlaneLayout{map.sb, map.sw} : PlaneLayout{N, 1};
   const int64_t per_vector = 16 / bytes;
-  planes.aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0 && N % per_vector == 0;
+  planes.aligned = planes.layout.pixel == 1 && planes.layout.image % per_vector == 0 && N % per_vector == 0 &&
+                   reinterpret_cast<uintptr_t>(base) % 16 == 0;
   return planes;
 }
 
@@ -217,11 +219,11 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cuda(
   // columns back into dM_u; da in dM_u
   at::Tensor gm;
   if (grad_mask.has_value() && grad_mask->defined()) gm = grad_mask->to(opts).contiguous();
-  launch_mask_adjoint_t2(dbl, planes.dM_u, planes.dM_v, planes.stride, gm.defined() ? gm.data_ptr() : nullptr,
+  launch_mask_adjoint_t2(dbl, planes.dM_u, planes.dM_v, planes.layout, gm.defined() ? gm.data_ptr() : nullptr,
                          mask.data_ptr(), rank_index.data_ptr<int64_t>(), sh, make_windows({kQuantT2}, N, temperature),
                          slope, stream);
-  launch_box_mean(dbl, planes.dM_u, planes.stride, sh, window_size, planes.dM_v, planes.dM_u, stream);
-  launch_mask_adjoint_h(dbl, planes.dM_u, planes.g, planes.stride, image_stats.data_ptr(),
+  launch_box_mean(dbl, planes.dM_u, planes.layout, sh, window_size, planes.dM_v, planes.dM_u, stream);
+  launch_mask_adjoint_h(dbl, planes.dM_u, planes.g, planes.layout, image_stats.data_ptr(),
                         rank_index.data_ptr<int64_t>(), sh,
                         make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), slope, stream);
 
