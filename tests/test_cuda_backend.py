@@ -15,6 +15,7 @@ from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_head_
                         compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
                          relu_like_maps, strided_maps)
+from memory_budget import check_head_memory_budget
 from sib_fast import dispatch
 
 pytestmark = pytest.mark.gpu
@@ -45,6 +46,15 @@ CASES = SMALL_CASES + [
     (128, 3, 224, 224, 31, 0.1, 10.0),  # the benchmark's shape: image tile 128
     (160, 3, 48, 48, 9, 0.1, 10.0),     # two Gram tiles, two j-chunks in the backward
 ]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_extra_memory_within_budget(layout):
+    # the benchmark's shape at batch 32: the backward's planes live in channels of dR
+    R, x = random_maps(32, 3, 224, 224, torch.float32, device=DEVICE)
+    if layout == "channels_last":
+        R, x = (t.contiguous(memory_format=torch.channels_last) for t in (R, x))
+    print(f"cuda {layout}: {check_head_memory_budget('cuda', R, x):.2f}x R")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -115,9 +115,11 @@ def test_bfloat16_inputs():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_extra_memory_within_budget(layout):
-    # the backward's planes (g, dz, prefix sums) live in channels of dR: dR and the mask only
-    R, x = _maps(4, 3, 32, 28)
-    check_head_memory_budget("triton", _layout(R, layout), _layout(x, layout))
+    # the backward's planes (g, dz, prefix sums) live in channels of dR: dR and the mask only.
+    # On a GPU the benchmark's shape at batch 32 (small ones are dominated by fixed buffers).
+    R, x = _maps(32, 3, 224, 224) if HAS_GPU else _maps(4, 3, 32, 28)
+    ratio = check_head_memory_budget("triton", _layout(R, layout), _layout(x, layout))
+    print(f"triton {layout}: {ratio:.2f}x R")
 
 
 def test_loops_over_several_chunks(monkeypatch):
