@@ -26,7 +26,8 @@ log = logging.getLogger("sib_fast")
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 
-# Fastest first, per device type; measured by `sib-bench`.
+# Preference per device type. On CUDA the order is not measured yet (no GPU run so far):
+# `benchmarks/gpu_check.sh` times both; put the faster first (issue: "auto" picks it).
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 _BACKEND_MODULES = {
