@@ -133,7 +133,7 @@ fi
 
 # ---- sib-bench head (float32: batch sweep, torch.compile at 32 and 128), step, then bfloat16
 stage head_float32 140 75 "$PY" -m sib_fast.bench --device cuda --batch 8,32,128 --compile-batch 32,128 \
-  --dtype float32 --min-time 0.3 --json "$OUT/head_float32.json" --plot "$OUT/head_float32.png" \
+  --dtype float32 --min-time 0.3 --profile --json "$OUT/head_float32.json" --plot "$OUT/head_float32.png" \
   --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
 stage step 80 20 "$PY" -m sib_fast.bench --device cuda --step --model resnet50,vit_s_16 --step-batch 64 \
   --step-reps 5 --json "$OUT/step.json" --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import sib_fast
 from sib_fast.bench import cli as bench
 from sib_fast.bench.measure import (floor_bytes, make_head_inputs, peak_extra_memory, rotation_count,
                                     summarize)
@@ -128,6 +129,28 @@ def test_from_json_renders_plots_and_appends(head_record, tmp_path, capsys):
     assert png.stat().st_size > 10_000
     bench.main(["--from-json", str(path), "--markdown", str(md)])
     assert md.read_text().count("### Head: ") == 2  # appended, never overwritten
+
+
+@pytest.mark.skipif("cpu" not in sib_fast.available_backends("cpu"), reason="sib_fast._C has no CPU kernels")
+def test_profile_names_the_fused_ops_largest_first(tmp_path, capsys):
+    path = tmp_path / "head.json"
+    argv = TINY + ["--batch", "2", "--size", "24x20", "--backends", "cpu", "--no-memory", "--profile",
+                   "--json", str(path)]
+    assert bench.main(argv) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["reference", "cpu"]
+    for row in rows:
+        prof = row["profile"]
+        us = [e["us"] for e in prof["entries"]]
+        assert us and us == sorted(us, reverse=True) and us[-1] > 0
+        assert sum(us) <= prof["total_us"] * (1 + 1e-9)
+        assert math.isclose(prof["entries"][0]["share"], us[0] / prof["total_us"])
+    fused = [e["name"] for e in rows[1]["profile"]["entries"]]
+    assert "sib_fast::sib_head_forward" in fused and "sib_fast::sib_head_backward" in fused
+    reference = [e["name"] for e in rows[0]["profile"]["entries"]]
+    assert not any(name.startswith("sib_fast::") for name in reference)
+    printed = capsys.readouterr().out
+    assert "kernels of one forward+backward (--profile)" in printed and "`sib_fast::sib_head_backward`" in printed
 
 
 def test_step_mode_tiny_run(tmp_path):

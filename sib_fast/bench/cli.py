@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--quick", action="store_true", help="1 warm-up, 3 to 5 reps: a smoke test, not a measurement")
     head.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     head.add_argument("--no-check", action="store_true", help="skip the comparison with the eager reference")
+    head.add_argument("--profile", action="store_true",
+                      help="also list each row's largest GPU kernels (CPU: operators) in one forward+backward")
 
     step = p.add_argument_group("step mode")
     step.add_argument("--step", action="store_true", help="time full training steps instead of the head")
@@ -274,6 +276,13 @@ def bench_head_lane(lane, fn, inputs, upstream, device, args, reference_out) -> 
         both_mem = peak_extra_memory(lambda: forward_backward(inputs[0]), device)
         row["peak_extra_bytes"] = {"fwd": fwd_mem["bytes"], "fwd_bwd": both_mem["bytes"]}
         row["memory_method"] = both_mem["method"]
+    if args.profile:
+        from sib_fast.bench.profile import kernel_breakdown
+
+        try:
+            row["profile"] = kernel_breakdown(lambda: forward_backward(inputs[0]), device)
+        except Exception as exc:  # the profiler failing is not the backend failing: keep the timings
+            row["profile_error"] = _first_line(exc)
     return row
 
 
@@ -485,6 +494,10 @@ def render(record: dict) -> str:
                  f"written once (SPEC 7); peak extra memory by {method or '-'}; error vs the eager reference "
                  f"(max of hsic, bg, dR)\n\n")
         text += head_table(record)
+        if any(r.get("profile") for r in record["rows"]):
+            from sib_fast.bench.profile import profile_table
+
+            text += "\n\nkernels of one forward+backward (--profile):\n" + profile_table(record["rows"])
     else:
         text += step_table(record)
     return text + "\n"
