@@ -617,6 +617,7 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
         else:
             pixR = (p // W).to(tl.int64) * sRh + (p % W).to(tl.int64) * sRw
         ptrR = R + rows_i.to(tl.int64)[:, None] * sRb + pixR[None, :]
+        gsum = tl.zeros([BB, BP], CT)
         if HEAD:
             if FLAT:
                 pixx = p.to(tl.int64) * sxw
@@ -629,9 +630,10 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                 else:
                     pixd = (p // W).to(tl.int64) * sdh + (p % W).to(tl.int64) * sdw
                 ptrd = dx + rows_i.to(tl.int64)[:, None] * sdb + pixd[None, :]
-        if HEAD:
-            for c in range(C):
-                vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
+        for c in range(C):
+            vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
+            gsum += vR
+            if HEAD:
                 vx = tl.load(ptrx + c * sxc, mask=mi, other=0).to(CT)
                 r = vR * (1.0 - M_i)
                 if SINGLE:
@@ -666,10 +668,6 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                     dM += vx * Tx
                 if GRAD_X:
                     tl.store(ptrd + c * sdc, (M_i * Tx).to(dx.dtype.element_ty), mask=mi)
-        # g after the products, from cache: a sum carried through them would spill at 64 images
-        gsum = tl.zeros([BB, BP], CT)
-        for c in range(C):
-            gsum += tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
         if HAS_GM:
             dM += tl.load(grad_mask + plane_i, mask=mi, other=0).to(CT)
         z = tl.where(mi, dM * slope * M_i * (1.0 - M_i), 0.0)
@@ -854,7 +852,7 @@ class _Plan:
     ``_launch_hook``, so it checks exactly these numbers.
     """
 
-    def __init__(self, B, C, H, W, ct, num_sms, capability):
+    def __init__(self, B, C, H, W, ct, num_sms, capability, strided_pixels=False):
         N = H * W
         self.B, self.C, self.H, self.W, self.N = B, C, H, W, N
         self.ct = ct
@@ -872,9 +870,11 @@ class _Plan:
         self.n_colblocks = _cdiv(W, self.vbox_bw)
         # 6. Gram pass over R, x: one tile of up to 128 images (each element read once), pixel
         # blocks of BP, partial Grams per pixel split. Sizes keep tf32x3 dots free of spills on
-        # sm_80 and sm_90 (tests/test_triton_compile.py).
+        # sm_80 and sm_90 (tests/test_triton_compile.py); on sm_80, pixels that are not adjacent
+        # (channels_last) need the address registers of 64-image tiles.
         target = 2 * num_sms  # programs in flight per pass
-        self.bb = min(MAX_IMAGE_BLOCK, max(16, _next_pow2(B)))
+        most = MAX_IMAGE_BLOCK if (capability >= (9, 0) or not strided_pixels) else min(MAX_IMAGE_BLOCK, 64)
+        self.bb = min(most, max(16, _next_pow2(B)))
         self.nbb = _cdiv(B, self.bb)
         self.single = self.nbb == 1
         self.bp = 16 if self.bb >= 128 else 32
@@ -908,10 +908,11 @@ class _Plan:
         return per_split, _cdiv(nblocks, per_split)
 
 
-def _plan(R: torch.Tensor, ct: torch.dtype) -> _Plan:
+def _plan(R: torch.Tensor, ct: torch.dtype, *others: torch.Tensor) -> _Plan:
     B, C, H, W = R.shape
     num_sms, capability = _device_info(R.device.type, R.device.index)
-    return _Plan(B, C, H, W, ct, num_sms, capability)
+    strided = any(t.stride(3) != 1 and W > 1 for t in (R, *others))
+    return _Plan(B, C, H, W, ct, num_sms, capability, strided)
 
 
 # Set by tests to record (kernel, grid, args, meta) instead of launching.
@@ -1026,7 +1027,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
 
 def _head_forward_impl(R, x, window_size, temperature, slope):
     ct = compute_dtype(R, x)
-    plan = _plan(R, ct)
+    plan = _plan(R, ct, x)
     B, C, H, W = R.shape
     N = H * W
     table, stats, sel_idx, sel_w, d = _mask_chain(R, ct, window_size, temperature, slope, plan)

@@ -1,7 +1,8 @@
 """Every Triton kernel of the backend compiles to a cubin for sm_80 and sm_90 (no GPU needed).
 
 The launchers of ``sib_fast.triton_backend`` run on CPU tensors with their launches
-recorded instead of executed (``_launch_hook``), at 224x224 (B=128) and at a small shape,
+recorded instead of executed (``_launch_hook``), planned as for each target's GPU (its
+capability and multiprocessor count), at 224x224 (B=128) and at a small shape,
 contiguous and channels_last (whose backward planes are strided channels of dR),
 for the head's forward and backward (with and without dx) and the mask alone. Each
 recorded launch is specialised exactly as Triton's JIT would (its binder and
@@ -36,12 +37,18 @@ TARGETS = (80, 90)
 # worker: record the launches of one shape and compile them for one target
 # ---------------------------------------------------------------------------------------------
 
-def record_launches(shape, channels_last, dtype):
+# the launch plan of each target as on its GPU: A100 (108 SMs), H100 (132 SMs)
+MULTIPROCESSORS = {80: 108, 90: 132}
+
+
+def record_launches(shape, channels_last, dtype, capability):
     import torch
     import sib_fast.triton_backend as tb
 
     calls = []
     tb._launch_hook = lambda kernel, grid, args, meta: calls.append((kernel, grid, args, meta))
+    device_info = tb._device_info
+    tb._device_info = lambda *_: (MULTIPROCESSORS[capability], divmod(capability, 10))
     B, C, H, W = shape
     layout = torch.channels_last if channels_last else torch.contiguous_format
     try:
@@ -56,6 +63,7 @@ def record_launches(shape, channels_last, dtype):
                                31, 0.1, 10.0, False, False)
     finally:
         tb._launch_hook = None
+        tb._device_info = device_info
     return calls
 
 
@@ -83,7 +91,7 @@ def compile_all(shape_name: str, capability: int):
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     rows, seen = [], set()
-    for kernel, grid, args, meta in record_launches(*SHAPES[shape_name], torch.float32):
+    for kernel, grid, args, meta in record_launches(*SHAPES[shape_name], torch.float32, capability):
         kwargs = dict(meta, debug=False)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound_args, specialization, options = binder(*args, **kwargs)
