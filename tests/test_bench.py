@@ -131,6 +131,20 @@ def test_from_json_renders_plots_and_appends(head_record, tmp_path, capsys):
     assert md.read_text().count("### Head: ") == 2  # appended, never overwritten
 
 
+def test_profile_keeps_the_template_arguments_that_tell_kernels_apart():
+    from sib_fast.bench.profile import short_name
+
+    def demangled(which_pass):
+        return ("void sib_fast::cuda::(anonymous namespace)::backward_kernel<float, float, 64, 128, "
+                f"(sib_fast::cuda::(anonymous namespace)::Pass){which_pass}>(float const*, float const*, "
+                "sib_fast::cuda::Map4, sib_fast::cuda::Map4, float const*, bool, sib_fast::cuda::PlaneLayout, bool)")
+
+    assert short_name(demangled(0)) == "backward_kernel<float, float, 64, 128, (Pass)0>"
+    assert short_name(demangled(0)) != short_name(demangled(1))
+    assert short_name("_gram_kernel") == "_gram_kernel"
+    assert len(short_name("void f<" + "int, " * 40 + "int>(int)")) == 90
+
+
 @pytest.mark.skipif("cpu" not in sib_fast.available_backends("cpu"), reason="sib_fast._C has no CPU kernels")
 def test_profile_names_the_fused_ops_largest_first(tmp_path, capsys):
     path = tmp_path / "head.json"

@@ -11,10 +11,23 @@ from typing import Callable
 
 import torch
 
-NAME_WIDTH = 90  # demangled C++ kernel names run to hundreds of characters
+NAME_WIDTH = 90
+# namespaces that only lengthen the demangled names of the CUDA backend's kernels
+_NAMESPACES = ("sib_fast::cuda::", "(anonymous namespace)::", "c10::")
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
+    """A kernel's name without its return type, parameter list and our namespaces, so that
+    template arguments (which tell the backward's two passes apart) survive the cut."""
+    name = name.removeprefix("void ")
+    for ns in _NAMESPACES:
+        name = name.replace(ns, "")
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0 and i > 0:  # the parameter list
+            name = name[:i]
+            break
     return name if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 3] + "..."
 
 
@@ -42,7 +55,7 @@ def kernel_breakdown(run: Callable[[], object], device: torch.device, top: int =
         else:
             us = event.self_cpu_time_total
         if us > 0:
-            entry = times.setdefault(_short(event.key), [0, 0.0])
+            entry = times.setdefault(short_name(event.key), [0, 0.0])
             entry[0] += event.count
             entry[1] += us
     total = sum(us for _, us in times.values())
