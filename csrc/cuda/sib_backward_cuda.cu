@@ -220,21 +220,22 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
       }
     }
 
-    // the planes of this tile (each thread its own groups: no barrier needed)
-    if constexpr (kPass == Pass::kPlanes)
-    for (int q = tid; q < OUT_GROUPS; q += kBackwardThreads) {
-      const int il = q / GPR, pg = q % GPR;
-      const int64_t i = i0 + il;
-      if (i >= B) continue;
+    // pass 1: the planes of this tile (each thread its own groups: no barrier needed)
+    if constexpr (kPass == Pass::kPlanes) {
+      for (int q = tid; q < OUT_GROUPS; q += kBackwardThreads) {
+        const int il = q / GPR, pg = q % GPR;
+        const int64_t i = i0 + il;
+        if (i >= B) continue;
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const int64_t p = p_base + pg * V + e;
-        if (p >= N) continue;
-        if (m == 0) {
-          dM_u[layout.at(i, p)] = dm[q * V + e];
-          g_planes[layout.at(i, p)] = exact_div(gsum[q * V + e], static_cast<acc_t>(C));
-        } else {
-          dM_v[layout.at(i, p)] = dm[q * V + e];
+        for (int e = 0; e < V; ++e) {
+          const int64_t p = p_base + pg * V + e;
+          if (p >= N) continue;
+          if (m == 0) {
+            dM_u[layout.at(i, p)] = dm[q * V + e];
+            g_planes[layout.at(i, p)] = exact_div(gsum[q * V + e], static_cast<acc_t>(C));
+          } else {
+            dM_v[layout.at(i, p)] = dm[q * V + e];
+          }
         }
       }
     }
