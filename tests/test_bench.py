@@ -185,6 +185,16 @@ def test_step_mode_tiny_run(tmp_path):
         assert "timing" in row or row["error"]
 
 
+def test_step_models_are_the_training_commands_models():
+    from sib_fast.bench.step import build_model
+    from sib_fast.models import SmallCNN
+
+    assert isinstance(build_model("sib_cnn", 3, 16), SmallCNN)
+    assert build_model("tiny_cnn", 3, 16)(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+    with pytest.raises(ValueError, match="did you mean resnet50"):
+        build_model("resnet5O", 3, 16)
+
+
 def test_main_leaves_the_thread_count_as_it_found_it():
     before = torch.get_num_threads()
     bench.main(TINY + ["--batch", "1"])  # fails after setting threads

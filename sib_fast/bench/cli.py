@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     step = p.add_argument_group("step mode")
     step.add_argument("--step", action="store_true", help="time full training steps instead of the head")
     step.add_argument("--model", default="resnet50,vit_s_16",
-                      help="torchvision model names, vit_s_16 (ViT-S/16: 12 layers, 6 heads, width 384) or tiny_cnn (smoke test)")
+                      help="models as sib-train --arch takes them (torchvision, timm, sib_cnn), vit_s_16 (ViT-S/16: "
+                           "12 layers, 6 heads, width 384) or tiny_cnn (smoke test)")
     step.add_argument("--step-batch", type=int, default=None, help="default: cpu 4, cuda 64")
     step.add_argument("--step-size", type=int, default=224)
     step.add_argument("--num-classes", type=int, default=1000)

@@ -31,21 +31,21 @@ def tiny_cnn(num_classes: int) -> torch.nn.Module:
 
 
 def build_model(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
-    """A torchvision model by name, randomly initialised; ``vit_s_16`` is ViT-S/16, ``tiny_cnn`` a smoke test."""
+    """A randomly initialised model: ``vit_s_16`` (ViT-S/16), ``tiny_cnn`` (a smoke test), or any
+    name ``sib-train --arch`` takes (torchvision, timm, built-in; ``sib_fast.models.build_model``)."""
     if name == "tiny_cnn":
         return tiny_cnn(num_classes)
-    import torchvision
-
     if name in ("vit_s_16", "vit_small"):
+        import torchvision
+
         if image_size % 16:
             raise ValueError(f"vit_s_16 needs an image size divisible by 16, got {image_size}")
         return torchvision.models.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12,
                                                     num_heads=6, hidden_dim=384, mlp_dim=1536,
                                                     num_classes=num_classes)
-    kwargs = {"weights": None, "num_classes": num_classes}
-    if name.startswith("vit_"):
-        kwargs["image_size"] = image_size
-    return torchvision.models.get_model(name, **kwargs)
+    from sib_fast.models import build_model as build_training_model
+
+    return build_training_model(name, num_classes, image_size)
 
 
 def step_rows(fused: list[str], vjp_modes: list[str]) -> list[tuple[str, str | None, str | None]]:
