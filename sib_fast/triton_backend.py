@@ -455,10 +455,10 @@ def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
             v_i = tl.load(ptr_i + c * sc, mask=mi, other=0).to(CT)
             u_i = v_i * M_i
             if SINGLE:
-                acc = tl.dot(u_i, tl.trans(u_i), acc, input_precision=DOT_PREC)
+                acc = tl.dot(u_i, tl.trans(u_i), acc, input_precision=DOT_PREC, out_dtype=CT)
             else:
                 u_j = tl.load(ptr_j + c * sc, mask=mj, other=0).to(CT) * M_j
-                acc = tl.dot(u_i, tl.trans(u_j), acc, input_precision=DOT_PREC)
+                acc = tl.dot(u_i, tl.trans(u_j), acc, input_precision=DOT_PREC, out_dtype=CT)
             # background moments of r = v (1 - M): Chan's pairwise combination per tile
             r = v_i - u_i
             bmean = tl.sum(r, axis=1) / nb
@@ -637,8 +637,8 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                 vx = tl.load(ptrx + c * sxc, mask=mi, other=0).to(CT)
                 r = vR * (1.0 - M_i)
                 if SINGLE:
-                    TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC)
-                    Tx = tl.dot(A_x, vx * M_i, input_precision=DOT_PREC)
+                    TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC, out_dtype=CT)
+                    Tx = tl.dot(A_x, vx * M_i, input_precision=DOT_PREC, out_dtype=CT)
                     dM += vR * (TR - beta * (r - mean_i[:, None])) + vx * Tx
                 else:
                     # one product at a time keeps one A block and one accumulator live
@@ -652,7 +652,7 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                                      mask=mj, other=0).to(CT) * M_j
                         A_ij = tl.load(A + rows_i[:, None] * B + rows_j[None, :], mask=ri[:, None] & rj[None, :],
                                        other=0)
-                        TR = tl.dot(A_ij, uR, TR, input_precision=DOT_PREC)
+                        TR = tl.dot(A_ij, uR, TR, input_precision=DOT_PREC, out_dtype=CT)
                     dM += vR * (TR - beta * (r - mean_i[:, None]))
                     Tx = tl.zeros([BB, BP], CT)
                     for jb in range(NBB):
@@ -664,7 +664,7 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                                      mask=mj, other=0).to(CT) * M_j
                         A_ij = tl.load(A + B * B + rows_i[:, None] * B + rows_j[None, :],
                                        mask=ri[:, None] & rj[None, :], other=0)
-                        Tx = tl.dot(A_ij, ux, Tx, input_precision=DOT_PREC)
+                        Tx = tl.dot(A_ij, ux, Tx, input_precision=DOT_PREC, out_dtype=CT)
                     dM += vx * Tx
                 if GRAD_X:
                     tl.store(ptrd + c * sdc, (M_i * Tx).to(dx.dtype.element_ty), mask=mi)
@@ -804,7 +804,7 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
             for c in range(C):
                 vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
                 if SINGLE:
-                    TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC)
+                    TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC, out_dtype=CT)
                 else:
                     TR = tl.zeros([BB, BP], CT)
                     for jb in range(NBB):
@@ -816,7 +816,7 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
                                      mask=mj, other=0).to(CT) * M_j
                         A_ij = tl.load(A + rows_i[:, None] * B + rows_j[None, :],
                                        mask=ri[:, None] & rj[None, :], other=0)
-                        TR = tl.dot(A_ij, uR, TR, input_precision=DOT_PREC)
+                        TR = tl.dot(A_ij, uR, TR, input_precision=DOT_PREC, out_dtype=CT)
                 val = M_i * TR + bgc * (vR * (1.0 - M_i) - mean_i[:, None]) + dgc
                 tl.store(ptrd + c * sdc, val.to(dR.dtype.element_ty), mask=mi)
         else:

@@ -27,9 +27,11 @@ import pytest
 # The passes over R, x and dR: a spill there costs bandwidth on every element.
 HOT_KERNELS = ("_channel_mean_kernel", "_gram_kernel", "_bwd_dm_kernel", "_bwd_dr_kernel")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
-# name: (B, C, H, W), channels_last
-SHAPES = {"224x224": ((128, 3, 224, 224), False), "224x224-cl": ((128, 3, 224, 224), True),
-          "small": ((3, 3, 9, 7), False)}
+# name: (B, C, H, W), channels_last, dtype. The small float64 and bfloat16 cases specialise the
+# kernels for the other compute and input types (a float64 dot, for one, needs its out_dtype).
+SHAPES = {"224x224": ((128, 3, 224, 224), False, "float32"), "224x224-cl": ((128, 3, 224, 224), True, "float32"),
+          "small": ((3, 3, 9, 7), False, "float32"), "small-f64": ((3, 3, 9, 7), False, "float64"),
+          "small-bf16": ((5, 3, 9, 7), True, "bfloat16")}
 TARGETS = (80, 90)
 
 
@@ -41,10 +43,11 @@ TARGETS = (80, 90)
 MULTIPROCESSORS = {80: 108, 90: 132}
 
 
-def record_launches(shape, channels_last, dtype, capability):
+def record_launches(shape, channels_last, dtype_name, capability):
     import torch
     import sib_fast.triton_backend as tb
 
+    dtype = getattr(torch, dtype_name)
     calls = []
     tb._launch_hook = lambda kernel, grid, args, meta: calls.append((kernel, grid, args, meta))
     device_info = tb._device_info
@@ -82,7 +85,6 @@ def _resource_usage(cubin: bytes):
 
 
 def compile_all(shape_name: str, capability: int):
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -91,7 +93,7 @@ def compile_all(shape_name: str, capability: int):
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     rows, seen = [], set()
-    for kernel, grid, args, meta in record_launches(*SHAPES[shape_name], torch.float32, capability):
+    for kernel, grid, args, meta in record_launches(*SHAPES[shape_name], capability):
         kwargs = dict(meta, debug=False)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound_args, specialization, options = binder(*args, **kwargs)
