@@ -192,6 +192,13 @@ def test_nan_input_gives_nan_not_a_crash():
     assert torch.isnan(sib_fast.sib_terms(R2, x2, window_size=3, backend="triton").hsic)
 
 
+def test_opcheck():
+    # the custom ops' schemas, fake kernels and autograd registration, as torch.compile sees them
+    R, x = _maps(2, 3, 7, 6, torch.float64, seed=11)
+    torch.library.opcheck(tb.head_forward, (R.requires_grad_(), x.requires_grad_(), 3, 0.1, 10.0))
+    torch.library.opcheck(tb.mask_forward, (R.detach().contiguous(memory_format=torch.channels_last), 3, 0.2, 8.0))
+
+
 def test_runs_inside_torch_compile_fullgraph():
     import sib_fast
 
