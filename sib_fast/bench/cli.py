@@ -150,7 +150,10 @@ def resolve_device(text: str) -> torch.device:
 
 
 def select_lanes(spec: str, device: torch.device, no_compile: bool) -> list[str]:
-    """The head lanes to run: eager reference first, then torch.compile, then fused backends."""
+    """The head lanes to run: eager reference first, then the fused backends, then torch.compile.
+
+    torch.compile is last because its first call compiles for tens of seconds: a run cut short
+    (Ctrl-C, a time limit) still has the fused rows of every shape it reached."""
     from sib_fast.dispatch import BACKEND_NAMES, available_backends
 
     names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -160,7 +163,7 @@ def select_lanes(spec: str, device: torch.device, no_compile: bool) -> list[str]
             fused = [b for b in available_backends(device) if b != "reference"]
             if device.type == "cpu":
                 fused = [b for b in fused if b != "triton"]  # the interpreter is for tests, not timing
-            wanted = ["reference", COMPILE_LANE] + fused
+            wanted = ["reference"] + fused + [COMPILE_LANE]
         elif name in ("compile", COMPILE_LANE):
             wanted = [COMPILE_LANE]
         elif name in BACKEND_NAMES:
