@@ -6,9 +6,11 @@
 #
 # Every stage has a time cap and leaves time for the stages after it; a stage that runs out is
 # interrupted (SIGINT: sib-bench then saves the rows it finished) and the script goes on.
+# Stages in order: build, each backend's tests, memcheck, head float32 (B=128 first), step,
+# racecheck, head bfloat16, Triton plan variants; the later ones get what time is left.
 # Results: results.md (the tables, with date, GPU, driver and commit: paste into
-# benchmarks/RESULTS.md), head_*.json / step.json (every number), head_float32.png (plot),
-# <stage>.log for each stage, SUMMARY.txt (stage, exit status, seconds).
+# benchmarks/RESULTS.md), head_*.json / step.json / triton_plans.json (every number),
+# head_float32.png (plot), <stage>.log for each stage, SUMMARY.txt (stage, exit status, seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -146,6 +148,9 @@ if [ -n "$SANITIZER" ]; then
 fi
 stage head_bfloat16 45 0 "$PY" -m sib_fast.bench --device cuda --batch 128 --dtype bfloat16 --no-compile \
   --min-time 0.3 --json "$OUT/head_bfloat16.json" --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
+# ---- with what time is left: the Triton launch-plan constants chosen without a GPU, against
+# their alternatives (B=128, float32, forward+backward)
+stage triton_plans 60 0 "$PY" -m sib_fast.bench.tune --json "$OUT/triton_plans.json"
 
 log "done in $((SECONDS - START))s; failures: $FAILED"
 cat "$OUT/SUMMARY.txt"

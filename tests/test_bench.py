@@ -199,3 +199,55 @@ def test_main_leaves_the_thread_count_as_it_found_it():
     before = torch.get_num_threads()
     bench.main(TINY + ["--batch", "1"])  # fails after setting threads
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------- python -m sib_fast.bench.tune
+
+@pytest.mark.parametrize("text,message", [
+    ("FOO=1", "NAME one of"), ("HBOX_BLOCK=4", "takes HxW"), ("SELECT_CHUNK=2x8", "takes an integer"),
+    ("SELECT_CHUNK=1000", "power of two"), ("BWD_SINGLE_MAX=0", "positive"), (",", "empty variant")])
+def test_tune_rejects_bad_variants(text, message):
+    from sib_fast.bench import tune
+
+    with pytest.raises(bench.UsageError, match=message):
+        tune.parse_variant(text)
+
+
+def test_tune_sets_the_constants_only_inside_the_block():
+    import types
+
+    from sib_fast.bench import tune
+
+    assert tune.parse_variant("VBOX_BLOCK=64x32, BWD_SINGLE_MAX=48") == {"VBOX_BLOCK": (64, 32), "BWD_SINGLE_MAX": 48}
+    module = types.SimpleNamespace(SELECT_CHUNK=2048, VBOX_BLOCK=(32, 32))
+    with pytest.raises(RuntimeError):
+        with tune.plan_constants(module, {"SELECT_CHUNK": 16, "VBOX_BLOCK": (8, 8)}):
+            assert (module.SELECT_CHUNK, module.VBOX_BLOCK) == (16, (8, 8))
+            raise RuntimeError("a failing variant")
+    assert (module.SELECT_CHUNK, module.VBOX_BLOCK) == (2048, (32, 32))
+
+
+@pytest.mark.slow
+def test_tune_variants_compute_the_default_result(tmp_path):
+    # In Triton's interpreter on CPU tensors: a variant that loops over several selection chunks
+    # and box blocks must give the default's hsic, bg and dR; the table flags any that do not.
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    path = tmp_path / "tune.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "sib_fast.bench.tune", "--device", "cpu", "--batch", "3",
+                           "--size", "7", "--window", "3", "--min-reps", "1", "--max-reps", "1", "--min-time", "0",
+                           "--variant", "SELECT_CHUNK=16,HBOX_BLOCK=2x4,VBOX_BLOCK=2x4", "--json", str(path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["default", "SELECT_CHUNK=16,HBOX_BLOCK=2x4,VBOX_BLOCK=2x4",
+                                            "default (again)"]
+    assert rows[1]["settings"] == {"SELECT_CHUNK": 16, "HBOX_BLOCK": [2, 4], "VBOX_BLOCK": [2, 4]}
+    assert max(rows[1]["max_rel_err"].values()) <= 1e-5
+    assert max(rows[2]["max_rel_err"].values()) == 0.0  # same settings, same bits
+    assert all(r["fwd_bwd"]["n"] == 1 for r in rows)
+    assert "differs" not in proc.stdout and "| default (again) |" in proc.stdout

@@ -1,0 +1,199 @@
+"""``python -m sib_fast.bench.tune``: the Triton backend's launch-plan constants, timed side by side.
+
+The Triton backend plans every launch from a few constants of ``sib_fast.triton_backend``
+(``TUNABLE`` below). Their defaults were chosen without a GPU, from register counts and spills
+(``tests/test_triton_compile.py``); this tool times the alternatives on the GPU at hand, in one
+run. Each variant sets some constants, runs forward+backward of the head (gradient of HSIC and BG
+with respect to R, as ``sib-bench`` times it), and is checked against the default's outputs: a
+variant that changes the result is reported, not ranked.
+
+    python -m sib_fast.bench.tune --batch 128 --variant BWD_IMAGE_BLOCK=64 --variant MAX_IMAGE_BLOCK=64
+    python -m sib_fast.bench.tune --variant "SELECT_CHUNK=4096,VBOX_BLOCK=64x32" --json tune.json
+
+The default runs first and again last, so drift over the run (clocks, other work) shows. The
+first call of each variant compiles its kernels and is not timed. On a CPU the kernels run in
+Triton's interpreter (set ``TRITON_INTERPRET=1``): that checks a variant, it does not time it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from sib_fast.bench.cli import UPSTREAM, UsageError, resolve_device
+from sib_fast.bench.machine import device_label, machine_info
+from sib_fast.bench.measure import make_head_inputs, synchronize, time_calls
+
+#: constant -> what it sets; values are ints, or HxW for the two block shapes
+TUNABLE = {
+    "MAX_IMAGE_BLOCK": "images per Gram tile of the forward (power of two, 16..128)",
+    "BWD_SINGLE_MAX": "largest batch whose backward keeps the B x B matrix on chip",
+    "BWD_IMAGE_BLOCK": "images per row block of the backward beyond that (power of two, >= 16)",
+    "SELECT_CHUNK": "elements per iteration of the rank selection (power of two)",
+    "HBOX_BLOCK": "rows x columns per iteration of the row running sums",
+    "VBOX_BLOCK": "rows x columns per iteration of the column running sums",
+}
+DEFAULT_VARIANTS = ("BWD_IMAGE_BLOCK=64", "MAX_IMAGE_BLOCK=64", "SELECT_CHUNK=4096")
+
+
+SHAPED = ("HBOX_BLOCK", "VBOX_BLOCK")  # HxW; the others are integers
+
+
+def parse_variant(text: str) -> dict:
+    """``"NAME=V,NAME=HxW"`` -> ``{NAME: V, NAME: (H, W)}``, every name in ``TUNABLE``."""
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or name not in TUNABLE:
+            raise UsageError(f"--variant: {item!r} is not NAME=VALUE with NAME one of {', '.join(TUNABLE)}")
+        try:
+            numbers = tuple(int(v) for v in value.lower().split("x"))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != (2 if name in SHAPED else 1):
+            raise UsageError(f"--variant: {name} takes {'HxW' if name in SHAPED else 'an integer'}, got {value!r}")
+        if any(v < 1 or (v & (v - 1) and name != "BWD_SINGLE_MAX") for v in numbers):
+            raise UsageError(f"--variant: {name} must be {'positive' if name == 'BWD_SINGLE_MAX' else 'a power of two'}, "
+                             f"got {value!r}")
+        settings[name] = numbers if name in SHAPED else numbers[0]
+    if not settings:
+        raise UsageError(f"--variant: empty variant {text!r}")
+    return settings
+
+
+@contextmanager
+def plan_constants(backend, settings: dict):
+    """Set constants of the Triton backend module for the duration of the block."""
+    saved = {name: getattr(backend, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(backend, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(backend, name, value)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def new_record(args, device: torch.device) -> dict:
+    return {"tool": "sib_fast.bench.tune", "machine": machine_info(device),
+            "shape": [args.batch, args.channels, args.size, args.size], "dtype": args.dtype,
+            "window": args.window, "rows": []}
+
+
+def run(args, device: torch.device, record: dict) -> None:
+    import sib_fast
+    import sib_fast.triton_backend as backend
+    from sib_fast.dispatch import unavailable_reason
+
+    reason = unavailable_reason("triton", device.type)
+    if reason:
+        raise UsageError(f"the triton backend cannot run here: {reason}")
+    variants = [("default", {})] + [(v, parse_variant(v)) for v in (args.variant or DEFAULT_VARIANTS)]
+    variants.append(("default (again)", {}))
+    shape = tuple(record["shape"])
+    dtype = getattr(torch, args.dtype)
+    inputs = [make_head_inputs(*shape, dtype, device, seed=args.seed + i) for i in range(2)]
+    grads = None
+
+    def forward_backward(inp, _state=None):
+        nonlocal grads
+        R, x = inp
+        hsic, bg, _ = sib_fast.sib_terms(R, x, window_size=args.window, backend="triton")
+        if grads is None:
+            grads = tuple(torch.tensor(u, dtype=hsic.dtype, device=device) for u in UPSTREAM)
+        (dR,) = torch.autograd.grad((hsic, bg), (R,), grads)
+        return hsic.detach(), bg.detach(), dR
+
+    print(f"tune: {device_label(record['machine'], device.type)}, B x C x H x W = {shape}, {args.dtype}",
+          file=sys.stderr, flush=True)
+    expected = None
+    for label, settings in variants:
+        row = {"variant": label, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+        print(f"  {label} ...", file=sys.stderr, flush=True)
+        try:
+            with plan_constants(backend, settings):
+                out = forward_backward(inputs[0])  # compiles this variant's kernels
+                synchronize(device)
+                if expected is None:
+                    expected = out
+                row["max_rel_err"] = {name: _relative_error(a, b) for name, a, b in zip(("hsic", "bg", "dR"), out, expected)}
+                del out
+                row["fwd_bwd"] = time_calls(forward_backward, None, inputs, device, min_reps=args.min_reps,
+                                            max_reps=args.max_reps, min_time=args.min_time)
+        except Exception as exc:  # a variant that fails to compile or run is a result, not the end of the run
+            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        record["rows"].append(row)
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def table(record: dict, tolerance: float) -> str:
+    base = next((r["fwd_bwd"]["median"] for r in record["rows"] if "fwd_bwd" in r), None)
+    lines = ["| variant | fwd+bwd ms (IQR) | vs default | max rel err vs default (hsic / bg / dR) |",
+             "|---|---|---|---|"]
+    for r in record["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error']} | - | - |")
+            continue
+        t = r["fwd_bwd"]
+        err = r["max_rel_err"]
+        flag = "" if max(err.values()) <= tolerance else " **differs**"
+        lines.append(f"| {r['variant']} | {t['median'] * 1e3:.3f} ({t['iqr'] * 1e3:.3f}) | {base / t['median']:.2f}x | "
+                     f"{err['hsic']:.1e} / {err['bg']:.1e} / {err['dR']:.1e}{flag} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sib_fast.bench.tune", description=__doc__.split("\n\n")[0],
+                                epilog="tunable constants:\n" + "\n".join(f"  {k}: {v}" for k, v in TUNABLE.items()),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cuda (default when available), or cpu under TRITON_INTERPRET=1")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    p.add_argument("--window", type=int, default=31)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", action="append",
+                   help=f"NAME=VALUE[,NAME=VALUE...], repeatable (default: {' '.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--min-reps", type=int, default=10)
+    p.add_argument("--max-reps", type=int, default=50)
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds spent at least per variant")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error that counts as the same result")
+    p.add_argument("--json", metavar="PATH", help="write every number (rewritten after each variant)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.batch < 2:
+            raise UsageError("--batch: the head needs at least 2 images per batch (HSIC)")
+        for text in args.variant or ():
+            parse_variant(text)  # every variant is checked before anything runs
+        device = resolve_device(args.device)
+        record = new_record(args, device)
+        try:
+            run(args, device, record)
+        except KeyboardInterrupt:
+            print(table(record, args.tolerance))
+            print("tune: interrupted; the rows above are complete", file=sys.stderr)
+            return 130
+    except UsageError as exc:
+        print(f"tune: {exc}", file=sys.stderr)
+        return 2
+    print(table(record, args.tolerance))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
