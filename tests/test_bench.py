@@ -185,6 +185,26 @@ def test_step_mode_tiny_run(tmp_path):
         assert "timing" in row or row["error"]
 
 
+def test_step_mode_exact_rows_run_a_vit_on_math_attention(tmp_path):
+    # tiny_vit's fused attention has no double backward: sib_backward alone raises for it, the
+    # step benchmark's exact rows run it on the math backend and time it
+    from sib_fast import SIBLoss, sib_backward
+    from sib_fast.training_step import DoubleBackwardUnsupportedError
+    from sib_fast.models import build_model
+
+    model = build_model("tiny_vit", 3, 16)
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
+    with pytest.raises(DoubleBackwardUnsupportedError):
+        sib_backward(model, x, y, SIBLoss(backend="reference"), vjp="exact")
+    path = tmp_path / "step.json"
+    argv = ["--device", "cpu", "--threads", "1", "--copy-mib", "16", "--step", "--model", "tiny_vit", "--step-size", "16",
+            "--step-batch", "2", "--step-reps", "1", "--num-classes", "3", "--vjp", "exact", "--json", str(path)]
+    assert bench.main(argv) == 0
+    rows = json.loads(path.read_text())["rows"]
+    exact = [r for r in rows if r["vjp"] == "exact"]
+    assert exact and all(r["timing"]["median"] > 0 for r in exact), [r.get("error") for r in exact]
+
+
 def test_step_models_are_the_training_commands_models():
     from sib_fast.bench.step import build_model
     from sib_fast.models import SmallCNN

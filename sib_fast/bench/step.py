@@ -7,7 +7,10 @@ is zero_grad, forward, loss, backward into the parameters, AdamW step; its
 time is the median over ``--step-reps`` steps after 2 warm-up steps. The
 ratio of each row's step time to the plain step's is the headline figure.
 
-The S-IB rows call ``sib_fast.sib_backward(model, x, target, criterion, vjp=...)``.
+The S-IB rows call ``sib_fast.sib_backward(model, x, target, criterion, vjp=...)``. The exact
+rows run ``scaled_dot_product_attention`` on its math backend: the fused (flash, memory-efficient)
+kernels have no double backward, so a ViT's exact S-IB step costs what the math attention costs,
+and its finite-difference rows keep the fused kernels. CNNs are unaffected.
 """
 from __future__ import annotations
 
@@ -69,11 +72,17 @@ def make_step(model, optimizer, vjp, backend):
             F.cross_entropy(model(x), target).backward()
             optimizer.step()
         return step
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     criterion = SIBLoss(backend=backend)
 
     def step(x, target):
         optimizer.zero_grad(set_to_none=True)
-        sib_backward(model, x, target, criterion, vjp=vjp)
+        if vjp == "exact":  # only the math attention has a double backward
+            with sdpa_kernel(SDPBackend.MATH):
+                sib_backward(model, x, target, criterion, vjp=vjp)
+        else:
+            sib_backward(model, x, target, criterion, vjp=vjp)
         optimizer.step()
     return step
 
@@ -141,7 +150,8 @@ def step_config(args, device: torch.device) -> dict:
         fused = [b for b in fused if b != "triton"]
     return {"models": models, "batch": batch, "image_size": args.step_size, "num_classes": args.num_classes,
             "vjp_modes": vjp_modes, "fused": fused, "reps": args.step_reps, "warmup": WARMUP_STEPS,
-            "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4)", "channels_last": args.channels_last}
+            "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4)", "channels_last": args.channels_last,
+            "exact_attention": "math (scaled_dot_product_attention)"}
 
 
 def run_step(args, device: torch.device, record: dict, config: dict) -> None:
@@ -193,7 +203,9 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
 def step_table(record: dict) -> str:
     s = record.get("step_settings", {})
     lines = [f"step: zero_grad, forward, loss, backward, {s.get('optimizer', 'AdamW')} step; median (IQR) of "
-             f"{s.get('reps')} steps after {s.get('warmup')} warm-up; S-IB via sib_fast.sib_backward", "",
+             f"{s.get('reps')} steps after {s.get('warmup')} warm-up; S-IB via sib_fast.sib_backward"
+             + ("; exact rows: attention on SDPA's math backend (no double backward in the fused ones)"
+                if s.get("exact_attention") else ""), "",
              "| model | B | size | row | head | step ms | images/s | x plain step | peak MB | peak extra MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     from sib_fast.bench.cli import _ms, short_error
