@@ -149,7 +149,9 @@ def _double_backward_error(exc: RuntimeError) -> DoubleBackwardUnsupportedError:
         f"vjp='exact' needs a double backward through the model, and an op of this model has none "
         f"({first_line}). This happens under torch.compile and with flash / memory-efficient "
         f"scaled_dot_product_attention. Use vjp='finite_difference' (sib-train: --vjp "
-        f"finite_difference), which needs only first-order backward passes.")
+        f"finite_difference), which needs only first-order backward passes; or, for attention, call "
+        f"sib_backward inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH), whose math kernel has "
+        f"a double backward (slower, more memory).")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

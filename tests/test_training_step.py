@@ -283,7 +283,7 @@ def test_vit_with_fused_attention_exact_fails_clearly_and_fd_matches_math_attent
     with pytest.raises(DoubleBackwardUnsupportedError) as info:
         sib_backward(model, x, y, crit, vjp="exact")
     msg = str(info.value)
-    assert "vjp='finite_difference'" in msg and "scaled_dot_product_attention" in msg
+    assert "vjp='finite_difference'" in msg and "scaled_dot_product_attention" in msg and "SDPBackend.MATH" in msg
     assert isinstance(info.value, RuntimeError)
     # finite differences run with the fused kernels; the exact reference uses the math kernel
     fd = _head_grad(model, x, y, crit, vjp="finite_difference")
