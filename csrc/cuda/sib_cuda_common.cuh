@@ -101,6 +101,23 @@ struct alignas(16) Pack16 {
   T v[16 / sizeof(T)];
 };
 
+// The 16 bytes at p as one vector. A GPU faults on a misaligned vector access ("misaligned
+// address"); the CPU emulation, whose loads would silently work, checks the alignment instead.
+template <typename T>
+__device__ __forceinline__ Pack16<T>& pack16_at(T* p) {
+#ifdef SIB_CUDA_EMULATE
+  ::sib_emu::check_vector_alignment(p);
+#endif
+  return *reinterpret_cast<Pack16<T>*>(p);
+}
+template <typename T>
+__device__ __forceinline__ const Pack16<T>& pack16_at(const T* p) {
+#ifdef SIB_CUDA_EMULATE
+  ::sib_emu::check_vector_alignment(p);
+#endif
+  return *reinterpret_cast<const Pack16<T>*>(p);
+}
+
 // Conversions of the input dtypes to and from the compute type. Half and bfloat16 go
 // through their bits (c10's operators take the value's address, which costs a stack
 // slot in the kernels); the rounding is c10's: to nearest even, NaN to a quiet NaN.
@@ -141,7 +158,7 @@ __device__ __forceinline__ void load_group(const scalar_t* __restrict__ base, co
   static_assert(V == VecWidth<scalar_t>::value, "one 16-byte vector per group");
   if (m.vec) {
     if (p0 < N) {
-      const Pack16<scalar_t> pk = *reinterpret_cast<const Pack16<scalar_t>*>(base + m.offset(b, c, p0));
+      const Pack16<scalar_t> pk = pack16_at(base + m.offset(b, c, p0));
 #pragma unroll
       for (int i = 0; i < V; ++i) out[i] = to_acc<acc_t>(pk.v[i]);
     } else {
@@ -175,7 +192,7 @@ __device__ __forceinline__ void store_group(scalar_t* __restrict__ base, const M
       Pack16<scalar_t> pk;
 #pragma unroll
       for (int i = 0; i < V; ++i) pk.v[i] = from_acc<scalar_t>(in[i]);
-      *reinterpret_cast<Pack16<scalar_t>*>(base + m.offset(b, c, p0)) = pk;
+      pack16_at(base + m.offset(b, c, p0)) = pk;
     }
   } else if (m.linear) {
     scalar_t* q = base + b * m.sb + c * m.sc + p0 * m.sw;
@@ -206,7 +223,7 @@ __device__ __forceinline__ void load_plane(const acc_t* __restrict__ plane, int6
     if constexpr (V % kPer == 0) {
 #pragma unroll
       for (int j = 0; j < V / kPer; ++j) {
-        const Pack16<acc_t> pk = *reinterpret_cast<const Pack16<acc_t>*>(plane + p0 + j * kPer);
+        const Pack16<acc_t> pk = pack16_at(plane + p0 + j * kPer);
 #pragma unroll
         for (int i = 0; i < kPer; ++i) out[j * kPer + i] = pk.v[i];
       }

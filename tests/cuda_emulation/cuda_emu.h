@@ -302,6 +302,13 @@ inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
 
+// A 16-byte vector load or store (Pack16 in csrc/cuda) must be 16-byte aligned, as on a GPU.
+namespace sib_emu {
+inline void check_vector_alignment(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("16-byte vector access at a pointer not 16-byte aligned");
+}
+}  // namespace sib_emu
+
 // One OS thread runs all fibers, so plain read-modify-writes are atomic.
 template <typename T>
 T atomicAdd(T* address, T value) {
