@@ -271,3 +271,18 @@ def test_tune_variants_compute_the_default_result(tmp_path):
     assert max(rows[2]["max_rel_err"].values()) == 0.0  # same settings, same bits
     assert all(r["fwd_bwd"]["n"] == 1 for r in rows)
     assert "differs" not in proc.stdout and "| default (again) |" in proc.stdout
+
+
+def test_speedups_are_against_eager_and_compiled_of_the_same_shape():
+    def row(backend, ms):
+        return {"backend": backend, "timings": {p: {"median": ms / 1e3} for p in bench.PARTS}}
+
+    rows = [row("reference", 100.0), row("cpu", 4.0), row(bench.COMPILE_LANE, 20.0), {"backend": "triton"}]
+    bench._add_speedups(rows)
+    assert rows[1]["speedup_vs_reference"]["fwd_bwd"] == pytest.approx(25.0)
+    assert rows[1]["speedup_vs_compiled"]["fwd"] == pytest.approx(5.0)
+    assert rows[2]["speedup_vs_compiled"]["bwd"] == pytest.approx(1.0)
+    assert "speedup_vs_reference" not in rows[3]  # a row that did not run
+    no_compile = [row("reference", 100.0), row("cpu", 4.0)]
+    bench._add_speedups(no_compile)
+    assert "speedup_vs_compiled" not in no_compile[1]

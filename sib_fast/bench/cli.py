@@ -305,11 +305,12 @@ def _finish_row(row: dict, copy_GBps: float) -> None:
 
 
 def _add_speedups(rows: list[dict]) -> None:
-    ref = next((r for r in rows if r["backend"] == "reference" and "timings" in r), None)
-    for row in rows:
-        if ref is not None and "timings" in row:
-            row["speedup_vs_reference"] = {p: ref["timings"][p]["median"] / row["timings"][p]["median"]
-                                           for p in PARTS}
+    """Each row's speed-up over the eager reference and over torch.compile of it (same shape)."""
+    for key, lane in (("speedup_vs_reference", "reference"), ("speedup_vs_compiled", COMPILE_LANE)):
+        base = next((r for r in rows if r["backend"] == lane and "timings" in r), None)
+        for row in rows:
+            if base is not None and "timings" in row:
+                row[key] = {p: base["timings"][p]["median"] / row["timings"][p]["median"] for p in PARTS}
 
 
 def head_config(args, device: torch.device) -> dict:
@@ -421,9 +422,9 @@ def head_table(record: dict) -> str:
     lines = [
         "| dtype | B | shape | backend | forward ms | backward ms | fwd+bwd ms | "
         + ("fwd+bwd CPU-time ms | " if cpu_col else "")
-        + f"fwd+bwd vs eager | fwd+bwd GB/s over floor | % of copy BW ({copy:.1f} GB/s) | "
+        + f"fwd+bwd vs eager | vs compiled | fwd+bwd GB/s over floor | % of copy BW ({copy:.1f} GB/s) | "
         f"peak extra MB (x R) | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cpu_col else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cpu_col else ""),
     ]
     for row in record["rows"]:
         if row.get("kind") != "head":
@@ -431,10 +432,11 @@ def head_table(record: dict) -> str:
         shape = f"{row['channels']}x{row['height']}x{row['width']}"
         head = f"| {row['dtype']} | {row['batch']} | {shape} | {row['backend']} |"
         if "timings" not in row:
-            lines.append(f"{head} {short_error(row)} |" + " |" * (7 + cpu_col))
+            lines.append(f"{head} {short_error(row)} |" + " |" * (8 + cpu_col))
             continue
         t = row["timings"]
         speed = row.get("speedup_vs_reference", {}).get("fwd_bwd")
+        speed_compiled = row.get("speedup_vs_compiled", {}).get("fwd_bwd")
         mem = row.get("peak_extra_bytes", {}).get("fwd_bwd")
         mem_x = row.get("peak_extra_x_R", {}).get("fwd_bwd")
         mem_text = "-" if mem is None else f"{mem / 1e6:.1f} ({mem_x:.2f})"
@@ -445,7 +447,8 @@ def head_table(record: dict) -> str:
             cpu_s = t["fwd_bwd"].get("cpu_time_median")
             cpu_text = "- | " if cpu_s is None else f"{cpu_s * 1e3:.{3 if cpu_s < 1e-3 else 1}f} | "
         lines.append(f"{head} {_ms(t['fwd'])} | {_ms(t['bwd'])} | {_ms(t['fwd_bwd'])} | {cpu_text}"
-                     f"{_num(speed, '.2f')}x | {row['achieved_GBps']['fwd_bwd']:.2f} | "
+                     f"{_num(speed, '.2f')}x | {_num(speed_compiled, '.2f') + 'x' if speed_compiled else '-'} | "
+                     f"{row['achieved_GBps']['fwd_bwd']:.2f} | "
                      f"{row['pct_of_copy_bw']['fwd_bwd']:.1f} | {mem_text} | {err_text} |")
     return "\n".join(lines)
 
