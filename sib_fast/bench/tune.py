@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sib_fast.bench.cli import UPSTREAM, UsageError, resolve_device
+from sib_fast.bench.cli import UPSTREAM, UsageError, _relative_error, resolve_device
 from sib_fast.bench.machine import device_label, machine_info
 from sib_fast.bench.measure import make_head_inputs, synchronize, time_calls
 
@@ -76,11 +76,6 @@ def plan_constants(backend, settings: dict):
     finally:
         for name, value in saved.items():
             setattr(backend, name, value)
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    return ((actual.double() - expected.double()).abs().max() / scale).item()
 
 
 def new_record(args, device: torch.device) -> dict:
