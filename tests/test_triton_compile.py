@@ -13,7 +13,9 @@ the kernels compile at all; it also fails on spills in the kernels that stream t
 tensors and on shared memory over the architecture's limit.
 
 The compilation runs in a subprocess (``python tests/test_triton_compile.py``) without
-``TRITON_INTERPRET``, two targets at a time.
+``TRITON_INTERPRET``, two targets at a time: with the installed Triton and, when
+``SIB_FAST_OTHER_TRITON`` names a directory holding another (CI: Triton 3.6, the oldest
+supported), with that one too.
 """
 import json
 import os
@@ -142,12 +144,29 @@ def _table(rows):
     return "\n".join(lines)
 
 
+# Another Triton to compile with as well, installed apart (pip install --no-deps --target DIR
+# triton==3.6.0): the oldest supported one, whose front end rejects code that 3.8 accepts.
+OTHER_TRITON = os.environ.get("SIB_FAST_OTHER_TRITON")
+TRITONS = ["installed"] + ([OTHER_TRITON] if OTHER_TRITON else [])
+
+
+def _triton_version(pythonpath: str) -> str:
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    return subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], capture_output=True,
+                          text=True, env=env, check=True).stdout.strip()
+
+
 @pytest.mark.slow
-def test_every_kernel_compiles_for_sm80_and_sm90():
+@pytest.mark.parametrize("triton_path", TRITONS, ids=["installed", "other"][:len(TRITONS)])
+def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    paths = [root] + ([triton_path] if triton_path != "installed" else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if triton_path != "installed":
+        assert os.path.isdir(os.path.join(triton_path, "triton")), f"SIB_FAST_OTHER_TRITON={triton_path} holds no triton"
+        print(f"\nTriton {_triton_version(env['PYTHONPATH'])} from {triton_path}")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
                           cwd=root, timeout=1200)
     assert proc.returncode == 0, f"compilation failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
