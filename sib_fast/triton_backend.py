@@ -76,6 +76,8 @@ TABLE_SIZE = (N_WINDOWS + 1) * SLOTS
 MAX_IMAGE_BLOCK = 128  # images per Gram tile
 BWD_SINGLE_MAX = 32  # the backward keeps A on chip up to this batch
 BWD_IMAGE_BLOCK = 32  # else image blocks of this size (64 spills on sm_80 with channels_last R)
+BWD_PIXEL_BLOCK = 16  # pixels per iteration of the backward passes
+BWD_WARPS = 8  # 4 warps spill a little at 16 images on sm_90 (ptxas stops at 128 registers)
 SELECT_CHUNK = 2048  # elements per iteration of the rank select
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
@@ -890,8 +892,8 @@ class _Plan:
         else:
             self.bwd_bb, self.bwd_single = BWD_IMAGE_BLOCK, False
         self.bwd_nbb = _cdiv(B, self.bwd_bb)
-        self.bwd_bp = 16
-        self.bwd_warps = 8  # 4 warps spill a little at 16 images on sm_90 (ptxas stops at 128 registers)
+        self.bwd_bp = BWD_PIXEL_BLOCK
+        self.bwd_warps = BWD_WARPS
         self.bwd_stages = 1
         self.bwd_bps, self.bwd_split = self._split(_cdiv(N, self.bwd_bp), target, self.bwd_nbb)
         # 7-8. one-program B x B work

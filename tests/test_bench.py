@@ -260,13 +260,13 @@ def test_tune_variants_compute_the_default_result(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "sib_fast.bench.tune", "--device", "cpu", "--batch", "3",
                            "--size", "7", "--window", "3", "--min-reps", "1", "--max-reps", "1", "--min-time", "0",
-                           "--variant", "SELECT_CHUNK=16,HBOX_BLOCK=2x4,VBOX_BLOCK=2x4", "--json", str(path)],
+                           "--variant", "SELECT_CHUNK=16,HBOX_BLOCK=2x4,VBOX_BLOCK=2x4,BWD_PIXEL_BLOCK=32", "--json", str(path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(path.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["default", "SELECT_CHUNK=16,HBOX_BLOCK=2x4,VBOX_BLOCK=2x4",
+    assert [r["variant"] for r in rows] == ["default", "SELECT_CHUNK=16,HBOX_BLOCK=2x4,VBOX_BLOCK=2x4,BWD_PIXEL_BLOCK=32",
                                             "default (again)"]
-    assert rows[1]["settings"] == {"SELECT_CHUNK": 16, "HBOX_BLOCK": [2, 4], "VBOX_BLOCK": [2, 4]}
+    assert rows[1]["settings"] == {"SELECT_CHUNK": 16, "HBOX_BLOCK": [2, 4], "VBOX_BLOCK": [2, 4], "BWD_PIXEL_BLOCK": 32}
     assert max(rows[1]["max_rel_err"].values()) <= 1e-5
     assert max(rows[2]["max_rel_err"].values()) == 0.0  # same settings, same bits
     assert all(r["fwd_bwd"]["n"] == 1 for r in rows)

@@ -33,11 +33,13 @@ TUNABLE = {
     "MAX_IMAGE_BLOCK": "images per Gram tile of the forward (power of two, 16..128)",
     "BWD_SINGLE_MAX": "largest batch whose backward keeps the B x B matrix on chip",
     "BWD_IMAGE_BLOCK": "images per row block of the backward beyond that (power of two, >= 16)",
+    "BWD_PIXEL_BLOCK": "pixels per iteration of the backward passes (power of two, >= 16)",
+    "BWD_WARPS": "warps per program of the backward passes (power of two)",
     "SELECT_CHUNK": "elements per iteration of the rank selection (power of two)",
     "HBOX_BLOCK": "rows x columns per iteration of the row running sums",
     "VBOX_BLOCK": "rows x columns per iteration of the column running sums",
 }
-DEFAULT_VARIANTS = ("BWD_IMAGE_BLOCK=64", "MAX_IMAGE_BLOCK=64", "SELECT_CHUNK=4096")
+DEFAULT_VARIANTS = ("BWD_IMAGE_BLOCK=64", "BWD_PIXEL_BLOCK=32", "BWD_WARPS=4", "MAX_IMAGE_BLOCK=64", "SELECT_CHUNK=4096")
 
 
 SHAPED = ("HBOX_BLOCK", "VBOX_BLOCK")  # HxW; the others are integers
