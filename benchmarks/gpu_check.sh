@@ -150,7 +150,7 @@ stage head_bfloat16 45 0 "$PY" -m sib_fast.bench --device cuda --batch 128 --dty
   --min-time 0.3 --json "$OUT/head_bfloat16.json" --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
 # ---- with what time is left: the Triton launch-plan constants chosen without a GPU, against
 # their alternatives (B=128, float32, forward+backward)
-stage triton_plans 60 0 "$PY" -m sib_fast.bench.tune --json "$OUT/triton_plans.json"
+stage triton_plans 90 0 "$PY" -m sib_fast.bench.tune --json "$OUT/triton_plans.json"
 
 log "done in $((SECONDS - START))s; failures: $FAILED"
 cat "$OUT/SUMMARY.txt"
