@@ -527,6 +527,10 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
     if kinks:
         notes.append(f"{args.arch} has {', '.join(kinks)} layers: finite differences do not follow the exact "
                      "gradient across their kinks (README, 'The two VJP modes'); --check-vjp measures how far")
+    if args.amp != "off" and not args.no_sib:
+        notes.append(f"--amp {args.amp}: R carries half-precision rounding, and the S-IB gradient falls on the few "
+                     "pixels of R's quantile ranks, which that noise reorders: the head's gradient direction is "
+                     "largely noise (README, 'Precision'); use --amp off where it matters")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(args.seed + 1 + d.rank)  # dropout etc. differ between ranks

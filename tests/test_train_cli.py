@@ -139,11 +139,14 @@ def test_run_writes_metrics_curves_checkpoint(tmp_path, capsys, extra):
     assert json.loads((out / train.CONFIG).read_text())["epochs"] == 2
 
 
-def test_speed_options_smoke(tmp_path):
+def test_speed_options_smoke(tmp_path, capsys):
     code, out = _run(tmp_path, "--vjp", "finite_difference", "--amp", "bf16", "--channels-last")
     assert code == 0
     r = _records(out)[-1]
     assert r["amp"] == "bf16" and math.isfinite(r["train_ce"])
+    # the user is told that half precision scrambles the S-IB gradient, once
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note: --amp bf16" in line]
+    assert len(notes) == 1 and "Precision" in notes[0], notes
 
 
 @pytest.mark.parametrize("vjp", ["exact", "finite_difference"])
