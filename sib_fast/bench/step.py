@@ -72,16 +72,16 @@ def make_step(model, optimizer, vjp, backend):
             F.cross_entropy(model(x), target).backward()
             optimizer.step()
         return step
+    from contextlib import nullcontext
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     criterion = SIBLoss(backend=backend)
 
     def step(x, target):
         optimizer.zero_grad(set_to_none=True)
-        if vjp == "exact":  # only the math attention has a double backward
-            with sdpa_kernel(SDPBackend.MATH):
-                sib_backward(model, x, target, criterion, vjp=vjp)
-        else:
+        # only the math attention has a double backward
+        with sdpa_kernel(SDPBackend.MATH) if vjp == "exact" else nullcontext():
             sib_backward(model, x, target, criterion, vjp=vjp)
         optimizer.step()
     return step

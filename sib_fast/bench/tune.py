@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sib_fast.bench.cli import UPSTREAM, UsageError, _relative_error, resolve_device
+from sib_fast.bench.cli import UPSTREAM, UsageError, _first_line, _relative_error, lane_function, resolve_device
 from sib_fast.bench.machine import device_label, machine_info
 from sib_fast.bench.measure import make_head_inputs, synchronize, time_calls
 
@@ -89,9 +89,9 @@ def new_record(args, device: torch.device) -> dict:
 
 
 def run(args, device: torch.device, record: dict) -> None:
-    import sib_fast
     import sib_fast.triton_backend as backend
     from sib_fast.dispatch import unavailable_reason
+    from sib_fast.reference import compute_dtype
 
     reason = unavailable_reason("triton", device.type)
     if reason:
@@ -101,14 +101,12 @@ def run(args, device: torch.device, record: dict) -> None:
     shape = tuple(record["shape"])
     dtype = getattr(torch, args.dtype)
     inputs = [make_head_inputs(*shape, dtype, device, seed=args.seed + i) for i in range(2)]
-    grads = None
+    head = lane_function("triton", args.window)
+    grads = tuple(torch.tensor(u, dtype=compute_dtype(inputs[0][0]), device=device) for u in UPSTREAM)
 
     def forward_backward(inp, _state=None):
-        nonlocal grads
         R, x = inp
-        hsic, bg, _ = sib_fast.sib_terms(R, x, window_size=args.window, backend="triton")
-        if grads is None:
-            grads = tuple(torch.tensor(u, dtype=hsic.dtype, device=device) for u in UPSTREAM)
+        hsic, bg, _ = head(R, x)
         (dR,) = torch.autograd.grad((hsic, bg), (R,), grads)
         return hsic.detach(), bg.detach(), dR
 
@@ -129,7 +127,7 @@ def run(args, device: torch.device, record: dict) -> None:
                 row["fwd_bwd"] = time_calls(forward_backward, None, inputs, device, min_reps=args.min_reps,
                                             max_reps=args.max_reps, min_time=args.min_time)
         except Exception as exc:  # a variant that fails to compile or run is a result, not the end of the run
-            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            row["error"] = _first_line(exc)
         record["rows"].append(row)
         if args.json:
             Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
