@@ -9,7 +9,10 @@ forward
                                 narrowing to the ranks floor(t)-8 .. floor(t)+9 of
                                 Q(a, .05), Q(a, .8), Q(a, .95), ties broken by flat index
                                 as a stable sort does; writes the soft quantiles and the
-                                selected indices and weights for the backward.
+                                selected indices and weights for the backward. On real
+                                maps it reads the plane three times (two digits, then a
+                                list of the pixels still in range, a few hundred or
+                                thousand).
   3. ``_hbox_kernel``           h = sigmoid(s (u - t1)) and its row box sums (running
                                 sums: O(1) per pixel whatever the window; in wrapping fixed
                                 point, so box sums are exact and equal windows tie exactly).
@@ -78,7 +81,7 @@ BWD_SINGLE_MAX = 32  # the backward keeps A on chip up to this batch
 BWD_IMAGE_BLOCK = 32  # else image blocks of this size (64 spills on sm_80 with channels_last R)
 BWD_PIXEL_BLOCK = 16  # pixels per iteration of the backward passes
 BWD_WARPS = 8  # 4 warps spill a little at 16 images on sm_90 (ptxas stops at 128 registers)
-SELECT_CHUNK = 2048  # elements per iteration of the rank select
+SELECT_CHUNK = 2048  # elements per iteration of the rank select (4096 spills under Triton 3.6)
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
 
@@ -138,25 +141,171 @@ def _channel_mean_kernel(R, g, C, N, W, sb, sc, sh, sw,
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _select_kernel(plane, table, stats, sel_idx, sel_w, scr_val, N,
+def _digit_histogram(base, lst, n, shift, pre, slot_of, FROM_LIST: tl.constexpr, SLOT_BITS: tl.constexpr,
+                     N_TARGETS: tl.constexpr, KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constexpr):
+    """Histogram of the 8-bit key digit at ``shift``, one row of 256 bins per leading target.
+
+    An element counts in the row of the target whose prefix (the key above the digit) it
+    shares; targets with equal prefixes share the row of the first (``slot_of``), so one read
+    of the plane (or of the candidate list) serves every target.
+    """
+    tr = tl.arange(0, 8)
+    hist = tl.zeros([256 << SLOT_BITS], tl.int32)
+    for start in range(0, n, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = offs < n
+        if FROM_LIST:
+            p = tl.load(lst + offs, mask=valid, other=0)
+        else:
+            p = offs
+        key = tl.load(base + p, mask=valid, other=0).to(KT, bitcast=True) & KMASK
+        digit = key >> shift
+        above = digit >> 8
+        slot = tl.full([CHUNK], -1, tl.int32)
+        for s in tl.static_range(N_TARGETS):
+            leads = tl.sum(tl.where(tr == s, slot_of, 0), axis=0) == s
+            pre_s = tl.sum(tl.where(tr == s, pre, 0), axis=0)
+            slot = tl.where((above == pre_s) & leads, s, slot)
+        bins = (slot << 8) | (digit & 255).to(tl.int32)
+        hist += tl.histogram(bins, 256 << SLOT_BITS, mask=valid & (slot >= 0))
+    return hist
+
+
+@triton.jit
+def _narrow_targets(hist, pre, kk, cnt, slot_of, SLOT_BITS: tl.constexpr, N_TARGETS: tl.constexpr,
+                    KT: tl.constexpr):
+    """One radix step: each target's prefix gains the digit holding its rank ``kk``."""
+    tr = tl.arange(0, 8)
+    rows = tl.reshape(hist, [1 << SLOT_BITS, 256])
+    cum = tl.cumsum(rows, axis=1)
+    row_ids = tl.arange(0, 1 << SLOT_BITS)
+    bins = tl.arange(0, 256)
+    for t in range(N_TARGETS):
+        own = row_ids[:, None] == tl.sum(tl.where(tr == t, slot_of, 0), axis=0)
+        cum_t = tl.sum(tl.where(own, cum, 0), axis=0)
+        k_t = tl.sum(tl.where(tr == t, kk, 0), axis=0)
+        below = cum_t <= k_t
+        digit_t = tl.sum(below.to(tl.int32), axis=0)
+        n_below = tl.max(tl.where(below, cum_t, 0), axis=0)
+        in_digit = tl.sum(tl.where(own & (bins[None, :] == digit_t), rows, 0))
+        pre_t = tl.sum(tl.where(tr == t, pre, 0), axis=0)
+        kk = tl.where(tr == t, k_t - n_below, kk)
+        cnt = tl.where(tr == t, in_digit, cnt)
+        pre = tl.where(tr == t, (pre_t << 8) | digit_t.to(KT), pre)
+    return pre, kk, cnt
+
+
+@triton.jit
+def _leading_targets(pre, N_TARGETS: tl.constexpr):
+    """For each target, the first target with the same prefix (whose histogram row it reads)."""
+    tr = tl.arange(0, 8)
+    same = (pre[:, None] == pre[None, :]) & (tr[None, :] < N_TARGETS)
+    return tl.min(tl.where(same, tr[None, :], 8), axis=1)
+
+
+@triton.jit
+def _compact_candidates(base, lst, N, shift, pre, NQ: tl.constexpr, KT: tl.constexpr, KMASK: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    """Writes to ``lst``, in index order, the pixels whose key prefix (key >> shift) lies
+    between the prefixes of some window's first and last rank; returns their number.
+
+    Every later radix step and the collection look only at these: the targets' elements
+    share their prefixes, and a window's elements lie between them.
+    """
+    tr = tl.arange(0, 8)
+    taken = tl.zeros([], tl.int32)
+    for start in range(0, N, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = offs < N
+        above = (tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK) >> shift
+        inside = tl.zeros([CHUNK], tl.int1)
+        for q in tl.static_range(NQ):
+            lo = tl.sum(tl.where(tr == 2 * q, pre, 0), axis=0)
+            hi = tl.sum(tl.where(tr == 2 * q + 1, pre, 0), axis=0)
+            inside = inside | ((above >= lo) & (above <= hi))
+        inside = inside & valid
+        e = inside.to(tl.int32)
+        tl.store(lst + taken + tl.cumsum(e, 0) - e, offs, mask=inside)
+        taken += tl.sum(e, axis=0)
+    return taken
+
+
+@triton.jit
+def _collect_windows(base, lst, n, pre, kk, rows, sel_idx, scr_val, FROM_LIST: tl.constexpr, NQ: tl.constexpr,
+                     KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constexpr, NSLOT: tl.constexpr):
+    """Stores, in index order, the flat index and |value| of every window's elements.
+
+    Window q is the elements from the kk[2q]-th occurrence of key pre[2q] to the
+    kk[2q+1]-th occurrence of key pre[2q+1] (occurrences in index order, as a stable sort
+    orders ties). All windows are collected in one read, as columns of [CHUNK, 4] tiles.
+    """
+    tr = tl.arange(0, 8)
+    w = tl.arange(0, 4)
+    first = tr[None, :] == 2 * w[:, None]
+    last = tr[None, :] == 2 * w[:, None] + 1
+    v_lo = tl.sum(tl.where(first, pre[None, :], 0), axis=1)[None, :]
+    k_lo = tl.sum(tl.where(first, kk[None, :], 0), axis=1)[None, :]
+    v_hi = tl.sum(tl.where(last, pre[None, :], 0), axis=1)[None, :]
+    k_hi = tl.sum(tl.where(last, kk[None, :], 0), axis=1)[None, :]
+    live = (w < NQ)[None, :]
+    seen_lo = tl.zeros([4], tl.int32)
+    seen_hi = tl.zeros([4], tl.int32)
+    taken = tl.zeros([4], tl.int32)
+    for start in range(0, n, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = offs < n
+        if FROM_LIST:
+            p = tl.load(lst + offs, mask=valid, other=0)
+        else:
+            p = offs
+        v = tl.abs(tl.load(base + p, mask=valid, other=0))
+        key = (v.to(KT, bitcast=True) & KMASK)[:, None]
+        ok = valid[:, None] & live
+        e_lo = (ok & (key == v_lo)).to(tl.int32)
+        e_hi = (ok & (key == v_hi)).to(tl.int32)
+        occ_lo = seen_lo[None, :] + tl.cumsum(e_lo, 0) - e_lo
+        occ_hi = seen_hi[None, :] + tl.cumsum(e_hi, 0) - e_hi
+        inside = ok & ((key > v_lo) | ((e_lo != 0) & (occ_lo >= k_lo))) \
+            & ((key < v_hi) | ((e_hi != 0) & (occ_hi <= k_hi)))
+        e_in = inside.to(tl.int32)
+        slot = taken[None, :] + tl.cumsum(e_in, 0) - e_in
+        keep = inside & (slot < NSLOT)
+        at = rows[None, :] + slot
+        tl.store(sel_idx + at, tl.broadcast_to(p[:, None], [CHUNK, 4]), mask=keep)
+        tl.store(scr_val + at, tl.broadcast_to(v[:, None], [CHUNK, 4]), mask=keep)
+        seen_lo += tl.sum(e_lo, axis=0)
+        seen_hi += tl.sum(e_hi, axis=0)
+        taken += tl.sum(e_in, axis=0)
+
+
+@triton.jit
+def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_val, N,
                    r0_0, len_0, r0_1, len_1, r0_2, len_2,
                    WIN0: tl.constexpr, NQ: tl.constexpr, CT: tl.constexpr, KT: tl.constexpr,
                    CHUNK: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr, N_STATS: tl.constexpr):
     """Soft quantiles Q(|plane_b|, q) for NQ windows of consecutive ranks (one image per program).
 
     Window q holds the ranks r0_q .. r0_q + len_q - 1 of the image's values sorted
-    stably (ties by flat index). A radix select over the bit patterns (8-bit digits, one
-    masked histogram per target rank and pass, shared between targets with the same
-    prefix) finds the key and the tie occurrence of each window's first and last rank;
-    one more pass collects the window's elements in index order; pairwise comparison of
-    those few elements ranks them. Writes Q to stats[b, WIN0 + q] and, in rank order,
-    the flat indices (-1 past the window) and weights to sel_idx / sel_w[b, WIN0 + q].
+    stably (ties by flat index). A radix select over the bit patterns (8-bit digits)
+    finds the key and the tie occurrence of each window's first and last rank (its
+    targets): one histogram per pass serves every target, a row per distinct prefix. Once
+    the pixels whose prefix lies in some window's range are at most half the image, they
+    are listed in ``lst`` (B x list_stride int32, free scratch) and later passes read only
+    them: on real maps two histogram passes and one listing pass over the whole plane, then
+    a few hundred or thousand pixels. One more read (of the list) collects the windows' elements in
+    index order; pairwise comparison of those few elements ranks them. Writes Q to
+    stats[b, WIN0 + q] and, in rank order, the flat indices (-1 past the window) and
+    weights to sel_idx / sel_w[b, WIN0 + q].
     """
     b = tl.program_id(0)
     base = plane + b.to(tl.int64) * N
+    own_list = lst + b.to(tl.int64) * list_stride
     NPASS: tl.constexpr = 8 if KT == tl.int64 else 4
+    N_TARGETS: tl.constexpr = 2 * NQ
+    SLOT_BITS: tl.constexpr = 3 if N_TARGETS > 4 else (2 if N_TARGETS > 2 else 1)
     # integer keys order like |v| (sign bit cleared); NaN sorts last as in torch.sort
     KMASK: tl.constexpr = 0x7FFFFFFFFFFFFFFF if KT == tl.int64 else 0x7FFFFFFF
+    COLLECT_CHUNK: tl.constexpr = CHUNK // 4 if CHUNK >= 64 else CHUNK
     tr = tl.arange(0, 8)
     r0s = tl.where(tr == 0, r0_0, tl.where(tr == 1, r0_1, r0_2))
     lens = tl.where(tr == 0, len_0, tl.where(tr == 1, len_1, len_2))
@@ -164,66 +313,42 @@ def _select_kernel(plane, table, stats, sel_idx, sel_w, scr_val, N,
     q_of = tr // 2
     rank = tl.sum(tl.where(q_of[:, None] == tr[None, :], r0s[None, :], 0), axis=1)
     rank += tl.where(tr % 2 == 1, tl.sum(tl.where(q_of[:, None] == tr[None, :], lens[None, :], 0), axis=1) - 1, 0)
+    window_total = tl.sum(tl.where(tr < NQ, lens, 0), axis=0)
     kk = rank  # rank among the elements that share the current key prefix
     pre = tl.zeros([8], KT)  # key prefix found so far, per target
-    hist_prev = tl.zeros([256], tl.int32)
-    pre_prev = tl.zeros([], KT)
-    for i in range(NPASS):
+    cnt = tl.zeros([8], tl.int32)  # elements sharing it
+    # first digit: every target has the empty prefix, one row of bins
+    hist = _digit_histogram(base, own_list, N, (NPASS - 1) * 8, pre, cnt, False, 0, 1, KT, KMASK, CHUNK)
+    pre, kk, cnt = _narrow_targets(hist, pre, kk, cnt, cnt, 0, N_TARGETS, KT)
+    listed = tl.zeros([], tl.int32)
+    n_list = tl.zeros([], tl.int32)
+    for i in range(1, NPASS):
         shift = (NPASS - 1 - i) * 8
-        for t in range(2 * NQ):
-            pre_t = tl.sum(tl.where(tr == t, pre, 0), axis=0)
-            if (t > 0) & (pre_t == pre_prev):  # same prefix as the previous target: same histogram
-                hist = hist_prev
-            else:
-                hist = tl.zeros([256], tl.int32)
-                for start in range(0, N, CHUNK):
-                    offs = start + tl.arange(0, CHUNK)
-                    valid = offs < N
-                    key = tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK
-                    digit = key >> shift
-                    m = valid & ((digit >> 8) == pre_t)
-                    hist += tl.histogram((digit & 255).to(tl.int32), 256, mask=m)
-            k_t = tl.sum(tl.where(tr == t, kk, 0), axis=0)
-            cum = tl.cumsum(hist, 0)
-            below = cum <= k_t
-            digit_t = tl.sum(below.to(tl.int32), axis=0)
-            n_below = tl.max(tl.where(below, cum, 0), axis=0)
-            kk = tl.where(tr == t, k_t - n_below, kk)
-            pre = tl.where(tr == t, (pre_t << 8) | digit_t.to(KT), pre)
-            hist_prev = hist
-            pre_prev = pre_t
+        # the pixels in the windows' ranges: the targets' and fewer than a window in between
+        in_ranges = tl.sum(tl.where(tr < N_TARGETS, cnt, 0), axis=0) + window_total
+        if (listed == 0) & (2 * in_ranges <= N):
+            n_list = _compact_candidates(base, own_list, N, shift + 8, pre, NQ, KT, KMASK, CHUNK)
+            listed = 1
+            tl.debug_barrier()  # the list is read back by other threads
+        slot_of = _leading_targets(pre, N_TARGETS)
+        if listed != 0:
+            rows = _digit_histogram(base, own_list, n_list, shift, pre, slot_of, True, SLOT_BITS, N_TARGETS, KT,
+                                    KMASK, CHUNK)
+        else:
+            rows = _digit_histogram(base, own_list, N, shift, pre, slot_of, False, SLOT_BITS, N_TARGETS, KT,
+                                    KMASK, CHUNK)
+        pre, kk, cnt = _narrow_targets(rows, pre, kk, cnt, slot_of, SLOT_BITS, N_TARGETS, KT)
     # pre[t] is now the key at target rank t and kk[t] its occurrence among equal keys.
 
-    j = tl.arange(0, NSLOT)
-    for q in range(NQ):
-        v_lo = tl.sum(tl.where(tr == 2 * q, pre, 0), axis=0)
-        k_lo = tl.sum(tl.where(tr == 2 * q, kk, 0), axis=0)
-        v_hi = tl.sum(tl.where(tr == 2 * q + 1, pre, 0), axis=0)
-        k_hi = tl.sum(tl.where(tr == 2 * q + 1, kk, 0), axis=0)
-        row = (b.to(tl.int64) * N_WIN + WIN0 + q) * NSLOT
-        seen_lo = tl.zeros([], tl.int32)
-        seen_hi = tl.zeros([], tl.int32)
-        taken = tl.zeros([], tl.int32)
-        for start in range(0, N, CHUNK):
-            offs = start + tl.arange(0, CHUNK)
-            valid = offs < N
-            v = tl.abs(tl.load(base + offs, mask=valid, other=0))
-            key = v.to(KT, bitcast=True) & KMASK
-            e_lo = (valid & (key == v_lo)).to(tl.int32)
-            e_hi = (valid & (key == v_hi)).to(tl.int32)
-            occ_lo = seen_lo + tl.cumsum(e_lo, 0) - e_lo
-            occ_hi = seen_hi + tl.cumsum(e_hi, 0) - e_hi
-            inside = valid & ((key > v_lo) | ((e_lo != 0) & (occ_lo >= k_lo))) \
-                & ((key < v_hi) | ((e_hi != 0) & (occ_hi <= k_hi)))
-            e_in = inside.to(tl.int32)
-            slot = taken + tl.cumsum(e_in, 0) - e_in
-            keep = inside & (slot < NSLOT)
-            tl.store(sel_idx + row + slot, offs, mask=keep)
-            tl.store(scr_val + row + slot, v, mask=keep)
-            seen_lo += tl.sum(e_lo, axis=0)
-            seen_hi += tl.sum(e_hi, axis=0)
-            taken += tl.sum(e_in, axis=0)
+    window_rows = (b.to(tl.int64) * N_WIN + WIN0 + tl.arange(0, 4)) * NSLOT
+    if listed != 0:
+        _collect_windows(base, own_list, n_list, pre, kk, window_rows, sel_idx, scr_val, True, NQ, KT, KMASK,
+                         COLLECT_CHUNK, NSLOT)
+    else:
+        _collect_windows(base, own_list, N, pre, kk, window_rows, sel_idx, scr_val, False, NQ, KT, KMASK,
+                         COLLECT_CHUNK, NSLOT)
     tl.debug_barrier()  # the collected slots are read back by other threads
+    j = tl.arange(0, NSLOT)
     for q in range(NQ):
         n_q = tl.sum(tl.where(tr == q, lens, 0), axis=0)
         row = (b.to(tl.int64) * N_WIN + WIN0 + q) * NSLOT
@@ -1005,11 +1130,14 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     _launch(_channel_mean_kernel, (_cdiv(N, plan.mean_block), B), R, g, C, N, W, sb, sc, sh, sw,
             FLAT=flat, CT=plan.tl_ct, BLOCK=plan.mean_block, num_warps=plan.mean_warps)
     win = _windows(N)
-    _launch(_select_kernel, (B,), g, table, stats, sel_idx, sel_w, scratch, N,
+    # the box pass's prefix plane is free until then and after it: the selects' candidate lists
+    prefix = R.new_empty((B, H, W), dtype=ct)
+    lists = prefix.view(torch.int32)
+    list_stride = N * (prefix.element_size() // lists.element_size())
+    _launch(_select_kernel, (B,), g, lists, list_stride, table, stats, sel_idx, sel_w, scratch, N,
             win[0][0], win[0][1], win[1][0], win[1][1], win[2][0], win[2][1],
             WIN0=0, NQ=3, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk,
             NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
-    prefix = R.new_empty((B, H, W), dtype=ct)
     d = R.new_empty((B, H, W), dtype=ct)
     rad = window_size // 2
     # forward box sums in fixed point: integer views of the same planes
@@ -1020,7 +1148,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     _launch(_vbox_kernel, (plan.n_colblocks, B), d_q, g, stats, table, prefix_q, d, stats, H, W, rad,
             window_size * window_size, N, 1, BACKWARD=False, CT=plan.tl_ct, RT=plan.tl_key, BH=plan.vbox_bh, BW=plan.vbox_bw,
             **_CONST, num_warps=plan.vbox_warps)
-    _launch(_select_kernel, (B,), d, table, stats, sel_idx, sel_w, scratch, N,
+    _launch(_select_kernel, (B,), d, lists, list_stride, table, stats, sel_idx, sel_w, scratch, N,
             win[3][0], win[3][1], 0, 1, 0, 1,
             WIN0=3, NQ=1, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk,
             NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)

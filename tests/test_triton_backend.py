@@ -173,6 +173,67 @@ def test_ties_follow_a_stable_sort():
     compare_head_with_reference("triton", R, x, 1, 0.1, 10.0)
 
 
+def _select(plane, quantiles, chunk):
+    """Runs the rank select on (B, N) planes; returns stats, sel_idx and the candidate lists."""
+    B, N = plane.shape
+    ct = plane.dtype
+    wide = ct == torch.float64
+    stats = torch.zeros(B, tb.STATS, dtype=ct, device=plane.device)
+    sel_idx = torch.empty(B, tb.N_WINDOWS, tb.SLOTS, dtype=torch.int32, device=plane.device)
+    sel_w = torch.empty(B, tb.N_WINDOWS, tb.SLOTS, dtype=ct, device=plane.device)
+    scratch = torch.empty_like(sel_w)
+    lists = torch.full((B, N), -7, dtype=torch.int32, device=plane.device)  # -7: never written
+    win = tb._windows(N)
+    first = 0 if quantiles == "a" else 3
+    chosen = win[0:3] if quantiles == "a" else (win[3], (0, 1, 0.0), (0, 1, 0.0))
+    tb._select_kernel[(B,)](plane, lists, N, tb._table(N, 0.1, 10.0, 3, ct, plane.device), stats, sel_idx, sel_w,
+                            scratch, N, *[v for r0, length, _ in chosen for v in (r0, length)],
+                            WIN0=first, NQ=3 if quantiles == "a" else 1, CT=tb.tl.float64 if wide else tb.tl.float32,
+                            KT=tb.tl.int64 if wide else tb.tl.int32, CHUNK=chunk, NSLOT=tb.SLOTS, N_WIN=tb.N_WINDOWS,
+                            N_STATS=tb.STATS, num_warps=4)
+    return stats, sel_idx, lists
+
+
+def _plane(kind, B, N, dtype):
+    g = torch.Generator().manual_seed(N)
+    if kind == "normal":  # a few binades: the list starts after the second digit
+        v = torch.randn(B, N, generator=g, dtype=torch.float64)
+    elif kind == "wide":  # many binades: the list starts after the first digit
+        v = torch.exp(torch.empty(B, N, dtype=torch.float64).uniform_(-40, 40, generator=g))
+    else:  # three levels, a third of the pixels each: never fewer than half in range, no list
+        v = torch.tensor([0.0, -1e-3, 2e-3], dtype=torch.float64)[torch.randint(0, 3, (B, N), generator=g)]
+    return v.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("kind, N, dtype, chunk, lists_expected", [
+    ("normal", 899, torch.float32, 128, True),
+    ("wide", 640, torch.float32, 32, True),
+    ("wide", 300, torch.float64, 64, True),
+    ("levels", 500, torch.float32, 64, False),
+    ("levels", 1, torch.float32, 32, False),
+])
+@pytest.mark.parametrize("quantiles", ["a", "d"])
+def test_select_matches_a_stable_sort(kind, N, dtype, chunk, lists_expected, quantiles):
+    # The select alone against torch.sort(stable=True) of |plane|: each window's flat indices in
+    # rank order and its soft quantile; and whether the pixels in range were listed (the passes
+    # over the list) or not (every pass over the whole plane).
+    plane = _plane(kind, 3, N, dtype)
+    stats, sel_idx, lists = _select(plane, quantiles, chunk)
+    order = torch.sort(plane.abs().cpu(), dim=1, stable=True).indices
+    table = tb._table_values(N, 0.1, 10.0, 3, dtype)
+    windows = range(3) if quantiles == "a" else [3]
+    for q in windows:
+        r0, length, _ = tb._windows(N)[q]
+        got = sel_idx[:, q].cpu()
+        assert torch.equal(got[:, :length], order[:, r0:r0 + length].to(torch.int32)), f"window {q}"
+        assert (got[:, length:] == -1).all(), f"window {q}: slots past the window"
+        weights = torch.tensor(table[q * tb.SLOTS:q * tb.SLOTS + length], dtype=torch.float64)
+        expected = (plane.abs().cpu().double().gather(1, order[:, r0:r0 + length]) * weights).sum(1)
+        torch.testing.assert_close(stats[:, q].cpu().double(), expected, rtol=1e-6, atol=0, msg=f"window {q}")
+    listed = (lists != -7).any(dim=1).cpu()
+    assert listed.all() if lists_expected else not listed.any(), f"candidate lists written: {listed.tolist()}"
+
+
 def test_piecewise_constant_maps_tie_windows_exactly():
     # small, for the interpreter: 12x10 images of 2x2 blocks, window 3
     compare_piecewise_constant_with_reference("triton", (2, 12, 10, 3), seeds=(2,), device=DEVICE)
