@@ -82,6 +82,7 @@ BWD_IMAGE_BLOCK = 32  # else image blocks of this size (64 spills on sm_80 with 
 BWD_PIXEL_BLOCK = 16  # pixels per iteration of the backward passes
 BWD_WARPS = 8  # 4 warps spill a little at 16 images on sm_90 (ptxas stops at 128 registers)
 SELECT_CHUNK = 2048  # elements per iteration of the rank select (4096 spills under Triton 3.6)
+SELECT_DIGIT_BITS = 8  # bits per radix pass of the select (4: twice the passes, 1/16 of the bins)
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
 
@@ -142,15 +143,16 @@ def _channel_mean_kernel(R, g, C, N, W, sb, sc, sh, sw,
 
 @triton.jit
 def _digit_histogram(base, lst, n, shift, pre, slot_of, FROM_LIST: tl.constexpr, SLOT_BITS: tl.constexpr,
-                     N_TARGETS: tl.constexpr, KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constexpr):
-    """Histogram of the 8-bit key digit at ``shift``, one row of 256 bins per leading target.
+                     N_TARGETS: tl.constexpr, KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constexpr,
+                     DIGIT: tl.constexpr):
+    """Histogram of the DIGIT-bit key digit at ``shift``, one row of 2^DIGIT bins per leading target.
 
     An element counts in the row of the target whose prefix (the key above the digit) it
     shares; targets with equal prefixes share the row of the first (``slot_of``), so one read
     of the plane (or of the candidate list) serves every target.
     """
     tr = tl.arange(0, 8)
-    hist = tl.zeros([256 << SLOT_BITS], tl.int32)
+    hist = tl.zeros([1 << (DIGIT + SLOT_BITS)], tl.int32)
     for start in range(0, n, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         valid = offs < n
@@ -160,26 +162,26 @@ def _digit_histogram(base, lst, n, shift, pre, slot_of, FROM_LIST: tl.constexpr,
             p = offs
         key = tl.load(base + p, mask=valid, other=0).to(KT, bitcast=True) & KMASK
         digit = key >> shift
-        above = digit >> 8
+        above = digit >> DIGIT
         slot = tl.full([CHUNK], -1, tl.int32)
         for s in tl.static_range(N_TARGETS):
             leads = tl.sum(tl.where(tr == s, slot_of, 0), axis=0) == s
             pre_s = tl.sum(tl.where(tr == s, pre, 0), axis=0)
             slot = tl.where((above == pre_s) & leads, s, slot)
-        bins = (slot << 8) | (digit & 255).to(tl.int32)
-        hist += tl.histogram(bins, 256 << SLOT_BITS, mask=valid & (slot >= 0))
+        bins = (slot << DIGIT) | (digit & ((1 << DIGIT) - 1)).to(tl.int32)
+        hist += tl.histogram(bins, 1 << (DIGIT + SLOT_BITS), mask=valid & (slot >= 0))
     return hist
 
 
 @triton.jit
 def _narrow_targets(hist, pre, kk, cnt, slot_of, SLOT_BITS: tl.constexpr, N_TARGETS: tl.constexpr,
-                    KT: tl.constexpr):
+                    KT: tl.constexpr, DIGIT: tl.constexpr):
     """One radix step: each target's prefix gains the digit holding its rank ``kk``."""
     tr = tl.arange(0, 8)
-    rows = tl.reshape(hist, [1 << SLOT_BITS, 256])
+    rows = tl.reshape(hist, [1 << SLOT_BITS, 1 << DIGIT])
     cum = tl.cumsum(rows, axis=1)
     row_ids = tl.arange(0, 1 << SLOT_BITS)
-    bins = tl.arange(0, 256)
+    bins = tl.arange(0, 1 << DIGIT)
     for t in range(N_TARGETS):
         own = row_ids[:, None] == tl.sum(tl.where(tr == t, slot_of, 0), axis=0)
         cum_t = tl.sum(tl.where(own, cum, 0), axis=0)
@@ -191,7 +193,7 @@ def _narrow_targets(hist, pre, kk, cnt, slot_of, SLOT_BITS: tl.constexpr, N_TARG
         pre_t = tl.sum(tl.where(tr == t, pre, 0), axis=0)
         kk = tl.where(tr == t, k_t - n_below, kk)
         cnt = tl.where(tr == t, in_digit, cnt)
-        pre = tl.where(tr == t, (pre_t << 8) | digit_t.to(KT), pre)
+        pre = tl.where(tr == t, (pre_t << DIGIT) | digit_t.to(KT), pre)
     return pre, kk, cnt
 
 
@@ -282,25 +284,28 @@ def _collect_windows(base, lst, n, pre, kk, rows, sel_idx, scr_val, FROM_LIST: t
 def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_val, N,
                    r0_0, len_0, r0_1, len_1, r0_2, len_2,
                    WIN0: tl.constexpr, NQ: tl.constexpr, CT: tl.constexpr, KT: tl.constexpr,
-                   CHUNK: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr, N_STATS: tl.constexpr):
+                   CHUNK: tl.constexpr, DIGIT: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr,
+                   N_STATS: tl.constexpr):
     """Soft quantiles Q(|plane_b|, q) for NQ windows of consecutive ranks (one image per program).
 
     Window q holds the ranks r0_q .. r0_q + len_q - 1 of the image's values sorted
-    stably (ties by flat index). A radix select over the bit patterns (8-bit digits)
+    stably (ties by flat index). A radix select over the bit patterns (DIGIT-bit digits)
     finds the key and the tie occurrence of each window's first and last rank (its
     targets): one histogram per pass serves every target, a row per distinct prefix. Once
     the pixels whose prefix lies in some window's range are at most half the image, they
     are listed in ``lst`` (B x list_stride int32, free scratch) and later passes read only
-    them: on real maps two histogram passes and one listing pass over the whole plane, then
-    a few hundred or thousand pixels. One more read (of the list) collects the windows' elements in
-    index order; pairwise comparison of those few elements ranks them. Writes Q to
+    them: on real maps (8-bit digits) two histogram passes and one listing pass over the
+    whole plane, then a few hundred or thousand pixels. One more read (of the list)
+    collects the windows' elements in index order; pairwise comparison of those few
+    elements ranks them. Writes Q to
     stats[b, WIN0 + q] and, in rank order, the flat indices (-1 past the window) and
     weights to sel_idx / sel_w[b, WIN0 + q].
     """
     b = tl.program_id(0)
     base = plane + b.to(tl.int64) * N
     own_list = lst + b.to(tl.int64) * list_stride
-    NPASS: tl.constexpr = 8 if KT == tl.int64 else 4
+    tl.static_assert(32 % DIGIT == 0, "DIGIT must divide the key width")
+    NPASS: tl.constexpr = (64 if KT == tl.int64 else 32) // DIGIT
     N_TARGETS: tl.constexpr = 2 * NQ
     SLOT_BITS: tl.constexpr = 3 if N_TARGETS > 4 else (2 if N_TARGETS > 2 else 1)
     # integer keys order like |v| (sign bit cleared); NaN sorts last as in torch.sort
@@ -318,26 +323,26 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
     pre = tl.zeros([8], KT)  # key prefix found so far, per target
     cnt = tl.zeros([8], tl.int32)  # elements sharing it
     # first digit: every target has the empty prefix, one row of bins
-    hist = _digit_histogram(base, own_list, N, (NPASS - 1) * 8, pre, cnt, False, 0, 1, KT, KMASK, CHUNK)
-    pre, kk, cnt = _narrow_targets(hist, pre, kk, cnt, cnt, 0, N_TARGETS, KT)
+    hist = _digit_histogram(base, own_list, N, (NPASS - 1) * DIGIT, pre, cnt, False, 0, 1, KT, KMASK, CHUNK, DIGIT)
+    pre, kk, cnt = _narrow_targets(hist, pre, kk, cnt, cnt, 0, N_TARGETS, KT, DIGIT)
     listed = tl.zeros([], tl.int32)
     n_list = tl.zeros([], tl.int32)
     for i in range(1, NPASS):
-        shift = (NPASS - 1 - i) * 8
+        shift = (NPASS - 1 - i) * DIGIT
         # the pixels in the windows' ranges: the targets' and fewer than a window in between
         in_ranges = tl.sum(tl.where(tr < N_TARGETS, cnt, 0), axis=0) + window_total
         if (listed == 0) & (2 * in_ranges <= N):
-            n_list = _compact_candidates(base, own_list, N, shift + 8, pre, NQ, KT, KMASK, CHUNK)
+            n_list = _compact_candidates(base, own_list, N, shift + DIGIT, pre, NQ, KT, KMASK, CHUNK)
             listed = 1
             tl.debug_barrier()  # the list is read back by other threads
         slot_of = _leading_targets(pre, N_TARGETS)
         if listed != 0:
             rows = _digit_histogram(base, own_list, n_list, shift, pre, slot_of, True, SLOT_BITS, N_TARGETS, KT,
-                                    KMASK, CHUNK)
+                                    KMASK, CHUNK, DIGIT)
         else:
             rows = _digit_histogram(base, own_list, N, shift, pre, slot_of, False, SLOT_BITS, N_TARGETS, KT,
-                                    KMASK, CHUNK)
-        pre, kk, cnt = _narrow_targets(rows, pre, kk, cnt, slot_of, SLOT_BITS, N_TARGETS, KT)
+                                    KMASK, CHUNK, DIGIT)
+        pre, kk, cnt = _narrow_targets(rows, pre, kk, cnt, slot_of, SLOT_BITS, N_TARGETS, KT, DIGIT)
     # pre[t] is now the key at target rank t and kk[t] its occurrence among equal keys.
 
     window_rows = (b.to(tl.int64) * N_WIN + WIN0 + tl.arange(0, 4)) * NSLOT
@@ -990,7 +995,7 @@ class _Plan:
         # 1. channel mean; 7. mask alone
         self.mean_block, self.mean_warps = 1024, 4
         # 2. selection: one program per image
-        self.select_chunk, self.select_warps = SELECT_CHUNK, 8
+        self.select_chunk, self.select_digit, self.select_warps = SELECT_CHUNK, SELECT_DIGIT_BITS, 8
         # 3-4. box passes
         (self.hbox_bh, self.hbox_bw), self.hbox_warps = HBOX_BLOCK, 4
         (self.vbox_bh, self.vbox_bw), self.vbox_warps = VBOX_BLOCK, 4
@@ -1136,7 +1141,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     list_stride = N * (prefix.element_size() // lists.element_size())
     _launch(_select_kernel, (B,), g, lists, list_stride, table, stats, sel_idx, sel_w, scratch, N,
             win[0][0], win[0][1], win[1][0], win[1][1], win[2][0], win[2][1],
-            WIN0=0, NQ=3, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk,
+            WIN0=0, NQ=3, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk, DIGIT=plan.select_digit,
             NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
     d = R.new_empty((B, H, W), dtype=ct)
     rad = window_size // 2
@@ -1150,7 +1155,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
             **_CONST, num_warps=plan.vbox_warps)
     _launch(_select_kernel, (B,), d, lists, list_stride, table, stats, sel_idx, sel_w, scratch, N,
             win[3][0], win[3][1], 0, 1, 0, 1,
-            WIN0=3, NQ=1, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk,
+            WIN0=3, NQ=1, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk, DIGIT=plan.select_digit,
             NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
     return table, stats, sel_idx, sel_w, d
 

@@ -225,7 +225,7 @@ def test_main_leaves_the_thread_count_as_it_found_it():
 
 @pytest.mark.parametrize("text,message", [
     ("FOO=1", "NAME one of"), ("HBOX_BLOCK=4", "takes HxW"), ("SELECT_CHUNK=2x8", "takes an integer"),
-    ("SELECT_CHUNK=1000", "power of two"), ("BWD_SINGLE_MAX=0", "positive"), (",", "empty variant")])
+    ("SELECT_CHUNK=1000", "power of two"), ("SELECT_DIGIT_BITS=3", "must divide 32"), ("BWD_SINGLE_MAX=0", "positive"), (",", "empty variant")])
 def test_tune_rejects_bad_variants(text, message):
     from sib_fast.bench import tune
 

@@ -127,6 +127,7 @@ def test_loops_over_several_chunks(monkeypatch):
     # radix passes and collection, the row and column running sums, the Gram and backward pixel
     # loops (several pixel splits).
     monkeypatch.setattr(tb, "SELECT_CHUNK", 32)
+    monkeypatch.setattr(tb, "SELECT_DIGIT_BITS", 4)  # and the select's other digit width
     monkeypatch.setattr(tb, "HBOX_BLOCK", (4, 16))
     monkeypatch.setattr(tb, "VBOX_BLOCK", (4, 16))
     R, x = _maps(3, 2, 11, 21, seed=3)
@@ -173,7 +174,7 @@ def test_ties_follow_a_stable_sort():
     compare_head_with_reference("triton", R, x, 1, 0.1, 10.0)
 
 
-def _select(plane, quantiles, chunk):
+def _select(plane, quantiles, chunk, digit):
     """Runs the rank select on (B, N) planes; returns stats, sel_idx and the candidate lists."""
     B, N = plane.shape
     ct = plane.dtype
@@ -189,7 +190,7 @@ def _select(plane, quantiles, chunk):
     tb._select_kernel[(B,)](plane, lists, N, tb._table(N, 0.1, 10.0, 3, ct, plane.device), stats, sel_idx, sel_w,
                             scratch, N, *[v for r0, length, _ in chosen for v in (r0, length)],
                             WIN0=first, NQ=3 if quantiles == "a" else 1, CT=tb.tl.float64 if wide else tb.tl.float32,
-                            KT=tb.tl.int64 if wide else tb.tl.int32, CHUNK=chunk, NSLOT=tb.SLOTS, N_WIN=tb.N_WINDOWS,
+                            KT=tb.tl.int64 if wide else tb.tl.int32, CHUNK=chunk, DIGIT=digit, NSLOT=tb.SLOTS, N_WIN=tb.N_WINDOWS,
                             N_STATS=tb.STATS, num_warps=4)
     return stats, sel_idx, lists
 
@@ -205,20 +206,23 @@ def _plane(kind, B, N, dtype):
     return v.to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("kind, N, dtype, chunk, lists_expected", [
-    ("normal", 899, torch.float32, 128, True),
-    ("wide", 640, torch.float32, 32, True),
-    ("wide", 300, torch.float64, 64, True),
-    ("levels", 500, torch.float32, 64, False),
-    ("levels", 1, torch.float32, 32, False),
+@pytest.mark.parametrize("kind, N, dtype, chunk, digit, lists_expected", [
+    ("normal", 899, torch.float32, 128, 8, True),
+    ("normal", 899, torch.float32, 128, 4, True),
+    ("wide", 640, torch.float32, 32, 8, True),
+    ("wide", 300, torch.float64, 64, 8, True),
+    ("wide", 300, torch.float64, 64, 4, True),
+    ("levels", 500, torch.float32, 64, 8, False),
+    ("levels", 500, torch.float32, 64, 4, False),
+    ("levels", 1, torch.float32, 32, 8, False),
 ])
 @pytest.mark.parametrize("quantiles", ["a", "d"])
-def test_select_matches_a_stable_sort(kind, N, dtype, chunk, lists_expected, quantiles):
+def test_select_matches_a_stable_sort(kind, N, dtype, chunk, digit, lists_expected, quantiles):
     # The select alone against torch.sort(stable=True) of |plane|: each window's flat indices in
     # rank order and its soft quantile; and whether the pixels in range were listed (the passes
     # over the list) or not (every pass over the whole plane).
     plane = _plane(kind, 3, N, dtype)
-    stats, sel_idx, lists = _select(plane, quantiles, chunk)
+    stats, sel_idx, lists = _select(plane, quantiles, chunk, digit)
     order = torch.sort(plane.abs().cpu(), dim=1, stable=True).indices
     table = tb._table_values(N, 0.1, 10.0, 3, dtype)
     windows = range(3) if quantiles == "a" else [3]

@@ -36,13 +36,15 @@ TUNABLE = {
     "BWD_PIXEL_BLOCK": "pixels per iteration of the backward passes (power of two, >= 16)",
     "BWD_WARPS": "warps per program of the backward passes (power of two)",
     "SELECT_CHUNK": "elements per iteration of the rank selection (power of two)",
+    "SELECT_DIGIT_BITS": "bits per radix pass of the rank selection (1, 2, 4, 8 or 16)",
     "HBOX_BLOCK": "rows x columns per iteration of the row running sums",
     "VBOX_BLOCK": "rows x columns per iteration of the column running sums",
 }
 # None of these spills on sm_90 at 224x224 (ptxas, Triton 3.8); BWD_PIXEL_BLOCK=32 does (24-32 bytes),
-# SELECT_CHUNK=4096 too under Triton 3.6 (16 bytes: its histograms hold their bins in registers)
-DEFAULT_VARIANTS = ("BWD_IMAGE_BLOCK=64", "BWD_WARPS=4", "BWD_IMAGE_BLOCK=64,BWD_WARPS=4", "MAX_IMAGE_BLOCK=64",
-                    "SELECT_CHUNK=1024")
+# SELECT_CHUNK=4096 too under Triton 3.6 (16 bytes: its histograms hold their bins in registers, so
+# there 4-bit digits may win: twice the passes, each with 1/16 of the bins)
+DEFAULT_VARIANTS = ("SELECT_DIGIT_BITS=4", "BWD_IMAGE_BLOCK=64", "BWD_WARPS=4", "BWD_IMAGE_BLOCK=64,BWD_WARPS=4",
+                    "MAX_IMAGE_BLOCK=64", "SELECT_CHUNK=1024")
 
 
 SHAPED = ("HBOX_BLOCK", "VBOX_BLOCK")  # HxW; the others are integers
@@ -61,6 +63,8 @@ def parse_variant(text: str) -> dict:
             numbers = ()
         if len(numbers) != (2 if name in SHAPED else 1):
             raise UsageError(f"--variant: {name} takes {'HxW' if name in SHAPED else 'an integer'}, got {value!r}")
+        if name == "SELECT_DIGIT_BITS" and numbers[0] not in (1, 2, 4, 8, 16):
+            raise UsageError(f"--variant: SELECT_DIGIT_BITS must divide 32 and be at most 16, got {value!r}")
         if any(v < 1 or (v & (v - 1) and name != "BWD_SINGLE_MAX") for v in numbers):
             raise UsageError(f"--variant: {name} must be {'positive' if name == 'BWD_SINGLE_MAX' else 'a power of two'}, "
                              f"got {value!r}")
