@@ -142,6 +142,18 @@ def _channel_mean_kernel(R, g, C, N, W, sb, sc, sh, sw,
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
+def _chunk_pixels(lst, start, n, FROM_LIST: tl.constexpr, CHUNK: tl.constexpr):
+    """Flat indices start .. start + CHUNK - 1 of the candidate list, or of the plane itself."""
+    offs = start + tl.arange(0, CHUNK)
+    valid = offs < n
+    if FROM_LIST:
+        p = tl.load(lst + offs, mask=valid, other=0)
+    else:
+        p = offs
+    return p, valid
+
+
+@triton.jit
 def _digit_histogram(base, lst, n, shift, pre, slot_of, FROM_LIST: tl.constexpr, SLOT_BITS: tl.constexpr,
                      N_TARGETS: tl.constexpr, KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constexpr,
                      DIGIT: tl.constexpr):
@@ -154,12 +166,7 @@ def _digit_histogram(base, lst, n, shift, pre, slot_of, FROM_LIST: tl.constexpr,
     tr = tl.arange(0, 8)
     hist = tl.zeros([1 << (DIGIT + SLOT_BITS)], tl.int32)
     for start in range(0, n, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        valid = offs < n
-        if FROM_LIST:
-            p = tl.load(lst + offs, mask=valid, other=0)
-        else:
-            p = offs
+        p, valid = _chunk_pixels(lst, start, n, FROM_LIST, CHUNK)
         key = tl.load(base + p, mask=valid, other=0).to(KT, bitcast=True) & KMASK
         digit = key >> shift
         above = digit >> DIGIT
@@ -254,12 +261,7 @@ def _collect_windows(base, lst, n, pre, kk, rows, sel_idx, scr_val, FROM_LIST: t
     seen_hi = tl.zeros([4], tl.int32)
     taken = tl.zeros([4], tl.int32)
     for start in range(0, n, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        valid = offs < n
-        if FROM_LIST:
-            p = tl.load(lst + offs, mask=valid, other=0)
-        else:
-            p = offs
+        p, valid = _chunk_pixels(lst, start, n, FROM_LIST, CHUNK)
         v = tl.abs(tl.load(base + p, mask=valid, other=0))
         key = (v.to(KT, bitcast=True) & KMASK)[:, None]
         ok = valid[:, None] & live
