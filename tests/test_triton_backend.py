@@ -207,6 +207,7 @@ def _plane(kind, B, N, dtype):
 
 
 @pytest.mark.parametrize("kind, N, dtype, chunk, digit, lists_expected", [
+    ("normal", 224 * 224, torch.float32, 2048, 8, True),  # the benchmark's planes, the default chunk
     ("normal", 899, torch.float32, 128, 8, True),
     ("normal", 899, torch.float32, 128, 4, True),
     ("wide", 640, torch.float32, 32, 8, True),
