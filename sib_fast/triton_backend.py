@@ -83,6 +83,12 @@ BWD_PIXEL_BLOCK = 16  # pixels per iteration of the backward passes
 BWD_WARPS = 8  # 4 warps spill a little at 16 images on sm_90 (ptxas stops at 128 registers)
 SELECT_CHUNK = 2048  # elements per iteration of the rank select (4096 spills under Triton 3.6)
 SELECT_DIGIT_BITS = 8  # bits per radix pass of the select (4: twice the passes, 1/16 of the bins)
+# Triton 3.8 counts tl.histogram with one shared-memory atomic per element, 3.6 and 3.7 with
+# warp ballots (the PTX of each). The select's first digit is the exponent, so nearly every pixel
+# falls in one or two bins: under atomics up to 32 lanes of a warp hit one address, one at a
+# time. 2^SELECT_SPREAD_BITS copies of that histogram (by position in the chunk, summed after)
+# cut the conflicts 8-fold; under ballots a copy costs bins, not conflicts, so none there.
+SELECT_SPREAD_BITS = 3 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8) else 0
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
 
@@ -156,15 +162,17 @@ def _chunk_pixels(lst, start, n, FROM_LIST: tl.constexpr, CHUNK: tl.constexpr):
 @triton.jit
 def _digit_histogram(base, lst, n, shift, pre, slot_of, FROM_LIST: tl.constexpr, SLOT_BITS: tl.constexpr,
                      N_TARGETS: tl.constexpr, KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constexpr,
-                     DIGIT: tl.constexpr):
+                     DIGIT: tl.constexpr, SPREAD: tl.constexpr):
     """Histogram of the DIGIT-bit key digit at ``shift``, one row of 2^DIGIT bins per leading target.
 
     An element counts in the row of the target whose prefix (the key above the digit) it
     shares; targets with equal prefixes share the row of the first (``slot_of``), so one read
-    of the plane (or of the candidate list) serves every target.
+    of the plane (or of the candidate list) serves every target. With SPREAD > 0, counted in
+    2^SPREAD copies by position in the chunk (fewer atomics on one address), then summed.
     """
     tr = tl.arange(0, 8)
-    hist = tl.zeros([1 << (DIGIT + SLOT_BITS)], tl.int32)
+    hist = tl.zeros([1 << (DIGIT + SLOT_BITS + SPREAD)], tl.int32)
+    copy = tl.arange(0, CHUNK) & ((1 << SPREAD) - 1)
     for start in range(0, n, CHUNK):
         p, valid = _chunk_pixels(lst, start, n, FROM_LIST, CHUNK)
         key = tl.load(base + p, mask=valid, other=0).to(KT, bitcast=True) & KMASK
@@ -175,8 +183,10 @@ def _digit_histogram(base, lst, n, shift, pre, slot_of, FROM_LIST: tl.constexpr,
             leads = tl.sum(tl.where(tr == s, slot_of, 0), axis=0) == s
             pre_s = tl.sum(tl.where(tr == s, pre, 0), axis=0)
             slot = tl.where((above == pre_s) & leads, s, slot)
-        bins = (slot << DIGIT) | (digit & ((1 << DIGIT) - 1)).to(tl.int32)
-        hist += tl.histogram(bins, 1 << (DIGIT + SLOT_BITS), mask=valid & (slot >= 0))
+        bins = (((slot << DIGIT) | (digit & ((1 << DIGIT) - 1)).to(tl.int32)) << SPREAD) | copy
+        hist += tl.histogram(bins, 1 << (DIGIT + SLOT_BITS + SPREAD), mask=valid & (slot >= 0))
+    if SPREAD > 0:
+        hist = tl.sum(tl.reshape(hist, [1 << (DIGIT + SLOT_BITS), 1 << SPREAD]), axis=1)
     return hist
 
 
@@ -286,8 +296,8 @@ def _collect_windows(base, lst, n, pre, kk, rows, sel_idx, scr_val, FROM_LIST: t
 def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_val, N,
                    r0_0, len_0, r0_1, len_1, r0_2, len_2,
                    WIN0: tl.constexpr, NQ: tl.constexpr, CT: tl.constexpr, KT: tl.constexpr,
-                   CHUNK: tl.constexpr, DIGIT: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr,
-                   N_STATS: tl.constexpr):
+                   CHUNK: tl.constexpr, DIGIT: tl.constexpr, SPREAD: tl.constexpr, NSLOT: tl.constexpr,
+                   N_WIN: tl.constexpr, N_STATS: tl.constexpr):
     """Soft quantiles Q(|plane_b|, q) for NQ windows of consecutive ranks (one image per program).
 
     Window q holds the ranks r0_q .. r0_q + len_q - 1 of the image's values sorted
@@ -324,8 +334,9 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
     kk = rank  # rank among the elements that share the current key prefix
     pre = tl.zeros([8], KT)  # key prefix found so far, per target
     cnt = tl.zeros([8], tl.int32)  # elements sharing it
-    # first digit: every target has the empty prefix, one row of bins
-    hist = _digit_histogram(base, own_list, N, (NPASS - 1) * DIGIT, pre, cnt, False, 0, 1, KT, KMASK, CHUNK, DIGIT)
+    # first digit: every target has the empty prefix, one row of bins (in copies: see SELECT_SPREAD_BITS)
+    hist = _digit_histogram(base, own_list, N, (NPASS - 1) * DIGIT, pre, cnt, False, 0, 1, KT, KMASK, CHUNK, DIGIT,
+                            SPREAD)
     pre, kk, cnt = _narrow_targets(hist, pre, kk, cnt, cnt, 0, N_TARGETS, KT, DIGIT)
     listed = tl.zeros([], tl.int32)
     n_list = tl.zeros([], tl.int32)
@@ -340,10 +351,10 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
         slot_of = _leading_targets(pre, N_TARGETS)
         if listed != 0:
             rows = _digit_histogram(base, own_list, n_list, shift, pre, slot_of, True, SLOT_BITS, N_TARGETS, KT,
-                                    KMASK, CHUNK, DIGIT)
+                                    KMASK, CHUNK, DIGIT, 0)
         else:
             rows = _digit_histogram(base, own_list, N, shift, pre, slot_of, False, SLOT_BITS, N_TARGETS, KT,
-                                    KMASK, CHUNK, DIGIT)
+                                    KMASK, CHUNK, DIGIT, 0)
         pre, kk, cnt = _narrow_targets(rows, pre, kk, cnt, slot_of, SLOT_BITS, N_TARGETS, KT, DIGIT)
     # pre[t] is now the key at target rank t and kk[t] its occurrence among equal keys.
 
@@ -997,7 +1008,8 @@ class _Plan:
         # 1. channel mean; 7. mask alone
         self.mean_block, self.mean_warps = 1024, 4
         # 2. selection: one program per image
-        self.select_chunk, self.select_digit, self.select_warps = SELECT_CHUNK, SELECT_DIGIT_BITS, 8
+        self.select_chunk, self.select_warps = SELECT_CHUNK, 8
+        self.select_digit, self.select_spread = SELECT_DIGIT_BITS, SELECT_SPREAD_BITS
         # 3-4. box passes
         (self.hbox_bh, self.hbox_bw), self.hbox_warps = HBOX_BLOCK, 4
         (self.vbox_bh, self.vbox_bw), self.vbox_warps = VBOX_BLOCK, 4
@@ -1144,7 +1156,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     _launch(_select_kernel, (B,), g, lists, list_stride, table, stats, sel_idx, sel_w, scratch, N,
             win[0][0], win[0][1], win[1][0], win[1][1], win[2][0], win[2][1],
             WIN0=0, NQ=3, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk, DIGIT=plan.select_digit,
-            NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
+            SPREAD=plan.select_spread, NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
     d = R.new_empty((B, H, W), dtype=ct)
     rad = window_size // 2
     # forward box sums in fixed point: integer views of the same planes
@@ -1158,7 +1170,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     _launch(_select_kernel, (B,), d, lists, list_stride, table, stats, sel_idx, sel_w, scratch, N,
             win[3][0], win[3][1], 0, 1, 0, 1,
             WIN0=3, NQ=1, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk, DIGIT=plan.select_digit,
-            NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
+            SPREAD=plan.select_spread, NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
     return table, stats, sel_idx, sel_w, d
 
 
