@@ -10,9 +10,9 @@ forward
                                 Q(a, .05), Q(a, .8), Q(a, .95), ties broken by flat index
                                 as a stable sort does; writes the soft quantiles and the
                                 selected indices and weights for the backward. On real
-                                maps it reads the plane three times (two digits, then a
-                                list of the pixels still in range, a few hundred or
-                                thousand).
+                                maps it reads the plane three or four times (the first
+                                digits, then a list of the pixels still in range, a few
+                                hundred or thousand).
   3. ``_hbox_kernel``           h = sigmoid(s (u - t1)) and its row box sums (running
                                 sums: O(1) per pixel whatever the window; in wrapping fixed
                                 point, so box sums are exact and equal windows tie exactly).
@@ -82,13 +82,19 @@ BWD_IMAGE_BLOCK = 32  # else image blocks of this size (64 spills on sm_80 with 
 BWD_PIXEL_BLOCK = 16  # pixels per iteration of the backward passes
 BWD_WARPS = 8  # 4 warps spill a little at 16 images on sm_90 (ptxas stops at 128 registers)
 SELECT_CHUNK = 2048  # elements per iteration of the rank select (4096 spills under Triton 3.6)
-SELECT_DIGIT_BITS = 8  # bits per radix pass of the select (4: twice the passes, 1/16 of the bins)
-# Triton 3.8 counts tl.histogram with one shared-memory atomic per element, 3.6 and 3.7 with
-# warp ballots (the PTX of each). The select's first digit is the exponent, so nearly every pixel
-# falls in one or two bins: under atomics up to 32 lanes of a warp hit one address, one at a
-# time. 2^SELECT_SPREAD_BITS copies of that histogram (by position in the chunk, summed after)
-# cut the conflicts 8-fold; under ballots a copy costs bins, not conflicts, so none there.
-SELECT_SPREAD_BITS = 3 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8) else 0
+# The select's histograms: Triton 3.8 counts tl.histogram with one shared-memory atomic per
+# element; 3.6 and 3.7 with warp ballots whose cost grows with the bins (PTX for sm_90, per
+# element: about 66 instructions at 16 bins, 74 at 128, 112 at 256, 353 at 2048; 3.8: 16-23).
+_HISTOGRAM_BY_ATOMICS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
+# Bits per radix pass. Under ballots 4 (on 224x224 maps the pixels are listed after three
+# passes instead of two, each a fraction of the cost; 8 needs 255 registers on sm_80 and spills
+# on sm_90); under atomics 8 (fewer passes, about the same cost each).
+SELECT_DIGIT_BITS = 8 if _HISTOGRAM_BY_ATOMICS else 4
+# The first digit is the exponent, so nearly every pixel falls in one or two bins: under
+# atomics up to 32 lanes of a warp hit one address, one at a time. 2^SELECT_SPREAD_BITS copies
+# of that histogram (by position in the chunk, summed after) cut the conflicts 8-fold; under
+# ballots a copy costs bins, not conflicts, so none there.
+SELECT_SPREAD_BITS = 3 if _HISTOGRAM_BY_ATOMICS else 0
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
 
@@ -306,8 +312,8 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
     targets): one histogram per pass serves every target, a row per distinct prefix. Once
     the pixels whose prefix lies in some window's range are at most half the image, they
     are listed in ``lst`` (B x list_stride int32, free scratch) and later passes read only
-    them: on real maps (8-bit digits) two histogram passes and one listing pass over the
-    whole plane, then a few hundred or thousand pixels. One more read (of the list)
+    them: on real maps two (8-bit digits) or three (4-bit) histogram passes and one listing
+    pass over the whole plane, then a few hundred or thousand pixels. One more read (of the list)
     collects the windows' elements in index order; pairwise comparison of those few
     elements ranks them. Writes Q to
     stats[b, WIN0 + q] and, in rank order, the flat indices (-1 past the window) and

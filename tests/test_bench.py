@@ -253,6 +253,7 @@ def test_tune_sets_the_constants_only_inside_the_block():
 def test_tune_variants_compute_the_default_result(tmp_path):
     # In Triton's interpreter on CPU tensors: a variant that loops over several selection chunks
     # and box blocks must give the default's hsic, bg and dR; the table flags any that do not.
+    # A variant equal to the default is left out.
     import os
     import subprocess
     import sys
@@ -262,7 +263,8 @@ def test_tune_variants_compute_the_default_result(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "sib_fast.bench.tune", "--device", "cpu", "--batch", "3",
                            "--size", "7", "--window", "3", "--min-reps", "1", "--max-reps", "1", "--min-time", "0",
-                           "--variant", "SELECT_CHUNK=16,HBOX_BLOCK=2x4,VBOX_BLOCK=2x4,BWD_PIXEL_BLOCK=32", "--json", str(path)],
+                           "--variant", "SELECT_CHUNK=16,HBOX_BLOCK=2x4,VBOX_BLOCK=2x4,BWD_PIXEL_BLOCK=32",
+                           "--variant", "SELECT_CHUNK=2048", "--json", str(path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(path.read_text())["rows"]
@@ -273,6 +275,7 @@ def test_tune_variants_compute_the_default_result(tmp_path):
     assert max(rows[2]["max_rel_err"].values()) == 0.0  # same settings, same bits
     assert all(r["fwd_bwd"]["n"] == 1 for r in rows)
     assert "differs" not in proc.stdout and "| default (again) |" in proc.stdout
+    assert "SELECT_CHUNK=2048: skipped, the default here" in proc.stdout  # nothing to compare
 
 
 def test_speedups_are_against_eager_and_compiled_of_the_same_shape():
