@@ -127,7 +127,10 @@ def test_loops_over_several_chunks(monkeypatch):
     # radix passes and collection, the row and column running sums, the Gram and backward pixel
     # loops (several pixel splits).
     monkeypatch.setattr(tb, "SELECT_CHUNK", 32)
-    monkeypatch.setattr(tb, "SELECT_DIGIT_BITS", 4)  # and the select's other digit width
+    # and the select's histograms as the other Triton versions count them by default (4-bit digits
+    # without copies for 3.6/3.7's ballots, 8-bit with 8 copies for 3.8's atomics)
+    monkeypatch.setattr(tb, "SELECT_DIGIT_BITS", 12 - tb.SELECT_DIGIT_BITS)
+    monkeypatch.setattr(tb, "SELECT_SPREAD_BITS", 3 - tb.SELECT_SPREAD_BITS)
     monkeypatch.setattr(tb, "HBOX_BLOCK", (4, 16))
     monkeypatch.setattr(tb, "VBOX_BLOCK", (4, 16))
     R, x = _maps(3, 2, 11, 21, seed=3)
