@@ -10,9 +10,9 @@ forward
                                 Q(a, .05), Q(a, .8), Q(a, .95), ties broken by flat index
                                 as a stable sort does; writes the soft quantiles and the
                                 selected indices and weights for the backward. On real
-                                maps it reads the plane three or four times (the first
-                                digits, then a list of the pixels still in range, a few
-                                hundred or thousand).
+                                maps it reads the plane three or four times (key range,
+                                one or two digits, then a list of the pixels still in
+                                range, a few hundred or thousand).
   3. ``_hbox_kernel``           h = sigmoid(s (u - t1)) and its row box sums (running
                                 sums: O(1) per pixel whatever the window; in wrapping fixed
                                 point, so box sums are exact and equal windows tie exactly).
@@ -85,16 +85,10 @@ SELECT_CHUNK = 2048  # elements per iteration of the rank select (4096 spills un
 # The select's histograms: Triton 3.8 counts tl.histogram with one shared-memory atomic per
 # element; 3.6 and 3.7 with warp ballots whose cost grows with the bins (PTX for sm_90, per
 # element: about 66 instructions at 16 bins, 74 at 128, 112 at 256, 353 at 2048; 3.8: 16-23).
-_HISTOGRAM_BY_ATOMICS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
-# Bits per radix pass. Under ballots 4 (on 224x224 maps the pixels are listed after three
-# passes instead of two, each a fraction of the cost; 8 needs 255 registers on sm_80 and spills
-# on sm_90); under atomics 8 (fewer passes, about the same cost each).
-SELECT_DIGIT_BITS = 8 if _HISTOGRAM_BY_ATOMICS else 4
-# The first digit is the exponent, so nearly every pixel falls in one or two bins: under
-# atomics up to 32 lanes of a warp hit one address, one at a time. 2^SELECT_SPREAD_BITS copies
-# of that histogram (by position in the chunk, summed after) cut the conflicts 8-fold; under
-# ballots a copy costs bins, not conflicts, so none there.
-SELECT_SPREAD_BITS = 3 if _HISTOGRAM_BY_ATOMICS else 0
+# So bits per radix pass: under ballots 4 (on 224x224 maps the pixels are listed after two
+# passes instead of one, each a fraction of the cost; 8 needs 255 registers on sm_80 and spills
+# on sm_90), under atomics 8 (fewer passes at about the same cost each).
+SELECT_DIGIT_BITS = 8 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8) else 4
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
 
@@ -166,40 +160,36 @@ def _chunk_pixels(lst, start, n, FROM_LIST: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _digit_histogram(base, lst, n, shift, pre, slot_of, FROM_LIST: tl.constexpr, SLOT_BITS: tl.constexpr,
+def _digit_histogram(base, lst, n, shift, width, pre, slot_of, FROM_LIST: tl.constexpr, SLOT_BITS: tl.constexpr,
                      N_TARGETS: tl.constexpr, KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constexpr,
-                     DIGIT: tl.constexpr, SPREAD: tl.constexpr):
-    """Histogram of the DIGIT-bit key digit at ``shift``, one row of 2^DIGIT bins per leading target.
+                     DIGIT: tl.constexpr):
+    """Histogram of the key digit of ``width`` (<= DIGIT) bits at ``shift``, one row of 2^DIGIT
+    bins per leading target.
 
     An element counts in the row of the target whose prefix (the key above the digit) it
     shares; targets with equal prefixes share the row of the first (``slot_of``), so one read
-    of the plane (or of the candidate list) serves every target. With SPREAD > 0, counted in
-    2^SPREAD copies by position in the chunk (fewer atomics on one address), then summed.
+    of the plane (or of the candidate list) serves every target.
     """
     tr = tl.arange(0, 8)
-    hist = tl.zeros([1 << (DIGIT + SLOT_BITS + SPREAD)], tl.int32)
-    copy = tl.arange(0, CHUNK) & ((1 << SPREAD) - 1)
+    hist = tl.zeros([1 << (DIGIT + SLOT_BITS)], tl.int32)
     for start in range(0, n, CHUNK):
         p, valid = _chunk_pixels(lst, start, n, FROM_LIST, CHUNK)
         key = tl.load(base + p, mask=valid, other=0).to(KT, bitcast=True) & KMASK
-        digit = key >> shift
-        above = digit >> DIGIT
+        digit = ((key >> shift) & ((1 << width) - 1)).to(tl.int32)
+        above = key >> (shift + width)
         slot = tl.full([CHUNK], -1, tl.int32)
         for s in tl.static_range(N_TARGETS):
             leads = tl.sum(tl.where(tr == s, slot_of, 0), axis=0) == s
             pre_s = tl.sum(tl.where(tr == s, pre, 0), axis=0)
             slot = tl.where((above == pre_s) & leads, s, slot)
-        bins = (((slot << DIGIT) | (digit & ((1 << DIGIT) - 1)).to(tl.int32)) << SPREAD) | copy
-        hist += tl.histogram(bins, 1 << (DIGIT + SLOT_BITS + SPREAD), mask=valid & (slot >= 0))
-    if SPREAD > 0:
-        hist = tl.sum(tl.reshape(hist, [1 << (DIGIT + SLOT_BITS), 1 << SPREAD]), axis=1)
+        hist += tl.histogram((slot << DIGIT) | digit, 1 << (DIGIT + SLOT_BITS), mask=valid & (slot >= 0))
     return hist
 
 
 @triton.jit
-def _narrow_targets(hist, pre, kk, cnt, slot_of, SLOT_BITS: tl.constexpr, N_TARGETS: tl.constexpr,
+def _narrow_targets(hist, width, pre, kk, cnt, slot_of, SLOT_BITS: tl.constexpr, N_TARGETS: tl.constexpr,
                     KT: tl.constexpr, DIGIT: tl.constexpr):
-    """One radix step: each target's prefix gains the digit holding its rank ``kk``."""
+    """One radix step: each target's prefix gains the ``width``-bit digit holding its rank ``kk``."""
     tr = tl.arange(0, 8)
     rows = tl.reshape(hist, [1 << SLOT_BITS, 1 << DIGIT])
     cum = tl.cumsum(rows, axis=1)
@@ -216,7 +206,7 @@ def _narrow_targets(hist, pre, kk, cnt, slot_of, SLOT_BITS: tl.constexpr, N_TARG
         pre_t = tl.sum(tl.where(tr == t, pre, 0), axis=0)
         kk = tl.where(tr == t, k_t - n_below, kk)
         cnt = tl.where(tr == t, in_digit, cnt)
-        pre = tl.where(tr == t, (pre_t << DIGIT) | digit_t.to(KT), pre)
+        pre = tl.where(tr == t, (pre_t << width) | digit_t.to(KT), pre)
     return pre, kk, cnt
 
 
@@ -299,31 +289,45 @@ def _collect_windows(base, lst, n, pre, kk, rows, sel_idx, scr_val, FROM_LIST: t
 
 
 @triton.jit
+def _key_range(base, N, KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constexpr):
+    """The smallest and the largest key of the plane."""
+    lo = tl.full([CHUNK], KMASK, KT)
+    hi = tl.zeros([CHUNK], KT)
+    for start in range(0, N, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = offs < N
+        key = tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK
+        lo = tl.minimum(lo, tl.where(valid, key, KMASK))
+        hi = tl.maximum(hi, tl.where(valid, key, 0))
+    return tl.min(lo, axis=0), tl.max(hi, axis=0)
+
+
+@triton.jit
 def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_val, N,
                    r0_0, len_0, r0_1, len_1, r0_2, len_2,
                    WIN0: tl.constexpr, NQ: tl.constexpr, CT: tl.constexpr, KT: tl.constexpr,
-                   CHUNK: tl.constexpr, DIGIT: tl.constexpr, SPREAD: tl.constexpr, NSLOT: tl.constexpr,
-                   N_WIN: tl.constexpr, N_STATS: tl.constexpr):
+                   CHUNK: tl.constexpr, DIGIT: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr,
+                   N_STATS: tl.constexpr):
     """Soft quantiles Q(|plane_b|, q) for NQ windows of consecutive ranks (one image per program).
 
     Window q holds the ranks r0_q .. r0_q + len_q - 1 of the image's values sorted
     stably (ties by flat index). A radix select over the bit patterns (DIGIT-bit digits)
     finds the key and the tie occurrence of each window's first and last rank (its
-    targets): one histogram per pass serves every target, a row per distinct prefix. Once
-    the pixels whose prefix lies in some window's range are at most half the image, they
-    are listed in ``lst`` (B x list_stride int32, free scratch) and later passes read only
-    them: on real maps two (8-bit digits) or three (4-bit) histogram passes and one listing
-    pass over the whole plane, then a few hundred or thousand pixels. One more read (of the list)
-    collects the windows' elements in index order; pairwise comparison of those few
-    elements ranks them. Writes Q to
-    stats[b, WIN0 + q] and, in rank order, the flat indices (-1 past the window) and
-    weights to sel_idx / sel_w[b, WIN0 + q].
+    targets): one histogram per pass serves every target, a row per distinct prefix. The
+    high bits shared by the smallest and the largest key are shared by all and need no
+    pass: the digits start at the highest bit that varies. Once the pixels whose prefix
+    lies in some window's range are at most half the image, they are listed in ``lst``
+    (B x list_stride int32, free scratch) and later passes read only them: on real maps
+    one (8-bit digits) or two (4-bit) histogram passes over the whole plane besides the
+    key range and the listing, then a few hundred or thousand pixels. One more read (of
+    the list) collects the windows' elements in index order; pairwise comparison of those
+    few elements ranks them. Writes Q to stats[b, WIN0 + q] and, in rank order, the flat
+    indices (-1 past the window) and weights to sel_idx / sel_w[b, WIN0 + q].
     """
     b = tl.program_id(0)
     base = plane + b.to(tl.int64) * N
     own_list = lst + b.to(tl.int64) * list_stride
-    tl.static_assert(32 % DIGIT == 0, "DIGIT must divide the key width")
-    NPASS: tl.constexpr = (64 if KT == tl.int64 else 32) // DIGIT
+    KEY_BITS: tl.constexpr = 64 if KT == tl.int64 else 32
     N_TARGETS: tl.constexpr = 2 * NQ
     SLOT_BITS: tl.constexpr = 3 if N_TARGETS > 4 else (2 if N_TARGETS > 2 else 1)
     # integer keys order like |v| (sign bit cleared); NaN sorts last as in torch.sort
@@ -337,31 +341,40 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
     rank = tl.sum(tl.where(q_of[:, None] == tr[None, :], r0s[None, :], 0), axis=1)
     rank += tl.where(tr % 2 == 1, tl.sum(tl.where(q_of[:, None] == tr[None, :], lens[None, :], 0), axis=1) - 1, 0)
     window_total = tl.sum(tl.where(tr < NQ, lens, 0), axis=0)
+    kmin, kmax = _key_range(base, N, KT, KMASK, CHUNK)
+    varying = tl.sum(((kmin ^ kmax) >> tl.arange(0, KEY_BITS).to(KT) != 0).to(tl.int32), axis=0)  # low bits
     kk = rank  # rank among the elements that share the current key prefix
-    pre = tl.zeros([8], KT)  # key prefix found so far, per target
-    cnt = tl.zeros([8], tl.int32)  # elements sharing it
-    # first digit: every target has the empty prefix, one row of bins (in copies: see SELECT_SPREAD_BITS)
-    hist = _digit_histogram(base, own_list, N, (NPASS - 1) * DIGIT, pre, cnt, False, 0, 1, KT, KMASK, CHUNK, DIGIT,
-                            SPREAD)
-    pre, kk, cnt = _narrow_targets(hist, pre, kk, cnt, cnt, 0, N_TARGETS, KT, DIGIT)
+    pre = tl.zeros([8], KT) + (kmin >> varying)  # key prefix found so far, per target
+    cnt = tl.zeros([8], tl.int32) + N  # elements sharing it
+    rem = varying  # key bits below the prefix
+    # first digit: every target has the same prefix, one row of bins. With nothing varying
+    # every key is equal and the targets are occurrences of it.
+    if rem > 0:
+        width = tl.minimum(rem, DIGIT)
+        hist = _digit_histogram(base, own_list, N, rem - width, width, pre, tl.zeros([8], tl.int32), False, 0, 1,
+                                KT, KMASK, CHUNK, DIGIT)
+        pre, kk, cnt = _narrow_targets(hist, width, pre, kk, cnt, tl.zeros([8], tl.int32), 0, N_TARGETS, KT, DIGIT)
+        rem -= width
     listed = tl.zeros([], tl.int32)
     n_list = tl.zeros([], tl.int32)
-    for i in range(1, NPASS):
-        shift = (NPASS - 1 - i) * DIGIT
+    for i in range(1, tl.cdiv(varying, DIGIT)):
+        width = tl.minimum(rem, DIGIT)
+        shift = rem - width
         # the pixels in the windows' ranges: the targets' and fewer than a window in between
         in_ranges = tl.sum(tl.where(tr < N_TARGETS, cnt, 0), axis=0) + window_total
         if (listed == 0) & (2 * in_ranges <= N):
-            n_list = _compact_candidates(base, own_list, N, shift + DIGIT, pre, NQ, KT, KMASK, CHUNK)
+            n_list = _compact_candidates(base, own_list, N, rem, pre, NQ, KT, KMASK, CHUNK)
             listed = 1
             tl.debug_barrier()  # the list is read back by other threads
         slot_of = _leading_targets(pre, N_TARGETS)
         if listed != 0:
-            rows = _digit_histogram(base, own_list, n_list, shift, pre, slot_of, True, SLOT_BITS, N_TARGETS, KT,
-                                    KMASK, CHUNK, DIGIT, 0)
+            rows = _digit_histogram(base, own_list, n_list, shift, width, pre, slot_of, True, SLOT_BITS, N_TARGETS,
+                                    KT, KMASK, CHUNK, DIGIT)
         else:
-            rows = _digit_histogram(base, own_list, N, shift, pre, slot_of, False, SLOT_BITS, N_TARGETS, KT,
-                                    KMASK, CHUNK, DIGIT, 0)
-        pre, kk, cnt = _narrow_targets(rows, pre, kk, cnt, slot_of, SLOT_BITS, N_TARGETS, KT, DIGIT)
+            rows = _digit_histogram(base, own_list, N, shift, width, pre, slot_of, False, SLOT_BITS, N_TARGETS,
+                                    KT, KMASK, CHUNK, DIGIT)
+        pre, kk, cnt = _narrow_targets(rows, width, pre, kk, cnt, slot_of, SLOT_BITS, N_TARGETS, KT, DIGIT)
+        rem = shift
     # pre[t] is now the key at target rank t and kk[t] its occurrence among equal keys.
 
     window_rows = (b.to(tl.int64) * N_WIN + WIN0 + tl.arange(0, 4)) * NSLOT
@@ -1014,8 +1027,7 @@ class _Plan:
         # 1. channel mean; 7. mask alone
         self.mean_block, self.mean_warps = 1024, 4
         # 2. selection: one program per image
-        self.select_chunk, self.select_warps = SELECT_CHUNK, 8
-        self.select_digit, self.select_spread = SELECT_DIGIT_BITS, SELECT_SPREAD_BITS
+        self.select_chunk, self.select_digit, self.select_warps = SELECT_CHUNK, SELECT_DIGIT_BITS, 8
         # 3-4. box passes
         (self.hbox_bh, self.hbox_bw), self.hbox_warps = HBOX_BLOCK, 4
         (self.vbox_bh, self.vbox_bw), self.vbox_warps = VBOX_BLOCK, 4
@@ -1162,7 +1174,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     _launch(_select_kernel, (B,), g, lists, list_stride, table, stats, sel_idx, sel_w, scratch, N,
             win[0][0], win[0][1], win[1][0], win[1][1], win[2][0], win[2][1],
             WIN0=0, NQ=3, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk, DIGIT=plan.select_digit,
-            SPREAD=plan.select_spread, NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
+            NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
     d = R.new_empty((B, H, W), dtype=ct)
     rad = window_size // 2
     # forward box sums in fixed point: integer views of the same planes
@@ -1176,7 +1188,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     _launch(_select_kernel, (B,), d, lists, list_stride, table, stats, sel_idx, sel_w, scratch, N,
             win[3][0], win[3][1], 0, 1, 0, 1,
             WIN0=3, NQ=1, CT=plan.tl_ct, KT=plan.tl_key, CHUNK=plan.select_chunk, DIGIT=plan.select_digit,
-            SPREAD=plan.select_spread, NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
+            NSLOT=SLOTS, N_WIN=N_WINDOWS, N_STATS=STATS, num_warps=plan.select_warps)
     return table, stats, sel_idx, sel_w, d
 
 

@@ -225,8 +225,7 @@ def test_main_leaves_the_thread_count_as_it_found_it():
 
 @pytest.mark.parametrize("text,message", [
     ("FOO=1", "NAME one of"), ("HBOX_BLOCK=4", "takes HxW"), ("SELECT_CHUNK=2x8", "takes an integer"),
-    ("SELECT_CHUNK=1000", "power of two"), ("SELECT_DIGIT_BITS=3", "must divide 32"),
-    ("SELECT_SPREAD_BITS=4", "0 to 3"), ("BWD_SINGLE_MAX=0", "positive"), (",", "empty variant")])
+    ("SELECT_CHUNK=1000", "power of two"), ("SELECT_DIGIT_BITS=9", "1 to 8"), ("BWD_SINGLE_MAX=0", "positive"), (",", "empty variant")])
 def test_tune_rejects_bad_variants(text, message):
     from sib_fast.bench import tune
 
@@ -240,7 +239,7 @@ def test_tune_sets_the_constants_only_inside_the_block():
     from sib_fast.bench import tune
 
     assert tune.parse_variant("VBOX_BLOCK=64x32, BWD_SINGLE_MAX=48") == {"VBOX_BLOCK": (64, 32), "BWD_SINGLE_MAX": 48}
-    assert tune.parse_variant("SELECT_SPREAD_BITS=0") == {"SELECT_SPREAD_BITS": 0}  # not a power of two: a count
+    assert tune.parse_variant("SELECT_DIGIT_BITS=3") == {"SELECT_DIGIT_BITS": 3}  # not a power of two: a width
     module = types.SimpleNamespace(SELECT_CHUNK=2048, VBOX_BLOCK=(32, 32))
     with pytest.raises(RuntimeError):
         with tune.plan_constants(module, {"SELECT_CHUNK": 16, "VBOX_BLOCK": (8, 8)}):

@@ -127,10 +127,9 @@ def test_loops_over_several_chunks(monkeypatch):
     # radix passes and collection, the row and column running sums, the Gram and backward pixel
     # loops (several pixel splits).
     monkeypatch.setattr(tb, "SELECT_CHUNK", 32)
-    # and the select's histograms as the other Triton versions count them by default (4-bit digits
-    # without copies for 3.6/3.7's ballots, 8-bit with 8 copies for 3.8's atomics)
+    # and the select's digits as wide as the other Triton versions' default (4 bits for 3.6/3.7's
+    # ballot histograms, 8 for 3.8's atomics)
     monkeypatch.setattr(tb, "SELECT_DIGIT_BITS", 12 - tb.SELECT_DIGIT_BITS)
-    monkeypatch.setattr(tb, "SELECT_SPREAD_BITS", 3 - tb.SELECT_SPREAD_BITS)
     monkeypatch.setattr(tb, "HBOX_BLOCK", (4, 16))
     monkeypatch.setattr(tb, "VBOX_BLOCK", (4, 16))
     R, x = _maps(3, 2, 11, 21, seed=3)
@@ -177,7 +176,7 @@ def test_ties_follow_a_stable_sort():
     compare_head_with_reference("triton", R, x, 1, 0.1, 10.0)
 
 
-def _select(plane, quantiles, chunk, digit, spread):
+def _select(plane, quantiles, chunk, digit):
     """Runs the rank select on (B, N) planes; returns stats, sel_idx and the candidate lists."""
     B, N = plane.shape
     ct = plane.dtype
@@ -193,7 +192,7 @@ def _select(plane, quantiles, chunk, digit, spread):
     tb._select_kernel[(B,)](plane, lists, N, tb._table(N, 0.1, 10.0, 3, ct, plane.device), stats, sel_idx, sel_w,
                             scratch, N, *[v for r0, length, _ in chosen for v in (r0, length)],
                             WIN0=first, NQ=3 if quantiles == "a" else 1, CT=tb.tl.float64 if wide else tb.tl.float32,
-                            KT=tb.tl.int64 if wide else tb.tl.int32, CHUNK=chunk, DIGIT=digit, SPREAD=spread, NSLOT=tb.SLOTS, N_WIN=tb.N_WINDOWS,
+                            KT=tb.tl.int64 if wide else tb.tl.int32, CHUNK=chunk, DIGIT=digit, NSLOT=tb.SLOTS, N_WIN=tb.N_WINDOWS,
                             N_STATS=tb.STATS, num_warps=4)
     return stats, sel_idx, lists
 
@@ -204,29 +203,33 @@ def _plane(kind, B, N, dtype):
         v = torch.randn(B, N, generator=g, dtype=torch.float64)
     elif kind == "wide":  # many binades: the list starts after the first digit
         v = torch.exp(torch.empty(B, N, dtype=torch.float64).uniform_(-40, 40, generator=g))
+    elif kind == "equal":
+        v = torch.full((B, N), -0.25, dtype=torch.float64)
     else:  # three levels, a third of the pixels each: never fewer than half in range, no list
         v = torch.tensor([0.0, -1e-3, 2e-3], dtype=torch.float64)[torch.randint(0, 3, (B, N), generator=g)]
     return v.to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("kind, N, dtype, chunk, digit, spread, lists_expected", [
-    ("normal", 224 * 224, torch.float32, 2048, 8, tb.SELECT_SPREAD_BITS, True),  # the benchmark's planes, defaults
-    ("normal", 899, torch.float32, 128, 8, 0, True),
-    ("normal", 899, torch.float32, 128, 4, 3, True),
-    ("wide", 640, torch.float32, 32, 8, 3, True),
-    ("wide", 300, torch.float64, 64, 8, 0, True),
-    ("wide", 300, torch.float64, 64, 4, 0, True),
-    ("levels", 500, torch.float32, 64, 8, 3, False),
-    ("levels", 500, torch.float32, 64, 4, 0, False),
-    ("levels", 1, torch.float32, 32, 8, 0, False),
+@pytest.mark.parametrize("kind, N, dtype, chunk, digit, lists_expected", [
+    ("normal", 224 * 224, torch.float32, 2048, tb.SELECT_DIGIT_BITS, True),  # the benchmark's planes, defaults
+    ("normal", 899, torch.float32, 128, 8, True),
+    ("normal", 899, torch.float32, 128, 4, True),
+    ("normal", 899, torch.float32, 128, 3, True),  # digits that do not divide the key
+    ("wide", 640, torch.float32, 32, 8, True),
+    ("wide", 300, torch.float64, 64, 8, True),
+    ("wide", 300, torch.float64, 64, 4, True),
+    ("levels", 500, torch.float32, 64, 8, False),
+    ("levels", 500, torch.float32, 64, 4, False),
+    ("equal", 300, torch.float32, 64, 8, False),  # one value: no bit varies, no pass
+    ("levels", 1, torch.float32, 32, 8, False),
 ])
 @pytest.mark.parametrize("quantiles", ["a", "d"])
-def test_select_matches_a_stable_sort(kind, N, dtype, chunk, digit, spread, lists_expected, quantiles):
+def test_select_matches_a_stable_sort(kind, N, dtype, chunk, digit, lists_expected, quantiles):
     # The select alone against torch.sort(stable=True) of |plane|: each window's flat indices in
     # rank order and its soft quantile; and whether the pixels in range were listed (the passes
     # over the list) or not (every pass over the whole plane).
     plane = _plane(kind, 3, N, dtype)
-    stats, sel_idx, lists = _select(plane, quantiles, chunk, digit, spread)
+    stats, sel_idx, lists = _select(plane, quantiles, chunk, digit)
     order = torch.sort(plane.abs().cpu(), dim=1, stable=True).indices
     table = tb._table_values(N, 0.1, 10.0, 3, dtype)
     windows = range(3) if quantiles == "a" else [3]

@@ -36,8 +36,7 @@ TUNABLE = {
     "BWD_PIXEL_BLOCK": "pixels per iteration of the backward passes (power of two, >= 16)",
     "BWD_WARPS": "warps per program of the backward passes (power of two)",
     "SELECT_CHUNK": "elements per iteration of the rank selection (power of two)",
-    "SELECT_DIGIT_BITS": "bits per radix pass of the rank selection (1, 2, 4, 8 or 16)",
-    "SELECT_SPREAD_BITS": "2^N copies of the selection's first histogram (0 to 3)",
+    "SELECT_DIGIT_BITS": "bits per radix pass of the rank selection (1 to 8)",
     "HBOX_BLOCK": "rows x columns per iteration of the row running sums",
     "VBOX_BLOCK": "rows x columns per iteration of the column running sums",
 }
@@ -64,11 +63,9 @@ def parse_variant(text: str) -> dict:
             numbers = ()
         if len(numbers) != (2 if name in SHAPED else 1):
             raise UsageError(f"--variant: {name} takes {'HxW' if name in SHAPED else 'an integer'}, got {value!r}")
-        if name == "SELECT_DIGIT_BITS" and numbers[0] not in (1, 2, 4, 8, 16):
-            raise UsageError(f"--variant: SELECT_DIGIT_BITS must divide 32 and be at most 16, got {value!r}")
-        if name == "SELECT_SPREAD_BITS" and numbers[0] not in (0, 1, 2, 3):
-            raise UsageError(f"--variant: SELECT_SPREAD_BITS must be 0 to 3, got {value!r}")
-        if name != "SELECT_SPREAD_BITS" and any(v < 1 or (v & (v - 1) and name != "BWD_SINGLE_MAX") for v in numbers):
+        if name == "SELECT_DIGIT_BITS" and not 1 <= numbers[0] <= 8:
+            raise UsageError(f"--variant: SELECT_DIGIT_BITS must be 1 to 8, got {value!r}")
+        if any(v < 1 or (v & (v - 1) and name not in ("BWD_SINGLE_MAX", "SELECT_DIGIT_BITS")) for v in numbers):
             raise UsageError(f"--variant: {name} must be {'positive' if name == 'BWD_SINGLE_MAX' else 'a power of two'}, "
                              f"got {value!r}")
         settings[name] = numbers if name in SHAPED else numbers[0]
