@@ -60,6 +60,7 @@ CPU tensors through Triton's interpreter; the tests use that.
 """
 import functools
 import math
+import re
 from typing import Optional
 
 import torch
@@ -88,7 +89,7 @@ SELECT_CHUNK = 2048  # elements per iteration of the rank select (4096 spills un
 # So bits per radix pass: under ballots 4 (on 224x224 maps the pixels are listed after two
 # passes instead of one, each a fraction of the cost; 8 needs 255 registers on sm_80 and spills
 # on sm_90), under atomics 8 (fewer passes at about the same cost each).
-SELECT_DIGIT_BITS = 8 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8) else 4
+SELECT_DIGIT_BITS = 8 if tuple(map(int, re.match(r"(\d+)\.(\d+)", triton.__version__).groups())) >= (3, 8) else 4
 HBOX_BLOCK = (4, 128)  # rows x columns per iteration of the row running sums
 VBOX_BLOCK = (32, 32)  # rows x columns per iteration of the column running sums
 
