@@ -149,15 +149,18 @@ def _channel_mean_kernel(R, g, C, N, W, sb, sc, sh, sw,
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_pixels(lst, start, n, FROM_LIST: tl.constexpr, CHUNK: tl.constexpr):
-    """Flat indices start .. start + CHUNK - 1 of the candidate list, or of the plane itself."""
+def _chunk_keys(base, lst, start, n, FROM_LIST: tl.constexpr, KT: tl.constexpr, KMASK: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """Flat indices start .. start + CHUNK - 1 of the candidate list (or of the plane itself),
+    whether each exists, their values and the values' keys: integers that order like |value|."""
     offs = start + tl.arange(0, CHUNK)
     valid = offs < n
     if FROM_LIST:
         p = tl.load(lst + offs, mask=valid, other=0)
     else:
         p = offs
-    return p, valid
+    value = tl.load(base + p, mask=valid, other=0)
+    return p, valid, value, value.to(KT, bitcast=True) & KMASK
 
 
 @triton.jit
@@ -174,8 +177,7 @@ def _digit_histogram(base, lst, n, shift, width, pre, slot_of, FROM_LIST: tl.con
     tr = tl.arange(0, 8)
     hist = tl.zeros([1 << (DIGIT + SLOT_BITS)], tl.int32)
     for start in range(0, n, CHUNK):
-        p, valid = _chunk_pixels(lst, start, n, FROM_LIST, CHUNK)
-        key = tl.load(base + p, mask=valid, other=0).to(KT, bitcast=True) & KMASK
+        _, valid, _, key = _chunk_keys(base, lst, start, n, FROM_LIST, KT, KMASK, CHUNK)
         digit = ((key >> shift) & ((1 << width) - 1)).to(tl.int32)
         above = key >> (shift + width)
         slot = tl.full([CHUNK], -1, tl.int32)
@@ -231,9 +233,8 @@ def _compact_candidates(base, lst, N, shift, pre, NQ: tl.constexpr, KT: tl.const
     tr = tl.arange(0, 8)
     taken = tl.zeros([], tl.int32)
     for start in range(0, N, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        valid = offs < N
-        above = (tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK) >> shift
+        offs, valid, _, key = _chunk_keys(base, lst, start, N, False, KT, KMASK, CHUNK)
+        above = key >> shift
         inside = tl.zeros([CHUNK], tl.int1)
         for q in tl.static_range(NQ):
             lo = tl.sum(tl.where(tr == 2 * q, pre, 0), axis=0)
@@ -268,9 +269,9 @@ def _collect_windows(base, lst, n, pre, kk, rows, sel_idx, scr_val, FROM_LIST: t
     seen_hi = tl.zeros([4], tl.int32)
     taken = tl.zeros([4], tl.int32)
     for start in range(0, n, CHUNK):
-        p, valid = _chunk_pixels(lst, start, n, FROM_LIST, CHUNK)
-        v = tl.abs(tl.load(base + p, mask=valid, other=0))
-        key = (v.to(KT, bitcast=True) & KMASK)[:, None]
+        p, valid, v, key = _chunk_keys(base, lst, start, n, FROM_LIST, KT, KMASK, CHUNK)
+        v = tl.abs(v)
+        key = key[:, None]
         ok = valid[:, None] & live
         e_lo = (ok & (key == v_lo)).to(tl.int32)
         e_hi = (ok & (key == v_hi)).to(tl.int32)
@@ -295,9 +296,7 @@ def _key_range(base, N, KT: tl.constexpr, KMASK: tl.constexpr, CHUNK: tl.constex
     lo = tl.full([CHUNK], KMASK, KT)
     hi = tl.zeros([CHUNK], KT)
     for start in range(0, N, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        valid = offs < N
-        key = tl.load(base + offs, mask=valid, other=0).to(KT, bitcast=True) & KMASK
+        _, valid, _, key = _chunk_keys(base, base, start, N, False, KT, KMASK, CHUNK)
         lo = tl.minimum(lo, tl.where(valid, key, KMASK))
         hi = tl.maximum(hi, tl.where(valid, key, 0))
     return tl.min(lo, axis=0), tl.max(hi, axis=0)
@@ -356,19 +355,17 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
                                 KT, KMASK, CHUNK, DIGIT)
         pre, kk, cnt = _narrow_targets(hist, width, pre, kk, cnt, tl.zeros([8], tl.int32), 0, N_TARGETS, KT, DIGIT)
         rem -= width
-    listed = tl.zeros([], tl.int32)
-    n_list = tl.zeros([], tl.int32)
+    n_list = tl.zeros([], tl.int32)  # 0 until listed (a list holds at least the targets' pixels)
     for i in range(1, tl.cdiv(varying, DIGIT)):
         width = tl.minimum(rem, DIGIT)
         shift = rem - width
         # the pixels in the windows' ranges: the targets' and fewer than a window in between
         in_ranges = tl.sum(tl.where(tr < N_TARGETS, cnt, 0), axis=0) + window_total
-        if (listed == 0) & (2 * in_ranges <= N):
+        if (n_list == 0) & (2 * in_ranges <= N):
             n_list = _compact_candidates(base, own_list, N, rem, pre, NQ, KT, KMASK, CHUNK)
-            listed = 1
             tl.debug_barrier()  # the list is read back by other threads
         slot_of = _leading_targets(pre, N_TARGETS)
-        if listed != 0:
+        if n_list != 0:
             rows = _digit_histogram(base, own_list, n_list, shift, width, pre, slot_of, True, SLOT_BITS, N_TARGETS,
                                     KT, KMASK, CHUNK, DIGIT)
         else:
@@ -379,7 +376,7 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
     # pre[t] is now the key at target rank t and kk[t] its occurrence among equal keys.
 
     window_rows = (b.to(tl.int64) * N_WIN + WIN0 + tl.arange(0, 4)) * NSLOT
-    if listed != 0:
+    if n_list != 0:
         _collect_windows(base, own_list, n_list, pre, kk, window_rows, sel_idx, scr_val, True, NQ, KT, KMASK,
                          COLLECT_CHUNK, NSLOT)
     else:
