@@ -547,6 +547,117 @@ def _mask_kernel(d, stats, table, M, N, BLOCK: tl.constexpr, N_STATS: tl.constex
 
 
 @triton.jit
+def _tf32_parts(u):
+    """u = hi + lo, hi the nearest tf32 number (ties away from zero), lo the remainder.
+
+    A tf32 product of hi is exact, so hi hi' + hi lo' + lo hi' keeps float32 accuracy
+    (lo is itself rounded to tf32 by the tensor cores: an error of 2^-22 relative to u)."""
+    hi = ((u.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return hi, u - hi
+
+
+@triton.jit
+def _dot_self_2xtf32(hi, lo, acc, CT: tl.constexpr):
+    """acc + S, S = hi hi^T + 2 hi lo^T, in two tf32 products: (S + S^T) / 2 is the 3xTF32
+    Gram hi hi^T + hi lo^T + lo hi^T, so a symmetric block costs two products, not three
+    (_gram_reduce_kernel takes the symmetric part)."""
+    acc = tl.dot(hi + hi, tl.trans(lo), acc, input_precision="tf32", out_dtype=CT)
+    return tl.dot(hi, tl.trans(hi), acc, input_precision="tf32", out_dtype=CT)
+
+
+@triton.jit
+def _masked_rows(d, stats, slope, rows, p, pm, B, N, N_STATS: tl.constexpr):
+    """M = sigmoid(s (d - t2)) of images ``rows`` at pixels ``p`` (0 outside), its offsets
+    in the planes and the in-range mask."""
+    rm = rows < B
+    t2 = tl.load(stats + rows * N_STATS + 3, mask=rm, other=0)
+    inside = rm[:, None] & pm[None, :]
+    plane = rows.to(tl.int64)[:, None] * N + p[None, :]
+    M = 1.0 / (1.0 + tl.exp(slope * (t2[:, None] - tl.load(d + plane, mask=inside, other=0))))
+    return tl.where(inside, M, 0.0), plane, inside
+
+
+@triton.jit
+def _background_moments(v, u, inside, nb, cnt, mean, m2):
+    """(mean, M2) of r = v - u per row, with this tile's nb pixels combined into the running
+    ones of cnt pixels (Chan's pairwise combination: no cancellation)."""
+    r = v - u
+    bmean = tl.sum(r, axis=1) / nb
+    dev = tl.where(inside, r - bmean[:, None], 0.0)
+    delta = bmean - mean
+    tot = cnt + nb
+    return mean + delta * (nb / tot), m2 + tl.sum(dev * dev, axis=1) + delta * delta * (cnt * nb / tot)
+
+
+@triton.jit
+def _gram_diagonal(src, sb, sc, sh, sw, d, stats, M, gram_part, bg_part, slope, ib, split, which, first, last, gbase,
+                   B, C, N, W, FLAT: tl.constexpr, SPLIT: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BB: tl.constexpr, BP: tl.constexpr, N_STATS: tl.constexpr):
+    """_gram_kernel's diagonal block (I, I), in the form S of _dot_self_2xtf32; on axis 0
+    also M and the background moments of the block's images."""
+    rows = ib * BB + tl.arange(0, BB)
+    acc = tl.zeros([BB, BB], CT)
+    cnt = tl.zeros([], CT)
+    mean = tl.zeros([BB], CT)
+    m2 = tl.zeros([BB], CT)
+    for blk in range(first, last):
+        p = blk * BP + tl.arange(0, BP)
+        pm = p < N
+        if FLAT:
+            pix = p.to(tl.int64) * sw
+        else:
+            pix = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
+        M_i, plane, inside = _masked_rows(d, stats, slope, rows, p, pm, B, N, N_STATS)
+        tl.store(M + plane, M_i, mask=inside & (which == 0))
+        ptr = src + rows.to(tl.int64)[:, None] * sb + pix[None, :]
+        nb = tl.sum(pm.to(CT), axis=0)
+        for c in range(C):
+            v = tl.load(ptr + c * sc, mask=inside, other=0).to(CT)
+            u = v * M_i
+            if SPLIT:
+                hi, lo = _tf32_parts(u)
+                acc = _dot_self_2xtf32(hi, lo, acc, CT)
+            else:
+                acc = tl.dot(u, tl.trans(u), acc, input_precision=DOT_PREC, out_dtype=CT)
+            mean, m2 = _background_moments(v, u, inside, nb, cnt, mean, m2)
+            cnt += nb
+    rm = rows < B
+    tl.store(gram_part + gbase + rows[:, None] * B + rows[None, :], acc, mask=rm[:, None] & rm[None, :])
+    bgo = (split.to(tl.int64) * B + rows) * 3
+    tl.store(bg_part + bgo, tl.zeros([BB], CT) + cnt, mask=rm & (which == 0))
+    tl.store(bg_part + bgo + 1, mean, mask=rm & (which == 0))
+    tl.store(bg_part + bgo + 2, m2, mask=rm & (which == 0))
+
+
+@triton.jit
+def _gram_off_diagonal(src, sb, sc, sh, sw, d, stats, gram_part, slope, ib, jb, first, last, gbase,
+                       B, C, N, W, FLAT: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
+                       BB: tl.constexpr, BP: tl.constexpr, N_STATS: tl.constexpr):
+    """_gram_kernel's block (I, J), I < J: the full product (3xTF32 for float32)."""
+    rows_i = ib * BB + tl.arange(0, BB)
+    rows_j = jb * BB + tl.arange(0, BB)
+    acc = tl.zeros([BB, BB], CT)
+    for blk in range(first, last):
+        p = blk * BP + tl.arange(0, BP)
+        pm = p < N
+        if FLAT:
+            pix = p.to(tl.int64) * sw
+        else:
+            pix = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
+        M_i, _, in_i = _masked_rows(d, stats, slope, rows_i, p, pm, B, N, N_STATS)
+        M_j, _, in_j = _masked_rows(d, stats, slope, rows_j, p, pm, B, N, N_STATS)
+        ptr_i = src + rows_i.to(tl.int64)[:, None] * sb + pix[None, :]
+        ptr_j = src + rows_j.to(tl.int64)[:, None] * sb + pix[None, :]
+        for c in range(C):
+            u_i = tl.load(ptr_i + c * sc, mask=in_i, other=0).to(CT) * M_i
+            u_j = tl.load(ptr_j + c * sc, mask=in_j, other=0).to(CT) * M_j
+            acc = tl.dot(u_i, tl.trans(u_j), acc, input_precision=DOT_PREC, out_dtype=CT)
+    ri = rows_i < B
+    rj = rows_j < B
+    tl.store(gram_part + gbase + rows_i[:, None] * B + rows_j[None, :], acc, mask=ri[:, None] & rj[None, :])
+
+
+@triton.jit
 def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
                  B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, blocks_per_split,
                  FLAT: tl.constexpr, SINGLE: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -554,17 +665,24 @@ def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
                  N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """Partial raw Grams sum_p M_i M_j sum_c T_i T_j (T = R for axis 2 = 0, x for 1).
 
-    Grid (image-block pairs, splits, 2). Each program covers a contiguous pixel range,
-    so every element of R and x is read once when B <= BB. Programs of axis 2 = 0 and
-    image-block column 0 also write M and the per-image (count, mean, M2) of
+    Grid (image-block pairs I <= J, splits, 2): the Gram is symmetric, so only the blocks on
+    and above the diagonal are computed, and a diagonal one in two tf32 products instead of
+    three (_dot_self_2xtf32); _gram_reduce_kernel mirrors and symmetrises. Each program
+    covers a contiguous pixel range, so every element of R and x is read once when B <= BB.
+    Diagonal programs of axis 2 = 0 also write M and the per-image (count, mean, M2) of
     r = R (1 - M) over their range.
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
     which = tl.program_id(2)
+    # tile -> (I, J), I <= J, row-major over the upper triangle of image blocks
     nbb = tl.cdiv(B, BB)
-    ib = tile // nbb
-    jb = tile - ib * nbb
+    ib = tile * 0
+    rest = tile
+    while rest >= nbb - ib:
+        rest -= nbb - ib
+        ib += 1
+    jb = ib + rest
     if which == 0:
         src = R
         sb = sRb
@@ -578,79 +696,44 @@ def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
         sh = sxh
         sw = sxw
     slope = tl.load(table + N_WIN * NSLOT + 0)
-    rows_i = ib * BB + tl.arange(0, BB)
-    ri = rows_i < B
-    t2_i = tl.load(stats + rows_i * N_STATS + 3, mask=ri, other=0)
-    if not SINGLE:
-        rows_j = jb * BB + tl.arange(0, BB)
-        rj = rows_j < B
-        t2_j = tl.load(stats + rows_j * N_STATS + 3, mask=rj, other=0)
-    writer = (which == 0) & (jb == 0)
-    acc = tl.zeros([BB, BB], CT)
-    cnt = tl.zeros([], CT)
-    mean = tl.zeros([BB], CT)
-    m2 = tl.zeros([BB], CT)
+    SPLIT: tl.constexpr = DOT_PREC == "tf32x3"
     nblocks = tl.cdiv(N, BP)
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, nblocks)
-    for blk in range(first, last):
-        p = blk * BP + tl.arange(0, BP)
-        pm = p < N
-        if FLAT:
-            pix = p.to(tl.int64) * sw
-        else:
-            pix = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
-        mi = ri[:, None] & pm[None, :]
-        plane_i = rows_i.to(tl.int64)[:, None] * N + p[None, :]
-        M_i = 1.0 / (1.0 + tl.exp(slope * (t2_i[:, None] - tl.load(d + plane_i, mask=mi, other=0))))
-        M_i = tl.where(mi, M_i, 0.0)
-        tl.store(M + plane_i, M_i, mask=mi & writer)
-        ptr_i = src + rows_i.to(tl.int64)[:, None] * sb + pix[None, :]
-        if not SINGLE:
-            mj = rj[:, None] & pm[None, :]
-            dj = tl.load(d + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
-            M_j = 1.0 / (1.0 + tl.exp(slope * (t2_j[:, None] - dj)))
-            M_j = tl.where(mj, M_j, 0.0)
-            ptr_j = src + rows_j.to(tl.int64)[:, None] * sb + pix[None, :]
-        nb = tl.sum(pm.to(CT), axis=0)
-        for c in range(C):
-            v_i = tl.load(ptr_i + c * sc, mask=mi, other=0).to(CT)
-            u_i = v_i * M_i
-            if SINGLE:
-                acc = tl.dot(u_i, tl.trans(u_i), acc, input_precision=DOT_PREC, out_dtype=CT)
-            else:
-                u_j = tl.load(ptr_j + c * sc, mask=mj, other=0).to(CT) * M_j
-                acc = tl.dot(u_i, tl.trans(u_j), acc, input_precision=DOT_PREC, out_dtype=CT)
-            # background moments of r = v (1 - M): Chan's pairwise combination per tile
-            r = v_i - u_i
-            bmean = tl.sum(r, axis=1) / nb
-            dev = tl.where(mi, r - bmean[:, None], 0.0)
-            bm2 = tl.sum(dev * dev, axis=1)
-            delta = bmean - mean
-            tot = cnt + nb
-            mean += delta * (nb / tot)
-            m2 += bm2 + delta * delta * (cnt * nb / tot)
-            cnt = tot
-    ii = ib * BB + tl.arange(0, BB)
-    jj = jb * BB + tl.arange(0, BB)
-    gm = (ii < B)[:, None] & (jj < B)[None, :]
     gbase = (split * 2 + which).to(tl.int64) * B * B
-    tl.store(gram_part + gbase + ii[:, None] * B + jj[None, :], acc, mask=gm)
-    bgo = (split.to(tl.int64) * B + rows_i) * 3
-    tl.store(bg_part + bgo, tl.zeros([BB], CT) + cnt, mask=ri & writer)
-    tl.store(bg_part + bgo + 1, mean, mask=ri & writer)
-    tl.store(bg_part + bgo + 2, m2, mask=ri & writer)
+    if SINGLE:
+        _gram_diagonal(src, sb, sc, sh, sw, d, stats, M, gram_part, bg_part, slope, ib, split, which, first, last, gbase,
+                       B, C, N, W, FLAT, SPLIT, CT, DOT_PREC, BB, BP, N_STATS)
+    elif ib == jb:
+        _gram_diagonal(src, sb, sc, sh, sw, d, stats, M, gram_part, bg_part, slope, ib, split, which, first, last, gbase,
+                       B, C, N, W, FLAT, SPLIT, CT, DOT_PREC, BB, BP, N_STATS)
+    else:
+        _gram_off_diagonal(src, sb, sc, sh, sw, d, stats, gram_part, slope, ib, jb, first, last, gbase,
+                           B, C, N, W, FLAT, CT, DOT_PREC, BB, BP, N_STATS)
 
 
 @triton.jit
-def _gram_reduce_kernel(gram_part, gram, n_total, n_split, CT: tl.constexpr, BLOCK: tl.constexpr):
-    """gram = sum over the pixel splits of the partial Grams (2 x B x B), in split order."""
+def _gram_reduce_kernel(gram_part, gram, B, n_split, block, CT: tl.constexpr, BLOCK: tl.constexpr):
+    """gram (2 x B x B) = the partial Grams summed over the splits in split order, made
+    symmetric: _gram_kernel wrote the blocks (of ``block`` images) on and above the diagonal,
+    the diagonal ones in a form whose symmetric part is the Gram."""
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = o < n_total
-    acc = tl.zeros([BLOCK], CT)
+    m = o < 2 * B * B
+    mat = o // (B * B)
+    i = (o // B) % B
+    j = o % B
+    bi = i // block
+    bj = j // block
+    at_ij = m & (bi <= bj)
+    at_ji = m & (bi >= bj)
+    tr = mat * B * B + j * B + i
+    s_ij = tl.zeros([BLOCK], CT)
+    s_ji = tl.zeros([BLOCK], CT)
     for s in range(n_split):
-        acc += tl.load(gram_part + s * n_total + o, mask=m, other=0)
-    tl.store(gram + o, acc, mask=m)
+        s_ij += tl.load(gram_part + s * 2 * B * B + o, mask=at_ij, other=0)
+        s_ji += tl.load(gram_part + s * 2 * B * B + tr, mask=at_ji, other=0)
+    both = at_ij & at_ji
+    tl.store(gram + o, tl.where(both, 0.5 * (s_ij + s_ji), s_ij + s_ji), mask=m)
 
 
 @triton.jit
@@ -1031,18 +1114,22 @@ class _Plan:
         (self.vbox_bh, self.vbox_bw), self.vbox_warps = VBOX_BLOCK, 4
         self.n_colblocks = _cdiv(W, self.vbox_bw)
         # 6. Gram pass over R, x: one tile of up to 128 images (each element read once), pixel
-        # blocks of BP, partial Grams per pixel split. Sizes keep tf32x3 dots free of spills on
-        # sm_80 and sm_90 (tests/test_triton_compile.py); on sm_80, pixels that are not adjacent
-        # (channels_last) need the address registers of 64-image tiles.
+        # blocks of BP, partial Grams per pixel split; beyond one tile, the image-block pairs
+        # I <= J only (the Gram is symmetric). Sizes keep the dots free of spills on sm_80 and
+        # sm_90 (tests/test_triton_compile.py): on sm_80, pixels that are not adjacent
+        # (channels_last) need the address registers of 64-image tiles; blocks of 16 pixels
+        # where 32 spill: a kernel with off-diagonal blocks (two sets of rows) and 16-image
+        # tiles (small bfloat16 channels_last inputs on sm_90).
         target = 2 * num_sms  # programs in flight per pass
         most = MAX_IMAGE_BLOCK if (capability >= (9, 0) or not strided_pixels) else min(MAX_IMAGE_BLOCK, 64)
         self.bb = min(most, max(16, _next_pow2(B)))
         self.nbb = _cdiv(B, self.bb)
         self.single = self.nbb == 1
-        self.bp = 16 if self.bb >= 128 else 32
+        self.gram_tiles = self.nbb * (self.nbb + 1) // 2
+        self.bp = 16 if self.bb >= 128 or self.bb <= 16 or not self.single else 32
         self.big_warps = 8 if self.bb >= 64 else 4
         self.gram_stages = 3
-        self.gram_bps, self.gram_split = self._split(_cdiv(N, self.bp), target, 2 * self.nbb * self.nbb)
+        self.gram_bps, self.gram_split = self._split(_cdiv(N, self.bp), target, 2 * self.gram_tiles)
         # 9, 13. backward passes: T = A @ (M R) needs A (B x B) on chip as a dot operand. Up to
         # 32 images it stays there for the whole pass; beyond, programs own 32 rows of images and
         # loop over 32-image column blocks of A (the row blocks of one pixel range run side by
@@ -1201,13 +1288,13 @@ def _head_forward_impl(R, x, window_size, temperature, slope):
     bg_part = R.new_empty((plan.gram_split, B, 3), dtype=ct)
     (sRb, sRc, sRh, sRw), flat_r = _strides(R)
     (sxb, sxc, sxh, sxw), flat_x = _strides(x)
-    _launch(_gram_kernel, (plan.nbb * plan.nbb, plan.gram_split, 2), R, x, d, stats, table, mask,
+    _launch(_gram_kernel, (plan.gram_tiles, plan.gram_split, 2), R, x, d, stats, table, mask,
             gram_part, bg_part, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, plan.gram_bps,
             FLAT=flat_r and flat_x, SINGLE=plan.single, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
             BB=plan.bb, BP=plan.bp, **_CONST, num_warps=plan.big_warps, num_stages=plan.gram_stages)
     gram = R.new_empty((2, B, B), dtype=ct)
-    _launch(_gram_reduce_kernel, (_cdiv(2 * B * B, plan.reduce_block),), gram_part, gram, 2 * B * B,
-            plan.gram_split, CT=plan.tl_ct, BLOCK=plan.reduce_block, num_warps=4)
+    _launch(_gram_reduce_kernel, (_cdiv(2 * B * B, plan.reduce_block),), gram_part, gram, B,
+            plan.gram_split, plan.bb, CT=plan.tl_ct, BLOCK=plan.reduce_block, num_warps=4)
     hsic = R.new_empty((), dtype=ct)
     bg = R.new_empty((), dtype=ct)
     _launch(_finalize_kernel, (1,), gram, bg_part, table, stats, hsic, bg, B, C * N,

@@ -137,15 +137,75 @@ def test_loops_over_several_chunks(monkeypatch):
 
 
 def test_several_image_blocks(monkeypatch):
-    # B > the image block: the Gram tiles over image-block pairs, the backward loops over
-    # column blocks of A (the paths of B > 128 and B > 32 at full size).
-    monkeypatch.setattr(tb, "MAX_IMAGE_BLOCK", 16)
+    # B > the image block: the Gram tiles over image-block pairs I <= J (a diagonal block in
+    # halves, an off-diagonal one whole, the lower one mirrored), the backward loops over column
+    # blocks of A (the paths of B > 128 and B > 32 at full size).
+    monkeypatch.setattr(tb, "MAX_IMAGE_BLOCK", 32)
     monkeypatch.setattr(tb, "BWD_SINGLE_MAX", 16)
     monkeypatch.setattr(tb, "BWD_IMAGE_BLOCK", 16)
-    plan = tb._Plan(17, 1, 4, 5, torch.float32, 2, (9, 0))
-    assert plan.nbb == 2 and not plan.single and plan.bwd_nbb == 2 and not plan.bwd_single
-    R, x = _maps(17, 1, 4, 5, seed=4)
+    plan = tb._Plan(70, 1, 4, 5, torch.float32, 2, (9, 0))
+    assert plan.nbb == 3 and plan.gram_tiles == 6 and not plan.single and plan.bwd_nbb == 5 and not plan.bwd_single
+    R, x = _maps(70, 1, 4, 5, seed=4)
     compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
+@pytest.fixture
+def tensor_core_rounding(monkeypatch):
+    """The interpreter's dots with the operand rounding of sm_80+ tensor cores (its own dots
+    are exact float32): "tf32" keeps the operands' top 10 mantissa bits (the tensor cores
+    ignore the other 13), "tf32x3" is Triton's split big = tf32(a), small = a - big, summed as
+    small*big + big*small + big*big, each product rounded likewise."""
+    if HAS_GPU:
+        pytest.skip("on a GPU the kernels run on real tensor cores")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    precision = interpreter._ir.INPUT_PRECISION
+    exact_dot = interpreter.InterpreterBuilder.create_dot
+
+    def keep_tf32(v, nearest=False):
+        bits = v.astype(np.float32).view(np.uint32)
+        return ((bits + np.uint32(0x1000 if nearest else 0)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def handle(like, data):
+        return interpreter.TensorHandle(np.ascontiguousarray(data), like.dtype.scalar)
+
+    def rounded_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or input_precision not in (precision.TF32, precision.TF32x3):
+            return exact_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        if input_precision == precision.TF32:
+            return exact_dot(self, handle(a, keep_tf32(a.data)), handle(b, keep_tf32(b.data)), d,
+                             precision.IEEE, max_num_imprecise_acc)
+        a_big, b_big = keep_tf32(a.data, nearest=True), keep_tf32(b.data, nearest=True)
+        out = d
+        for x, y in ((a.data - a_big, b_big), (a_big, b.data - b_big), (a_big, b_big)):
+            out = rounded_dot(self, handle(a, x), handle(b, y), out, precision.TF32, max_num_imprecise_acc)
+        return out
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", rounded_dot)
+
+
+def test_float32_accuracy_with_tensor_core_rounding(tensor_core_rounding):
+    # 3xTF32 (2xTF32 on the Gram's diagonal blocks) keeps float32 accuracy: within 1e-4 of
+    # the float64 reference, forward and backward
+    R, x = _maps(5, 3, 24, 20, seed=5)
+    compare_head_with_reference("triton", R, x, 9, 0.1, 10.0)
+
+
+def test_plain_tf32_fails_the_tolerance(tensor_core_rounding, monkeypatch):
+    # the control: the same case with every dot in plain tf32 is outside the tolerance, so the
+    # emulated rounding is strong enough to tell
+    plan = tb._Plan
+
+    class Tf32Plan(plan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.dot_prec = "tf32"
+
+    monkeypatch.setattr(tb, "_Plan", Tf32Plan)
+    R, x = _maps(5, 3, 24, 20, seed=5)
+    with pytest.raises(AssertionError, match="relative error"):
+        compare_head_with_reference("triton", R, x, 9, 0.1, 10.0)
 
 
 def test_spatial_mask_and_its_gradient():

@@ -30,7 +30,7 @@ from sib_fast.bench.measure import make_head_inputs, synchronize, time_calls
 
 #: constant -> what it sets; values are ints, or HxW for the two block shapes
 TUNABLE = {
-    "MAX_IMAGE_BLOCK": "images per Gram tile of the forward (power of two, 16..128)",
+    "MAX_IMAGE_BLOCK": "images per Gram tile of the forward (power of two, 32..128)",
     "BWD_SINGLE_MAX": "largest batch whose backward keeps the B x B matrix on chip",
     "BWD_IMAGE_BLOCK": "images per row block of the backward beyond that (power of two, >= 16)",
     "BWD_PIXEL_BLOCK": "pixels per iteration of the backward passes (power of two, >= 16)",
