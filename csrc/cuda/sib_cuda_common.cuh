@@ -331,6 +331,17 @@ struct Mma<float> {
     wmma::mma_sync(acc, a_big, b_small, acc);
     wmma::mma_sync(acc, a_big, b_big, acc);
   }
+
+  // A fragment on the diagonal of a Gram (a and b the same rows): S = big big^T + 2 big small^T
+  // in two products, whose symmetric part (S + S^T) / 2 is the three-product result; the
+  // reduction takes it.
+  template <typename FA, typename FB>
+  static __device__ __forceinline__ void mma_self(Acc& acc, const FA& a_big, const FB& b_big, FB b_small) {
+#pragma unroll
+    for (int t = 0; t < b_small.num_elements; ++t) b_small.x[t] *= 2.0f;  // exact
+    wmma::mma_sync(acc, a_big, b_small, acc);
+    wmma::mma_sync(acc, a_big, b_big, acc);
+  }
 };
 
 template <>
@@ -347,6 +358,11 @@ struct Mma<double> {
 
   template <typename FA, typename FB>
   static __device__ __forceinline__ void mma(Acc& acc, const FA& a, const FA&, const FB& b, const FB&) {
+    wmma::mma_sync(acc, a, b, acc);
+  }
+
+  template <typename FA, typename FB>
+  static __device__ __forceinline__ void mma_self(Acc& acc, const FA& a, const FB& b, const FB&) {
     wmma::mma_sync(acc, a, b, acc);
   }
 };

@@ -6,7 +6,10 @@
 // a small B x B result, so the positions are split into chunks: block (chunk, tile, m)
 // accumulates, for the image tile pair `tile` = (I, J) with I <= J, the products of
 // matrix m (0: R, 1: x) over its chunk in tensor-core fragments, and writes them as one
-// partial; sib_head_cuda.cu sums the partials in a fixed order. Each slab of TK pixels
+// partial; sib_head_cuda.cu sums the partials in a fixed order. The reduction reads the
+// upper triangle only, so a diagonal tile (I == J: the whole Gram up to 128 images)
+// computes only the fragments on and above its diagonal, those on it in two products
+// instead of three (Mma::mma_self), about half the tensor-core work of the full tile. Each slab of TK pixels
 // of one channel is read from global memory once per tile side (16-byte vectors where
 // the layout allows), multiplied by M, converted to the compute type and staged in
 // shared memory as rows [image][position]; the warps then multiply the staged rows.
@@ -42,6 +45,14 @@ struct GramShape {
   static constexpr int LD = TK + 16 / static_cast<int>(sizeof(acc_t));  // padded row, 16-byte multiple
   static_assert(TB % FM == 0 && WR * WC * KSPLIT == WARPS && FR * WR == NF && FC * WC == NF, "warp layout");
   static_assert((TK / Mma<acc_t>::K) % KSPLIT == 0, "k-steps split evenly");
+  // A diagonal tile needs only the 10 warp regions on and above the diagonal of the 4 x 4.
+  // Warp w issues on SM sub-partition w % 4, whose tensor core it shares: in this order
+  // (region = 4 row + column, 4 bits per warp) each sub-partition gets one diagonal region
+  // (7 products per k-step) and one or two above it (12 each): at most 31 products per
+  // k-step, where the plain order puts 43 on one and the full tile 48.
+  static constexpr bool BALANCED = WR == 4 && WC == 4 && KSPLIT == 1 && WARPS == 16;
+  static constexpr int UPPER_REGIONS = 10;
+  static constexpr uint64_t UPPER_ORDER = 0x62B731FA50ULL;  // warps 0-9: 0,5,10,15,1,3,7,11,2,6
 };
 
 template <typename scalar_t, typename acc_t, int TB>
@@ -80,8 +91,14 @@ __global__ void __launch_bounds__(GramShape<acc_t, TB>::THREADS, 512 / GramShape
 
   const int tid = threadIdx.x, warp = tid / 32;
   const int kgroup = warp / (S::WR * S::WC);
-  const int wr = (warp % (S::WR * S::WC)) / S::WC;
-  const int wc = warp % S::WC;
+  int region = warp % (S::WR * S::WC);
+  bool idle = false;
+  if (diagonal && S::BALANCED) {
+    idle = warp >= S::UPPER_REGIONS;
+    region = static_cast<int>((S::UPPER_ORDER >> (4 * (idle ? 0 : warp))) & 0xF);
+  }
+  const int wr = region / S::WC;
+  const int wc = region % S::WC;
 
   typename MT::Acc acc[S::FR][S::FC];
 #pragma unroll
@@ -129,8 +146,10 @@ __global__ void __launch_bounds__(GramShape<acc_t, TB>::THREADS, 512 / GramShape
         }
       }
       __syncthreads();
-      // this warp's fragments over its share of the slab's k-steps
-      for (int ks = kgroup; ks < TK / MT::K; ks += S::KSPLIT) {
+      // this warp's fragments over its share of the slab's k-steps; in a diagonal tile only
+      // those on and above the diagonal (the reduction reads the upper triangle), the ones on
+      // it in two products (mma_self)
+      for (int ks = kgroup; ks < TK / MT::K && !idle; ks += S::KSPLIT) {
         typename MT::template FragA<wmma::row_major> a_big[S::FR], a_small[S::FR];
 #pragma unroll
         for (int a = 0; a < S::FR; ++a) {
@@ -139,11 +158,19 @@ __global__ void __launch_bounds__(GramShape<acc_t, TB>::THREADS, 512 / GramShape
         }
 #pragma unroll
         for (int b = 0; b < S::FC; ++b) {
+          const int fc = wc * S::FC + b;
           typename MT::template FragB<wmma::col_major> b_big, b_small;
-          wmma::load_matrix_sync(b_big, UJ + (wc * S::FC + b) * MT::N * LD + ks * MT::K, LD);
+          wmma::load_matrix_sync(b_big, UJ + fc * MT::N * LD + ks * MT::K, LD);
           MT::split(b_big, b_small);
 #pragma unroll
-          for (int a = 0; a < S::FR; ++a) MT::mma(acc[a][b], a_big[a], a_small[a], b_big, b_small);
+          for (int a = 0; a < S::FR; ++a) {
+            const int fr = wr * S::FR + a;
+            if (!diagonal || fr < fc) {
+              MT::mma(acc[a][b], a_big[a], a_small[a], b_big, b_small);
+            } else if (fr == fc) {
+              MT::mma_self(acc[a][b], a_big[a], b_big, b_small);
+            }
+          }
         }
       }
     }
@@ -156,8 +183,9 @@ __global__ void __launch_bounds__(GramShape<acc_t, TB>::THREADS, 512 / GramShape
   for (int a = 0; a < S::FR; ++a)
 #pragma unroll
     for (int b = 0; b < S::FC; ++b)
-      wmma::store_matrix_sync(out + (wr * S::FR + a) * MT::M * TB + (wc * S::FC + b) * MT::N, acc[a][b], TB,
-                              wmma::mem_row_major);
+      if (!idle && (!diagonal || wr * S::FR + a <= wc * S::FC + b))
+        wmma::store_matrix_sync(out + (wr * S::FR + a) * MT::M * TB + (wc * S::FC + b) * MT::N, acc[a][b], TB,
+                                wmma::mem_row_major);
 
   if (want_bg) {
     __syncthreads();  // every thread's partials are in
@@ -197,6 +225,7 @@ GramPlan make_plan(int64_t B, int64_t N) {
   using S = GramShape<acc_t, TB>;
   GramPlan plan;
   plan.tile = TB;
+  plan.fragment = Mma<acc_t>::M;
   plan.tiles_side = static_cast<int>(ceil_div(B, TB));
   plan.tiles = plan.tiles_side * (plan.tiles_side + 1) / 2;
   plan.ksplit = S::KSPLIT;
