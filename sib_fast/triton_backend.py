@@ -118,6 +118,17 @@ def _gram_stats(raw, B, jj, norm_eps, CT: tl.constexpr, RB: tl.constexpr, BB: tl
 
 
 @triton.jit
+def _pixel_offsets(p, W, sh, sw, FLAT: tl.constexpr):
+    """Offsets of the pixels p (flat over H x W) in a map of row and column strides sh, sw;
+    FLAT: pixel p sits at p * sw (contiguous rows), so no division."""
+    if FLAT:
+        off = p.to(tl.int64) * sw
+    else:
+        off = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
+    return off
+
+
+@triton.jit
 def _at_rows(vec, rows, jj):
     """vec (indexed by jj) read at the indices ``rows``."""
     return tl.sum(tl.where(rows[:, None] == jj[None, :], vec[None, :], 0.0), axis=1)
@@ -133,10 +144,7 @@ def _channel_mean_kernel(R, g, C, N, W, sb, sc, sh, sw,
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pm = p < N
-    if FLAT:
-        pix = p.to(tl.int64) * sw
-    else:
-        pix = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
+    pix = _pixel_offsets(p, W, sh, sw, FLAT)
     base = R + b.to(tl.int64) * sb + pix
     acc = tl.zeros([BLOCK], CT)
     for c in range(C):
@@ -603,10 +611,7 @@ def _gram_diagonal(src, sb, sc, sh, sw, d, stats, M, gram_part, bg_part, slope, 
     for blk in range(first, last):
         p = blk * BP + tl.arange(0, BP)
         pm = p < N
-        if FLAT:
-            pix = p.to(tl.int64) * sw
-        else:
-            pix = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
+        pix = _pixel_offsets(p, W, sh, sw, FLAT)
         M_i, plane, inside = _masked_rows(d, stats, slope, rows, p, pm, B, N, N_STATS)
         tl.store(M + plane, M_i, mask=inside & (which == 0))
         ptr = src + rows.to(tl.int64)[:, None] * sb + pix[None, :]
@@ -640,10 +645,7 @@ def _gram_off_diagonal(src, sb, sc, sh, sw, d, stats, gram_part, slope, ib, jb, 
     for blk in range(first, last):
         p = blk * BP + tl.arange(0, BP)
         pm = p < N
-        if FLAT:
-            pix = p.to(tl.int64) * sw
-        else:
-            pix = (p // W).to(tl.int64) * sh + (p % W).to(tl.int64) * sw
+        pix = _pixel_offsets(p, W, sh, sw, FLAT)
         M_i, _, in_i = _masked_rows(d, stats, slope, rows_i, p, pm, B, N, N_STATS)
         M_j, _, in_j = _masked_rows(d, stats, slope, rows_j, p, pm, B, N, N_STATS)
         ptr_i = src + rows_i.to(tl.int64)[:, None] * sb + pix[None, :]
@@ -857,23 +859,14 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
         plane_i = rows_i.to(tl.int64)[:, None] * N + p[None, :]
         M_i = tl.load(M + plane_i, mask=mi, other=0)
         dM = tl.zeros([BB, BP], CT)
-        if FLAT:
-            pixR = p.to(tl.int64) * sRw
-        else:
-            pixR = (p // W).to(tl.int64) * sRh + (p % W).to(tl.int64) * sRw
+        pixR = _pixel_offsets(p, W, sRh, sRw, FLAT)
         ptrR = R + rows_i.to(tl.int64)[:, None] * sRb + pixR[None, :]
         gsum = tl.zeros([BB, BP], CT)
         if HEAD:
-            if FLAT:
-                pixx = p.to(tl.int64) * sxw
-            else:
-                pixx = (p // W).to(tl.int64) * sxh + (p % W).to(tl.int64) * sxw
+            pixx = _pixel_offsets(p, W, sxh, sxw, FLAT)
             ptrx = x + rows_i.to(tl.int64)[:, None] * sxb + pixx[None, :]
             if GRAD_X:
-                if FLAT:
-                    pixd = p.to(tl.int64) * sdw
-                else:
-                    pixd = (p // W).to(tl.int64) * sdh + (p % W).to(tl.int64) * sdw
+                pixd = _pixel_offsets(p, W, sdh, sdw, FLAT)
                 ptrd = dx + rows_i.to(tl.int64)[:, None] * sdb + pixd[None, :]
         for c in range(C):
             vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
@@ -1033,17 +1026,11 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
         gv = tl.load(g + slot_i, mask=mi, other=0)
         sgn = tl.where(gv > 0, 1.0, tl.where(gv < 0, -1.0, 0.0))
         dgc = sgn * tl.load(dy + slot_i, mask=mi, other=0) * inv_SC[:, None]
-        if FLAT:
-            pixd = p.to(tl.int64) * sdw
-        else:
-            pixd = (p // W).to(tl.int64) * sdh + (p % W).to(tl.int64) * sdw
+        pixd = _pixel_offsets(p, W, sdh, sdw, FLAT)
         ptrd = dR + rows_i.to(tl.int64)[:, None] * sdb + pixd[None, :]
         if HEAD:
             M_i = tl.load(M + plane_i, mask=mi, other=0)
-            if FLAT:
-                pixR = p.to(tl.int64) * sRw
-            else:
-                pixR = (p // W).to(tl.int64) * sRh + (p % W).to(tl.int64) * sRw
+            pixR = _pixel_offsets(p, W, sRh, sRw, FLAT)
             ptrR = R + rows_i.to(tl.int64)[:, None] * sRb + pixR[None, :]
             bgc = beta * (1.0 - M_i)
             for c in range(C):
