@@ -28,7 +28,8 @@ forward
 
 backward (upstream dH, dBG and optionally dM)
   8. ``_bwd_prep_kernel``       A = d loss / d(masked R Gram) folded with the normalisation,
-                                and the same A' for x.
+                                and the same A' for x (on sm_90 as their tf32 parts, so the
+                                3xTF32 products below do not split them again in each loop).
   9. ``_bwd_dm_kernel``         one pass over R, x, M: dM of the Gram and background terms,
                                 dx when x needs it, then dz = dM * s M (1 - M) and its sums;
                                 g = mean_c R again (the forward keeps no plane of it).
@@ -785,10 +786,51 @@ def _finalize_kernel(gram, bg_part, table, stats, hsic_out, bg_out, B, D, n_spli
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
+def _store_mixing(A, which, offs, value, mask, B, PRESPLIT: tl.constexpr):
+    """Mixing matrix ``which`` (0: R's, 1: x's) at offs: as its tf32 parts when PRESPLIT."""
+    if PRESPLIT:
+        hi, lo = _tf32_parts(value)
+        tl.store(A + (2 * which) * B * B + offs, hi, mask=mask)
+        tl.store(A + (2 * which + 1) * B * B + offs, lo, mask=mask)
+    else:
+        tl.store(A + (2 * which) * B * B + offs, value, mask=mask)
+
+
+@triton.jit
+def _load_mixing(A, which, rows, cols, mask, B, PRESPLIT: tl.constexpr):
+    """Block (rows, cols) of mixing matrix ``which`` as (hi, lo), its tf32 parts when PRESPLIT
+    (else the matrix twice). Loaded as stored, no arithmetic on the way to the dot, so the
+    compiler may keep them in shared memory as the product's operand."""
+    offs = rows[:, None] * B + cols[None, :]
+    hi = tl.load(A + (2 * which) * B * B + offs, mask=mask, other=0)
+    if PRESPLIT:
+        lo = tl.load(A + (2 * which + 1) * B * B + offs, mask=mask, other=0)
+    else:
+        lo = hi
+    return hi, lo
+
+
+@triton.jit
+def _mix(a_hi, a_lo, u, acc, PRESPLIT: tl.constexpr, DOT_PREC: tl.constexpr, CT: tl.constexpr):
+    """acc + a @ u: with PRESPLIT in three tf32 products (3xTF32: a's parts split beforehand
+    by _bwd_prep_kernel, u's here), else one DOT_PREC product (3xTF32 too where DOT_PREC says
+    so, with a split by Triton at each product)."""
+    if PRESPLIT:
+        u_hi, u_lo = _tf32_parts(u)
+        acc = tl.dot(a_lo, u_hi, acc, input_precision="tf32", out_dtype=CT)
+        acc = tl.dot(a_hi, u_lo, acc, input_precision="tf32", out_dtype=CT)
+        acc = tl.dot(a_hi, u_hi, acc, input_precision="tf32", out_dtype=CT)
+    else:
+        acc = tl.dot(a_hi, u, acc, input_precision=DOT_PREC, out_dtype=CT)
+    return acc
+
+
+@triton.jit
 def _bwd_prep_kernel(gram, grad_hsic, table, A, B,
-                     CT: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr,
+                     CT: tl.constexpr, PRESPLIT: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr,
                      NSLOT: tl.constexpr, N_WIN: tl.constexpr):
-    """A = 2 G/(n n^T) - diag(alpha / n^2) for R's Gram (A[0]) and x's (A[1]).
+    """A = 2 G/(n n^T) - diag(alpha / n^2) for R's Gram (A[0]) and x's (A[1]), each as the
+    parts _load_mixing reads (PRESPLIT: its tf32 parts, A[m, 0] + A[m, 1]; else A[m, 0] alone).
 
     G = dH * Lc / (B-1)^2 (resp. Kc), alpha_i = 2 sum_j G_ij K_ij; the alpha term is
     dropped where the norm was clamped to eps, as F.normalize's gradient does.
@@ -815,12 +857,12 @@ def _bwd_prep_kernel(gram, grad_hsic, table, A, B,
         alpha = 2.0 * tl.sum(GK * K, axis=1)
         alpha = tl.where(_at_rows(rootK, rows, jj) >= neps, alpha, 0.0)
         AK = 2.0 * GK / (nK_i[:, None] * nK[None, :]) - tl.where(eye, (alpha / (nK_i * nK_i))[:, None], 0.0)
-        tl.store(A + offs, AK, mask=m)
+        _store_mixing(A, 0, offs, AK, m, B, PRESPLIT)
         GL = scale * Kc
         alpha = 2.0 * tl.sum(GL * L, axis=1)
         alpha = tl.where(_at_rows(rootL, rows, jj) >= neps, alpha, 0.0)
         AL = 2.0 * GL / (nL_i[:, None] * nL[None, :]) - tl.where(eye, (alpha / (nL_i * nL_i))[:, None], 0.0)
-        tl.store(A + B * B + offs, AL, mask=m)
+        _store_mixing(A, 1, offs, AL, m, B, PRESPLIT)
 
 
 @triton.jit
@@ -829,6 +871,7 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                    D, blocks_per_split, PS, PP,
                    HEAD: tl.constexpr, HAS_GM: tl.constexpr, GRAD_X: tl.constexpr, FLAT: tl.constexpr,
                    SINGLE: tl.constexpr, NBB: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   PRESPLIT: tl.constexpr,
                    BB: tl.constexpr, BP: tl.constexpr,
                    N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """dM_i = sum_c R_i (A @ MR)_i + sum_c x_i (A' @ Mx)_i - beta sum_c R_i (r_i - mean_i) + gM;
@@ -844,10 +887,8 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
         beta = 2.0 * tl.load(grad_bg) / (B * (D - 1))
         mean_i = tl.load(stats + rows_i * N_STATS + 4, mask=ri, other=0)
         if SINGLE:
-            aoffs = rows_i[:, None] * B + rows_i[None, :]
-            am = ri[:, None] & ri[None, :]
-            A_R = tl.load(A + aoffs, mask=am, other=0)
-            A_x = tl.load(A + B * B + aoffs, mask=am, other=0)
+            AR_hi, AR_lo = _load_mixing(A, 0, rows_i, rows_i, ri[:, None] & ri[None, :], B, PRESPLIT)
+            Ax_hi, Ax_lo = _load_mixing(A, 1, rows_i, rows_i, ri[:, None] & ri[None, :], B, PRESPLIT)
     zsum = tl.zeros([BB], CT)
     nblocks = tl.cdiv(N, BP)
     first = split * blocks_per_split
@@ -875,8 +916,8 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                 vx = tl.load(ptrx + c * sxc, mask=mi, other=0).to(CT)
                 r = vR * (1.0 - M_i)
                 if SINGLE:
-                    TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC, out_dtype=CT)
-                    Tx = tl.dot(A_x, vx * M_i, input_precision=DOT_PREC, out_dtype=CT)
+                    TR = _mix(AR_hi, AR_lo, vR * M_i, tl.zeros([BB, BP], CT), PRESPLIT, DOT_PREC, CT)
+                    Tx = _mix(Ax_hi, Ax_lo, vx * M_i, tl.zeros([BB, BP], CT), PRESPLIT, DOT_PREC, CT)
                     dM += vR * (TR - beta * (r - mean_i[:, None])) + vx * Tx
                 else:
                     # one product at a time keeps one A block and one accumulator live
@@ -888,9 +929,8 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                         M_j = tl.load(M + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
                         uR = tl.load(R + rows_j.to(tl.int64)[:, None] * sRb + pixR[None, :] + c * sRc,
                                      mask=mj, other=0).to(CT) * M_j
-                        A_ij = tl.load(A + rows_i[:, None] * B + rows_j[None, :], mask=ri[:, None] & rj[None, :],
-                                       other=0)
-                        TR = tl.dot(A_ij, uR, TR, input_precision=DOT_PREC, out_dtype=CT)
+                        A_hi, A_lo = _load_mixing(A, 0, rows_i, rows_j, ri[:, None] & rj[None, :], B, PRESPLIT)
+                        TR = _mix(A_hi, A_lo, uR, TR, PRESPLIT, DOT_PREC, CT)
                     dM += vR * (TR - beta * (r - mean_i[:, None]))
                     Tx = tl.zeros([BB, BP], CT)
                     for jb in range(NBB):
@@ -900,9 +940,8 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                         M_j = tl.load(M + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
                         ux = tl.load(x + rows_j.to(tl.int64)[:, None] * sxb + pixx[None, :] + c * sxc,
                                      mask=mj, other=0).to(CT) * M_j
-                        A_ij = tl.load(A + B * B + rows_i[:, None] * B + rows_j[None, :],
-                                       mask=ri[:, None] & rj[None, :], other=0)
-                        Tx = tl.dot(A_ij, ux, Tx, input_precision=DOT_PREC, out_dtype=CT)
+                        A_hi, A_lo = _load_mixing(A, 1, rows_i, rows_j, ri[:, None] & rj[None, :], B, PRESPLIT)
+                        Tx = _mix(A_hi, A_lo, ux, Tx, PRESPLIT, DOT_PREC, CT)
                     dM += vx * Tx
                 if GRAD_X:
                     tl.store(ptrd + c * sdc, (M_i * Tx).to(dx.dtype.element_ty), mask=mi)
@@ -995,7 +1034,7 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
                    B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, D, blocks_per_split, PS, PP,
                    HEAD: tl.constexpr, FLAT: tl.constexpr, SINGLE: tl.constexpr, NBB: tl.constexpr,
                    CT: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr,
+                   DOT_PREC: tl.constexpr, PRESPLIT: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr,
                    N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """dR_i = M_i (A @ MR)_i + (1 - M_i) beta (r_i - mean_i) + sign(g_i) dy_i / (S_i C).
 
@@ -1013,7 +1052,7 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
         beta = 2.0 * tl.load(grad_bg) / (B * (D - 1))
         mean_i = tl.load(stats + rows_i * N_STATS + 4, mask=ri, other=0)
         if SINGLE:
-            A_R = tl.load(A + rows_i[:, None] * B + rows_i[None, :], mask=ri[:, None] & ri[None, :], other=0)
+            AR_hi, AR_lo = _load_mixing(A, 0, rows_i, rows_i, ri[:, None] & ri[None, :], B, PRESPLIT)
     nblocks = tl.cdiv(N, BP)
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, nblocks)
@@ -1036,7 +1075,7 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
             for c in range(C):
                 vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
                 if SINGLE:
-                    TR = tl.dot(A_R, vR * M_i, input_precision=DOT_PREC, out_dtype=CT)
+                    TR = _mix(AR_hi, AR_lo, vR * M_i, tl.zeros([BB, BP], CT), PRESPLIT, DOT_PREC, CT)
                 else:
                     TR = tl.zeros([BB, BP], CT)
                     for jb in range(NBB):
@@ -1046,9 +1085,8 @@ def _bwd_dr_kernel(R, M, g, dy, A, stats, table, grad_bg, dR,
                         M_j = tl.load(M + rows_j.to(tl.int64)[:, None] * N + p[None, :], mask=mj, other=0)
                         uR = tl.load(R + rows_j.to(tl.int64)[:, None] * sRb + pixR[None, :] + c * sRc,
                                      mask=mj, other=0).to(CT) * M_j
-                        A_ij = tl.load(A + rows_i[:, None] * B + rows_j[None, :],
-                                       mask=ri[:, None] & rj[None, :], other=0)
-                        TR = tl.dot(A_ij, uR, TR, input_precision=DOT_PREC, out_dtype=CT)
+                        A_hi, A_lo = _load_mixing(A, 0, rows_i, rows_j, ri[:, None] & rj[None, :], B, PRESPLIT)
+                        TR = _mix(A_hi, A_lo, uR, TR, PRESPLIT, DOT_PREC, CT)
                 val = M_i * TR + bgc * (vR * (1.0 - M_i) - mean_i[:, None]) + dgc
                 tl.store(ptrd + c * sdc, val.to(dR.dtype.element_ty), mask=mi)
         else:
@@ -1128,6 +1166,10 @@ class _Plan:
         self.bwd_nbb = _cdiv(B, self.bwd_bb)
         self.bwd_bp = BWD_PIXEL_BLOCK
         self.bwd_warps = BWD_WARPS
+        # 3xTF32 with A split once by _bwd_prep_kernel rather than at every product: fewer
+        # registers and no conversions of A in the loops on sm_90 (164 -> 152 registers for
+        # pass 2 at B = 128); on sm_80 the two parts as mma.sync operands spill (8-40 bytes)
+        self.bwd_presplit = self.dot_prec == "tf32x3" and capability >= (9, 0)
         self.bwd_stages = 1
         self.bwd_bps, self.bwd_split = self._split(_cdiv(N, self.bwd_bp), target, self.bwd_nbb)
         # 7-8. one-program B x B work
@@ -1330,8 +1372,9 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_id
     if head:
         grad_hsic = stats.new_zeros(()) if grad_hsic is None else grad_hsic.to(ct).contiguous()
         grad_bg = stats.new_zeros(()) if grad_bg is None else grad_bg.to(ct).contiguous()
-        A = R.new_empty((2, B, B), dtype=ct)
-        _launch(_bwd_prep_kernel, (1,), gram, grad_hsic, table, A, B, CT=plan.tl_ct, BB=plan.bb_all, RB=plan.row_block,
+        A = R.new_empty((2, 2, B, B), dtype=ct)
+        _launch(_bwd_prep_kernel, (1,), gram, grad_hsic, table, A, B, CT=plan.tl_ct, PRESPLIT=plan.bwd_presplit,
+                BB=plan.bb_all, RB=plan.row_block,
                 NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=plan.small_warps)
     else:
         grad_bg = stats
@@ -1351,6 +1394,7 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_id
             dz_part, dx if want_dx else dz, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
             C * N, plan.bwd_bps, PS, PP, HEAD=bool(head), HAS_GM=has_gm, GRAD_X=want_dx,
             FLAT=flat_r and flat_x and flat_d, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
+            PRESPLIT=plan.bwd_presplit,
             BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
             num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
     _launch(_t2_scatter_kernel, (B,), dz, dz_part, sel_idx, sel_w, plan.bwd_split, PS, PP,
@@ -1370,7 +1414,7 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_id
     _launch(_bwd_dr_kernel, (plan.bwd_nbb, plan.bwd_split), R, mask, g, dz, A, stats, table, grad_bg, dR,
             B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, C * N, plan.bwd_bps, PS, PP,
             HEAD=bool(head), FLAT=flat_r and flat_dr, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct,
-            DOT_PREC=plan.dot_prec, BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
+            DOT_PREC=plan.dot_prec, PRESPLIT=plan.bwd_presplit, BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
             num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
     return dR, dx
 

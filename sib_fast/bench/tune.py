@@ -40,8 +40,12 @@ TUNABLE = {
     "HBOX_BLOCK": "rows x columns per iteration of the row running sums",
     "VBOX_BLOCK": "rows x columns per iteration of the column running sums",
 }
-# None of these spills on sm_90 at 224x224 (ptxas, Triton 3.8); BWD_PIXEL_BLOCK=32 does (24-32 bytes),
-# SELECT_CHUNK=4096 too under Triton 3.6 (16 bytes: its histograms hold their bins in registers).
+# Spills on sm_90 at 224x224, B=128 (ptxas): BWD_WARPS=4 8 bytes in pass 2 under Triton 3.8,
+# BWD_IMAGE_BLOCK=64,BWD_WARPS=4 16 bytes in pass 1 under 3.6, the others none. Not listed:
+# BWD_PIXEL_BLOCK=32 spills 16-24 bytes under 3.6, SELECT_CHUNK=4096 16 bytes under 3.6 (its
+# histograms hold their bins in registers), and BWD_SINGLE_MAX=128 (the whole batch per program,
+# wgmma, no spills) needs 278 KB of shared memory in pass 1 for the four parts of A, over sm_90's
+# 227 KB (pass 2: 147 KB).
 # The select's digit width defaults by Triton version; the variant equal to the default is skipped.
 DEFAULT_VARIANTS = ("SELECT_DIGIT_BITS=4", "SELECT_DIGIT_BITS=8", "BWD_IMAGE_BLOCK=64", "BWD_WARPS=4",
                     "BWD_IMAGE_BLOCK=64,BWD_WARPS=4", "MAX_IMAGE_BLOCK=64", "SELECT_CHUNK=1024")
