@@ -148,7 +148,8 @@ __global__ void __launch_bounds__(GramShape<acc_t, TB>::THREADS, 512 / GramShape
       __syncthreads();
       // this warp's fragments over its share of the slab's k-steps; in a diagonal tile only
       // those on and above the diagonal (the reduction reads the upper triangle), the ones on
-      // it in two products (mma_self)
+      // it in two products (mma_self); none of images past B (zero rows: a batch of 32 in the
+      // 64-image tile, say)
       for (int ks = kgroup; ks < TK / MT::K && !idle; ks += S::KSPLIT) {
         typename MT::template FragA<wmma::row_major> a_big[S::FR], a_small[S::FR];
 #pragma unroll
@@ -159,12 +160,14 @@ __global__ void __launch_bounds__(GramShape<acc_t, TB>::THREADS, 512 / GramShape
 #pragma unroll
         for (int b = 0; b < S::FC; ++b) {
           const int fc = wc * S::FC + b;
+          if (static_cast<int64_t>(J) * TB + fc * MT::N >= B) continue;
           typename MT::template FragB<wmma::col_major> b_big, b_small;
           wmma::load_matrix_sync(b_big, UJ + fc * MT::N * LD + ks * MT::K, LD);
           MT::split(b_big, b_small);
 #pragma unroll
           for (int a = 0; a < S::FR; ++a) {
             const int fr = wr * S::FR + a;
+            if (static_cast<int64_t>(I) * TB + fr * MT::M >= B) continue;
             if (!diagonal || fr < fc) {
               MT::mma(acc[a][b], a_big[a], a_small[a], b_big, b_small);
             } else if (fr == fc) {
