@@ -150,8 +150,10 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
           for (int e = 0; e < V; ++e) row[e] = mv[e] * xv[e];
         }
         __syncthreads();
+        // images past B are zero rows of A and U (a batch of 32 in the 64-image tile, say):
+        // their k-steps and this warp's fragments of them are skipped
 #pragma unroll 2
-        for (int ks = 0; ks < JC / MT::K; ++ks) {
+        for (int ks = 0; ks < JC / MT::K && j0 + ks * MT::K < B; ++ks) {
           typename MT::template FragA<wmma::row_major> a_big[S::FRI], a_small[S::FRI];
 #pragma unroll
           for (int a = 0; a < S::FRI; ++a) {
@@ -164,7 +166,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) backward_kernel(
             wmma::load_matrix_sync(b_big, Us + ks * MT::K * LDU + (wp * S::FCP + b) * MT::N, LDU);
             MT::split(b_big, b_small);
 #pragma unroll
-            for (int a = 0; a < S::FRI; ++a) MT::mma(acc[a][b], a_big[a], a_small[a], b_big, b_small);
+            for (int a = 0; a < S::FRI; ++a)
+              if (i0 + (wi * S::FRI + a) * MT::M < B) MT::mma(acc[a][b], a_big[a], a_small[a], b_big, b_small);
           }
         }
       }
