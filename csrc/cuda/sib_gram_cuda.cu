@@ -25,6 +25,13 @@ constexpr int slab_width() {
   return 8 * Mma<acc_t>::K;
 }
 
+// Whether the 4-bit fields 0..n-1 of `order` hold each of 0..n-1 once.
+constexpr bool is_region_order(uint64_t order, int n) {
+  unsigned seen = 0;
+  for (int w = 0; w < n; ++w) seen |= 1u << ((order >> (4 * w)) & 0xF);
+  return seen == (1u << n) - 1;
+}
+
 // How the warps of a block cover the TB x TB tile of NF x NF fragments: a WR x WC grid
 // of warps each owning FR x FC fragments, and KSPLIT groups of such grids splitting the
 // k-steps of a slab (when the tile has fewer fragments than there are warps). Blocks of
@@ -45,14 +52,18 @@ struct GramShape {
   static constexpr int LD = TK + 16 / static_cast<int>(sizeof(acc_t));  // padded row, 16-byte multiple
   static_assert(TB % FM == 0 && WR * WC * KSPLIT == WARPS && FR * WR == NF && FC * WC == NF, "warp layout");
   static_assert((TK / Mma<acc_t>::K) % KSPLIT == 0, "k-steps split evenly");
-  // A diagonal tile needs only the 10 warp regions on and above the diagonal of the 4 x 4.
-  // Warp w issues on SM sub-partition w % 4, whose tensor core it shares: in this order
-  // (region = 4 row + column, 4 bits per warp) each sub-partition gets one diagonal region
-  // (7 products per k-step) and one or two above it (12 each): at most 31 products per
-  // k-step, where the plain order puts 43 on one and the full tile 48.
-  static constexpr bool BALANCED = WR == 4 && WC == 4 && KSPLIT == 1 && WARPS == 16;
-  static constexpr int UPPER_REGIONS = 10;
-  static constexpr uint64_t UPPER_ORDER = 0x62B731FA50ULL;  // warps 0-9: 0,5,10,15,1,3,7,11,2,6
+  // Warp w issues on SM sub-partition w % 4, whose tensor core it shares. A diagonal tile
+  // computes only the fragments on and above its diagonal, so the plain order of the warp
+  // regions would load the sub-partitions unevenly; in a diagonal tile warp w takes region
+  // (DIAGONAL_ORDER >> 4 w) & 15 instead (region = WC row + column), products per k-step
+  // (2 on the diagonal, 3 above it) at most, per sub-partition:
+  //   128-image float tile, 4 x 4 regions of 2 x 2 fragments: 31 (one diagonal region of 7
+  //     and one or two of 12 each; the plain order 43, the full tile 48);
+  //   64-image float tile, 4 x 2 regions of 1 x 2 fragments: 7 (plain order 11, full tile 12).
+  // The other shapes keep the plain order.
+  static constexpr bool REORDER = KSPLIT == 1 && sizeof(acc_t) == 4 && (TB == 128 || TB == 64);
+  static constexpr uint64_t DIAGONAL_ORDER = TB == 128 ? 0xEDC98462B731FA50ULL : 0x72645031ULL;
+  static_assert(!REORDER || is_region_order(DIAGONAL_ORDER, WR * WC), "each warp one region");
 };
 
 template <typename scalar_t, typename acc_t, int TB>
@@ -91,14 +102,12 @@ __global__ void __launch_bounds__(GramShape<acc_t, TB>::THREADS, 512 / GramShape
 
   const int tid = threadIdx.x, warp = tid / 32;
   const int kgroup = warp / (S::WR * S::WC);
-  int region = warp % (S::WR * S::WC);
-  bool idle = false;
-  if (diagonal && S::BALANCED) {
-    idle = warp >= S::UPPER_REGIONS;
-    region = static_cast<int>((S::UPPER_ORDER >> (4 * (idle ? 0 : warp))) & 0xF);
-  }
+  const int region = diagonal && S::REORDER ? static_cast<int>((S::DIAGONAL_ORDER >> (4 * warp)) & 0xF)
+                                             : warp % (S::WR * S::WC);
   const int wr = region / S::WC;
   const int wc = region % S::WC;
+  // a region wholly below the diagonal of a diagonal tile has nothing to compute
+  const bool idle = diagonal && wr * S::FR >= (wc + 1) * S::FC;
 
   typename MT::Acc acc[S::FR][S::FC];
 #pragma unroll
