@@ -105,6 +105,8 @@ def emulated_backend():
 CASES = SMALL_CASES + [
     (20, 2, 9, 7, 5, 0.1, 10.0),   # image tile 64
     (70, 1, 4, 6, 3, 0.1, 10.0),   # image tile 128 in float32; two tiles and two j-chunks in float64
+    (64, 1, 5, 4, 3, 0.1, 10.0),   # a full 64-image tile: every warp region of the diagonal order holds images
+    (128, 1, 4, 6, 3, 0.1, 10.0),  # a full 128-image tile, likewise; two full tiles in float64
     (2, 2, 64, 64, 31, 0.1, 10.0),
 ]
 
