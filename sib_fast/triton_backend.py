@@ -80,6 +80,7 @@ P_SLOPE, P_RANGE_EPS, P_NORM_EPS, P_FIXED = 0, 1, 2, 3
 TABLE_SIZE = (N_WINDOWS + 1) * SLOTS
 MAX_IMAGE_BLOCK = 128  # images per Gram tile
 BWD_SINGLE_MAX = 32  # the backward keeps A on chip up to this batch
+BWD_DR_SINGLE_MAX = 32  # pass 2 alone up to this batch (tune: 128 on sm_90, see _Plan)
 BWD_IMAGE_BLOCK = 32  # else image blocks of this size (64 spills on sm_80 with channels_last R)
 BWD_PIXEL_BLOCK = 16  # pixels per iteration of the backward passes
 BWD_WARPS = 8  # 4 warps spill a little at 16 images on sm_90 (ptxas stops at 128 registers)
@@ -1172,6 +1173,15 @@ class _Plan:
         self.bwd_presplit = self.dot_prec == "tf32x3" and capability >= (9, 0)
         self.bwd_stages = 1
         self.bwd_bps, self.bwd_split = self._split(_cdiv(N, self.bwd_bp), target, self.bwd_nbb)
+        # 13. pass 2 may keep A whole for larger batches than pass 1 (BWD_DR_SINGLE_MAX): with A
+        # split beforehand, the whole batch of 128 compiles to wgmma with A in shared memory,
+        # 147 KB on sm_90, where pass 1 with A and A' would need 278 KB
+        if B <= max(BWD_SINGLE_MAX, BWD_DR_SINGLE_MAX):
+            self.dr_bb, self.dr_single = max(16, _next_pow2(B)), True
+        else:
+            self.dr_bb, self.dr_single = self.bwd_bb, False
+        self.dr_nbb = _cdiv(B, self.dr_bb)
+        self.dr_bps, self.dr_split = self._split(_cdiv(N, self.bwd_bp), target, self.dr_nbb)
         # 7-8. one-program B x B work
         self.bb_all = max(16, _next_pow2(B))
         self.row_block = 16
@@ -1411,10 +1421,10 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_id
     _launch(_bwd_scalars_kernel, (B,), dz, part, stats, table, sel_idx, plan.n_colblocks, PS, PP,
             win[0][0], win[0][1], win[1][0], win[1][1], win[2][0], win[2][1], CT=plan.tl_ct, BLOCK=plan.part_block, N_STATS=STATS, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
     (sdb, sdc, sdh, sdw), flat_dr = _strides(dR)
-    _launch(_bwd_dr_kernel, (plan.bwd_nbb, plan.bwd_split), R, mask, g, dz, A, stats, table, grad_bg, dR,
-            B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, C * N, plan.bwd_bps, PS, PP,
-            HEAD=bool(head), FLAT=flat_r and flat_dr, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct,
-            DOT_PREC=plan.dot_prec, PRESPLIT=plan.bwd_presplit, BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
+    _launch(_bwd_dr_kernel, (plan.dr_nbb, plan.dr_split), R, mask, g, dz, A, stats, table, grad_bg, dR,
+            B, C, N, W, sRb, sRc, sRh, sRw, sdb, sdc, sdh, sdw, C * N, plan.dr_bps, PS, PP,
+            HEAD=bool(head), FLAT=flat_r and flat_dr, SINGLE=plan.dr_single, NBB=plan.dr_nbb, CT=plan.tl_ct,
+            DOT_PREC=plan.dot_prec, PRESPLIT=plan.bwd_presplit, BB=plan.dr_bb, BP=plan.bwd_bp, **_CONST,
             num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
     return dR, dx
 

@@ -188,6 +188,18 @@ def test_several_image_blocks(monkeypatch):
     compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
 
 
+def test_second_backward_pass_keeps_a_larger_batch_whole(monkeypatch):
+    # pass 1 over image row blocks, pass 2 (dR) with the whole batch per program: the tune
+    # variant BWD_DR_SINGLE_MAX=128 at full size
+    monkeypatch.setattr(tb, "BWD_SINGLE_MAX", 16)
+    monkeypatch.setattr(tb, "BWD_IMAGE_BLOCK", 16)
+    monkeypatch.setattr(tb, "BWD_DR_SINGLE_MAX", 64)
+    plan = tb._Plan(33, 2, 5, 4, torch.float32, 2, (9, 0))
+    assert plan.bwd_nbb == 3 and not plan.bwd_single and plan.dr_nbb == 1 and plan.dr_single and plan.dr_bb == 64
+    R, x = _maps(33, 2, 5, 4, seed=7)
+    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the interpreter's emulated tensor-core rounding")
 def test_plain_tf32_fails_the_tolerance(monkeypatch):
     # the control of _tensor_core_rounding: every dot in plain tf32 puts the head outside the

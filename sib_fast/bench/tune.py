@@ -32,6 +32,7 @@ from sib_fast.bench.measure import make_head_inputs, synchronize, time_calls
 TUNABLE = {
     "MAX_IMAGE_BLOCK": "images per Gram tile of the forward (power of two, 32..128)",
     "BWD_SINGLE_MAX": "largest batch whose backward keeps the B x B matrix on chip",
+    "BWD_DR_SINGLE_MAX": "the same for the backward's second pass (dR) alone",
     "BWD_IMAGE_BLOCK": "images per row block of the backward beyond that (power of two, >= 16)",
     "BWD_PIXEL_BLOCK": "pixels per iteration of the backward passes (power of two, >= 16)",
     "BWD_WARPS": "warps per program of the backward passes (power of two)",
@@ -45,10 +46,10 @@ TUNABLE = {
 # BWD_PIXEL_BLOCK=32 spills 16-24 bytes under 3.6, SELECT_CHUNK=4096 16 bytes under 3.6 (its
 # histograms hold their bins in registers), and BWD_SINGLE_MAX=128 (the whole batch per program,
 # wgmma, no spills) needs 278 KB of shared memory in pass 1 for the four parts of A, over sm_90's
-# 227 KB (pass 2: 147 KB).
+# 227 KB; BWD_DR_SINGLE_MAX=128 does that for pass 2 alone (147 KB, no spills).
 # The select's digit width defaults by Triton version; the variant equal to the default is skipped.
-DEFAULT_VARIANTS = ("SELECT_DIGIT_BITS=4", "SELECT_DIGIT_BITS=8", "BWD_IMAGE_BLOCK=64", "BWD_WARPS=4",
-                    "BWD_IMAGE_BLOCK=64,BWD_WARPS=4", "MAX_IMAGE_BLOCK=64", "SELECT_CHUNK=1024")
+DEFAULT_VARIANTS = ("SELECT_DIGIT_BITS=4", "SELECT_DIGIT_BITS=8", "BWD_IMAGE_BLOCK=64", "BWD_DR_SINGLE_MAX=128",
+                    "BWD_WARPS=4", "BWD_IMAGE_BLOCK=64,BWD_WARPS=4", "MAX_IMAGE_BLOCK=64", "SELECT_CHUNK=1024")
 
 
 SHAPED = ("HBOX_BLOCK", "VBOX_BLOCK")  # HxW; the others are integers
@@ -69,8 +70,9 @@ def parse_variant(text: str) -> dict:
             raise UsageError(f"--variant: {name} takes {'HxW' if name in SHAPED else 'an integer'}, got {value!r}")
         if name == "SELECT_DIGIT_BITS" and not 1 <= numbers[0] <= 8:
             raise UsageError(f"--variant: SELECT_DIGIT_BITS must be 1 to 8, got {value!r}")
-        if any(v < 1 or (v & (v - 1) and name not in ("BWD_SINGLE_MAX", "SELECT_DIGIT_BITS")) for v in numbers):
-            raise UsageError(f"--variant: {name} must be {'positive' if name == 'BWD_SINGLE_MAX' else 'a power of two'}, "
+        batch = name in ("BWD_SINGLE_MAX", "BWD_DR_SINGLE_MAX")
+        if any(v < 1 or (v & (v - 1) and not batch and name != "SELECT_DIGIT_BITS") for v in numbers):
+            raise UsageError(f"--variant: {name} must be {'positive' if batch else 'a power of two'}, "
                              f"got {value!r}")
         settings[name] = numbers if name in SHAPED else numbers[0]
     if not settings:
