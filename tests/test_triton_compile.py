@@ -10,7 +10,10 @@ recorded launch is specialised exactly as Triton's JIT would (its binder and
 ``cuobjdump -res-usage`` then gives the registers and the stack (local memory: spills).
 The interpreter accepts code that the real compiler rejects, so this is the check that
 the kernels compile at all; it also fails on spills in the kernels that stream the big
-tensors and on shared memory over the architecture's limit.
+tensors and on shared memory over the architecture's limit. The launch-plan variants that
+``python -m sib_fast.bench.tune`` times by default are compiled too, for sm_90 at 224x224 (the
+kernels they change): they may spill, but must fit the shared memory, or tune's run on a GPU
+would fail there.
 
 The compilation runs in a subprocess (``python tests/test_triton_compile.py``) without
 ``TRITON_INTERPRET``, two targets at a time: with the installed Triton and, when
@@ -35,6 +38,7 @@ SHAPES = {"224x224": ((128, 3, 224, 224), False, "float32"), "224x224-cl": ((128
           "small": ((3, 3, 9, 7), False, "float32"), "small-f64": ((3, 3, 9, 7), False, "float64"),
           "small-bf16": ((5, 3, 9, 7), True, "bfloat16")}
 TARGETS = (80, 90)
+VARIANT_SHAPE = "224x224"  # tune times its variants at B = 128, 3x224x224, float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,23 +90,39 @@ def _resource_usage(cubin: bytes):
     return int(fields["REG"]), max(int(fields.get("STACK", 0)), int(fields.get("LOCAL", 0)))
 
 
-def compile_all(shape_name: str, capability: int):
+def _specialise(kernel, args, meta, backend):
+    """What Triton's JIT compiles for this launch: (cache key, signature, constexprs, attrs, options)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    kwargs = dict(meta, debug=False)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    key = (kernel.__name__, repr(signature), repr(sorted(constexprs.items(), key=str)),
+           repr(sorted(attrs.items(), key=str)), options.num_warps, options.num_stages)
+    return key, signature, constexprs, attrs, options
+
+
+def compile_all(shape_name: str, capability: int, variant: str = ""):
+    """Rows of registers, spills and shared memory for each distinct kernel specialisation of the
+    launch plan; with ``variant`` (tune's NAME=VALUE,...), those the variant changes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+
+    import sib_fast.triton_backend as tb
+    from sib_fast.bench import tune
 
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
-    rows, seen = [], set()
-    for kernel, grid, args, meta in record_launches(*SHAPES[shape_name], capability):
-        kwargs = dict(meta, debug=False)
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound_args, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization,
-                                                                  options)
-        key = (kernel.__name__, repr(signature), repr(sorted(constexprs.items(), key=str)),
-               repr(sorted(attrs.items(), key=str)), options.num_warps, options.num_stages)
+    seen = set()
+    if variant:
+        seen = {_specialise(k, a, m, backend)[0] for k, _, a, m in record_launches(*SHAPES[shape_name], capability)}
+    with tune.plan_constants(tb, tune.parse_variant(variant) if variant else {}):
+        launches = record_launches(*SHAPES[shape_name], capability)
+    rows = []
+    for kernel, grid, args, meta in launches:
+        key, signature, constexprs, attrs, options = _specialise(kernel, args, meta, backend)
         if key in seen:
             continue
         seen.add(key)
@@ -110,7 +130,7 @@ def compile_all(shape_name: str, capability: int):
                                   options=options.__dict__)
         regs, stack = _resource_usage(compiled.asm["cubin"])
         flags = {k: v for k, v in meta.items() if k in ("FROM_G", "BACKWARD", "HEAD", "GRAD_X", "SINGLE", "NQ")}
-        rows.append(dict(kernel=kernel.__name__, shape=shape_name, sm=capability, grid=list(grid),
+        rows.append(dict(kernel=kernel.__name__, shape=shape_name, sm=capability, variant=variant, grid=list(grid),
                          warps=options.num_warps, stages=options.num_stages,
                          blocks={k: v for k, v in meta.items() if k in ("BLOCK", "CHUNK", "BB", "BP", "BH", "BW", "RB")},
                          flags=flags, regs=regs, spill_bytes=stack, shared=compiled.metadata.shared))
@@ -124,7 +144,11 @@ def _worker(job):
 def main():
     from concurrent.futures import ProcessPoolExecutor
 
+    from sib_fast.bench.tune import DEFAULT_VARIANTS
+
+    # the default plans everywhere, and tune's variants as the device GPU (sm_90) runs them
     jobs = [(shape, cap) for shape in SHAPES for cap in TARGETS]
+    jobs += [(VARIANT_SHAPE, 90, variant) for variant in DEFAULT_VARIANTS]
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         for rows in pool.map(_worker, jobs):
             for row in rows:
@@ -137,10 +161,11 @@ def main():
 
 def _table(rows):
     lines = [f"{'kernel':22s} {'shape':10s} {'sm':>3s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} "
-             f"{'smem':>7s}  blocks / flags"]
+             f"{'smem':>7s}  blocks / flags / tune variant"]
     for r in rows:
         lines.append(f"{r['kernel']:22s} {r['shape']:10s} {r['sm']:>3d} {r['warps']:>5d} {r['stages']:>6d} "
-                     f"{r['regs']:>4d} {r['spill_bytes']:>5d} {r['shared']:>7d}  {r['blocks']} {r['flags']}")
+                     f"{r['regs']:>4d} {r['spill_bytes']:>5d} {r['shared']:>7d}  {r['blocks']} {r['flags']}"
+                     f" {r['variant']}")
     return "\n".join(lines)
 
 
@@ -178,9 +203,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     kernels = {name for name in vars(tb) if name.endswith("_kernel") and name.startswith("_")}
     for shape in SHAPES:
         for cap in TARGETS:
-            compiled = {r["kernel"] for r in rows if r["shape"] == shape and r["sm"] == cap}
+            compiled = {r["kernel"] for r in rows if r["shape"] == shape and r["sm"] == cap and not r["variant"]}
             assert compiled == kernels, f"{shape} sm_{cap}: compiled {sorted(compiled)}, module has {sorted(kernels)}"
-    hot_spills = [r for r in rows if r["kernel"] in HOT_KERNELS and r["spill_bytes"] > 0]
+    # the default plans must not spill in the hot kernels; tune's variants may (it times them),
+    # but every kernel must launch: within the shared memory of its architecture
+    hot_spills = [r for r in rows if r["kernel"] in HOT_KERNELS and r["spill_bytes"] > 0 and not r["variant"]]
     assert not hot_spills, f"register spills in hot kernels:\n{_table(hot_spills)}"
     over = [r for r in rows if r["shared"] > SHARED_LIMIT[r["sm"]]]
     assert not over, f"shared memory over the limit:\n{_table(over)}"
