@@ -705,10 +705,7 @@ def _gram_kernel(R, x, d, stats, table, M, gram_part, bg_part,
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, nblocks)
     gbase = (split * 2 + which).to(tl.int64) * B * B
-    if SINGLE:
-        _gram_diagonal(src, sb, sc, sh, sw, d, stats, M, gram_part, bg_part, slope, ib, split, which, first, last, gbase,
-                       B, C, N, W, FLAT, SPLIT, CT, DOT_PREC, BB, BP, N_STATS)
-    elif ib == jb:
+    if SINGLE or ib == jb:  # SINGLE: no off-diagonal code is compiled
         _gram_diagonal(src, sb, sc, sh, sw, d, stats, M, gram_part, bg_part, slope, ib, split, which, first, last, gbase,
                        B, C, N, W, FLAT, SPLIT, CT, DOT_PREC, BB, BP, N_STATS)
     else:
@@ -1160,34 +1157,35 @@ class _Plan:
         # 32 images it stays there for the whole pass; beyond, programs own 32 rows of images and
         # loop over 32-image column blocks of A (the row blocks of one pixel range run side by
         # side, so the repeated reads of R and x come from L2).
-        if B <= BWD_SINGLE_MAX:
-            self.bwd_bb, self.bwd_single = max(16, _next_pow2(B)), True
-        else:
-            self.bwd_bb, self.bwd_single = BWD_IMAGE_BLOCK, False
-        self.bwd_nbb = _cdiv(B, self.bwd_bb)
         self.bwd_bp = BWD_PIXEL_BLOCK
+        self.bwd_bb, self.bwd_single, self.bwd_nbb, self.bwd_bps, self.bwd_split = \
+            self._backward_blocks(B, N, BWD_SINGLE_MAX, target)
         self.bwd_warps = BWD_WARPS
         # 3xTF32 with A split once by _bwd_prep_kernel rather than at every product: fewer
         # registers and no conversions of A in the loops on sm_90 (164 -> 152 registers for
         # pass 2 at B = 128); on sm_80 the two parts as mma.sync operands spill (8-40 bytes)
         self.bwd_presplit = self.dot_prec == "tf32x3" and capability >= (9, 0)
         self.bwd_stages = 1
-        self.bwd_bps, self.bwd_split = self._split(_cdiv(N, self.bwd_bp), target, self.bwd_nbb)
         # 13. pass 2 may keep A whole for larger batches than pass 1 (BWD_DR_SINGLE_MAX): with A
         # split beforehand, the whole batch of 128 compiles to wgmma with A in shared memory,
         # 147 KB on sm_90, where pass 1 with A and A' would need 278 KB
-        if B <= max(BWD_SINGLE_MAX, BWD_DR_SINGLE_MAX):
-            self.dr_bb, self.dr_single = max(16, _next_pow2(B)), True
-        else:
-            self.dr_bb, self.dr_single = self.bwd_bb, False
-        self.dr_nbb = _cdiv(B, self.dr_bb)
-        self.dr_bps, self.dr_split = self._split(_cdiv(N, self.bwd_bp), target, self.dr_nbb)
+        self.dr_bb, self.dr_single, self.dr_nbb, self.dr_bps, self.dr_split = \
+            self._backward_blocks(B, N, max(BWD_SINGLE_MAX, BWD_DR_SINGLE_MAX), target)
         # 7-8. one-program B x B work
         self.bb_all = max(16, _next_pow2(B))
         self.row_block = 16
         self.reduce_block = 512
         self.small_warps = 4
         self.part_block = 128
+
+    @classmethod
+    def _backward_blocks(cls, B, N, single_max, target):
+        """A backward pass's image block, whether it holds the whole batch, the number of
+        blocks, and the pixel blocks per split and splits."""
+        single = B <= single_max
+        bb = max(16, _next_pow2(B)) if single else BWD_IMAGE_BLOCK
+        nbb = _cdiv(B, bb)
+        return (bb, single, nbb, *cls._split(_cdiv(N, BWD_PIXEL_BLOCK), target, nbb))
 
     @staticmethod
     def _split(nblocks, target, tiles):

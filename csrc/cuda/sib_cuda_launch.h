@@ -68,7 +68,6 @@ struct BackwardPlanes {
 // How the Gram pass splits its work (sib_gram_cuda.cu).
 struct GramPlan {
   int tile;          // image tile TB
-  int fragment;      // MMA fragment side: those on a diagonal tile's diagonal hold S of Mma::mma_self
   int tiles_side;    // ceil(B / TB)
   int tiles;         // tile pairs (I <= J)
   int chunks;        // pixel chunks

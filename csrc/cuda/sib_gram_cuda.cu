@@ -237,7 +237,6 @@ GramPlan make_plan(int64_t B, int64_t N) {
   using S = GramShape<acc_t, TB>;
   GramPlan plan;
   plan.tile = TB;
-  plan.fragment = Mma<acc_t>::M;
   plan.tiles_side = static_cast<int>(ceil_div(B, TB));
   plan.tiles = plan.tiles_side * (plan.tiles_side + 1) / 2;
   plan.ksplit = S::KSPLIT;

@@ -473,8 +473,9 @@ __device__ __forceinline__ int tile_index(int I, int J, int tiles_side) {
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    gram_reduce_kernel(const acc_t* __restrict__ part, int64_t parts, int TB, int fragment, int tiles_side, int tiles,
-                       int64_t B, acc_t* __restrict__ gram_out, double* __restrict__ gram_d) {
+    gram_reduce_kernel(const acc_t* __restrict__ part, int64_t parts, int TB, int tiles_side, int tiles, int64_t B,
+                       acc_t* __restrict__ gram_out, double* __restrict__ gram_d) {
+  constexpr int kFragment = Mma<acc_t>::M;  // the side of the Gram kernel's MMA fragments
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < 2 * B * B;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = static_cast<uint32_t>(e) / static_cast<uint32_t>(B), j = e - row * B;
@@ -485,7 +486,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t r = lo - I * TB, c = hi - J * TB;
     const int64_t offset = (t * 2 + m) * TB * TB + r * TB + c;
     // a fragment on the tile's diagonal holds S: the Gram is its symmetric part
-    const bool on_diagonal = I == J && r / fragment == c / fragment;
+    const bool on_diagonal = I == J && r / kFragment == c / kFragment;
     const int64_t mirror = (t * 2 + m) * TB * TB + c * TB + r;
     const int64_t step = static_cast<int64_t>(tiles) * 2 * TB * TB;
     double s = 0.0;
@@ -782,8 +783,7 @@ void launch_gram_reduce(bool is_double, const void* gram_part, const GramPlan& p
     using acc_t = typename decltype(tag)::type;
     auto kernel = gram_reduce_kernel<acc_t>;
     SIB_LAUNCH(kernel, grid_for(2 * B * B, kThreads), dim3(kThreads), 0, stream,
-               static_cast<const acc_t*>(gram_part), plan.partial_count(), plan.tile, plan.fragment, plan.tiles_side,
-               plan.tiles, B,
+               static_cast<const acc_t*>(gram_part), plan.partial_count(), plan.tile, plan.tiles_side, plan.tiles, B,
                static_cast<acc_t*>(gram_out), gram_d);
   });
 }
