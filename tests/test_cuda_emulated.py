@@ -128,6 +128,26 @@ def test_extra_memory_within_budget(layout):
     check_head_memory_budget(BACKEND, R, x)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("num_sms", [108, 132], ids=["A100", "H100"])
+def test_allocations_at_the_target_shape_within_budget(monkeypatch, num_sms, layout):
+    # The target's own shape (B = 128, 3x224x224, float32), far too large to emulate: the
+    # launches are checked (grid, block) but not run, so what is measured is everything the host
+    # code allocates, with the grids (pixel splits, partial Grams) of a GPU of this size.
+    monkeypatch.setenv("SIB_FAST_EMU_DRY_RUN", "1")
+    monkeypatch.setenv("SIB_FAST_EMU_NUM_SMS", str(num_sms))
+    R, x = (torch.empty(128, 3, 224, 224) for _ in range(2))
+    if layout == "channels_last":
+        R, x = (t.contiguous(memory_format=torch.channels_last) for t in (R, x))
+    before = torch.ops.sib_fast_emu.launches_checked()
+    ratio = check_head_memory_budget(BACKEND, R, x)
+    # two forwards and backwards (the first warms caches), 15 launches each when this was written
+    assert torch.ops.sib_fast_emu.launches_checked() - before >= 18, "the head did not reach its launches"
+    # dR alone is the size of R: a measurement below that did not see the allocations
+    assert ratio >= 1.0, f"measured {ratio:.2f}x R, less than dR itself"
+    print(f"cuda {layout} at B = 128, 3x224x224: {ratio:.2f}x R")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_inputs(layout):
     compare_head_with_reference(BACKEND, *strided_maps(layout, torch.float32, H=20, W=18), 5, 0.1, 10.0)

@@ -161,6 +161,24 @@ def test_extra_memory_within_budget(layout):
     print(f"triton {layout}: {ratio:.2f}x R")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("gpu", [(108, (8, 0)), (132, (9, 0))], ids=["A100", "H100"])
+def test_allocations_at_the_target_shape_within_budget(monkeypatch, gpu, layout):
+    # The target's own shape (B = 128, 3x224x224, float32), too large for the interpreter:
+    # the launches are recorded instead of run, so what is measured is everything the
+    # launchers allocate, with the plan (pixel splits, partial Grams) of a GPU of this many
+    # multiprocessors and this capability.
+    monkeypatch.setattr(tb, "_launch_hook", lambda kernel, grid, args, meta: launched.append(kernel))
+    monkeypatch.setattr(tb, "_device_info", lambda *_: gpu)
+    launched = []
+    R, x = (_layout(t, layout) for t in (torch.empty(128, 3, 224, 224, device=DEVICE) for _ in range(2)))
+    ratio = check_head_memory_budget("triton", R, x)
+    assert "_bwd_dr_kernel" in {k.fn.__name__ for k in launched}, "the backward did not reach its launches"
+    # dR alone is the size of R: a measurement below that did not see the allocations
+    assert ratio >= 1.0, f"measured {ratio:.2f}x R, less than dR itself"
+    print(f"triton {layout} at B = 128, 3x224x224: {ratio:.2f}x R")
+
+
 def test_loops_over_several_chunks(monkeypatch):
     # Small blocks, so that every kernel's loops carry state across iterations: the select's
     # radix passes and collection, the row and column running sums, the Gram and backward pixel

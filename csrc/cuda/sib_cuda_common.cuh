@@ -53,7 +53,7 @@ struct DeviceInfo {
 // The current device's multiprocessor count and shared-memory limit, queried once per device.
 inline DeviceInfo device_info() {
 #ifdef SIB_CUDA_EMULATE
-  return {4, 163 * 1024};  // an A100's opt-in limit: the smaller of the two targets
+  return {::sib_emu::num_sms(), 163 * 1024};  // an A100's opt-in limit: the smaller of the two targets
 #else
   constexpr int kMaxDevices = 64;
   static DeviceInfo cache[kMaxDevices] = {};

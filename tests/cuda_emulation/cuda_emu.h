@@ -171,6 +171,23 @@ inline void check_in_kernel(const char* what) {
   if (Block::instance().current < 0) fail(std::string(what) + " called outside a kernel");
 }
 
+// The host code's view of the GPU, from the environment of the test process:
+// SIB_FAST_EMU_NUM_SMS multiprocessors (default 4: small grids for the slow emulation), and
+// SIB_FAST_EMU_DRY_RUN=1 checks each launch's configuration without running it, so that the
+// host code's allocations can be measured at full size (grids and buffers of a real GPU).
+inline int num_sms() {
+  const char* v = std::getenv("SIB_FAST_EMU_NUM_SMS");
+  return v && std::atoi(v) > 0 ? std::atoi(v) : 4;
+}
+inline bool dry_run() {
+  const char* v = std::getenv("SIB_FAST_EMU_DRY_RUN");
+  return v && std::strcmp(v, "1") == 0;
+}
+inline int64_t& launches_checked() {
+  static int64_t count = 0;
+  return count;
+}
+
 template <typename Kernel>
 void launch(dim3 grid, dim3 block, size_t smem, Kernel&& kernel) {
   const unsigned nthreads = block.x * block.y * block.z;
@@ -178,6 +195,8 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel&& kernel) {
     fail("block size must be a positive multiple of 32 up to 1024, got " + std::to_string(nthreads));
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
     fail("bad grid " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z));
+  ++launches_checked();
+  if (dry_run()) return;
   Block& b = Block::instance();
   // Fresh garbage in dynamic shared memory for every block: reading it before writing shows.
   b.dynamic_smem.assign(smem + 256, 0);
