@@ -1139,19 +1139,22 @@ class _Plan:
         # 6. Gram pass over R, x: one tile of up to 128 images (each element read once), pixel
         # blocks of BP, partial Grams per pixel split; beyond one tile, the image-block pairs
         # I <= J only (the Gram is symmetric). Sizes keep the dots free of spills on sm_80 and
-        # sm_90 (tests/test_triton_compile.py): on sm_80, pixels that are not adjacent
-        # (channels_last) need the address registers of 64-image tiles; blocks of 16 pixels
-        # where 32 spill: a kernel with off-diagonal blocks (two sets of rows) and 16-image
-        # tiles (small bfloat16 channels_last inputs on sm_90).
+        # sm_90 (tests/test_triton_compile.py): on sm_80, 64-image tiles where pixels are not
+        # adjacent (channels_last: address registers) or a tile pair is off the diagonal (two
+        # sets of 128 rows and two 128 x 128 accumulators spill 88 bytes at B = 256); blocks of
+        # 16 pixels where 32 spill: a kernel with off-diagonal blocks and 16-image tiles (small
+        # bfloat16 channels_last inputs on sm_90).
         target = 2 * num_sms  # programs in flight per pass
-        most = MAX_IMAGE_BLOCK if (capability >= (9, 0) or not strided_pixels) else min(MAX_IMAGE_BLOCK, 64)
+        narrow = capability < (9, 0) and (strided_pixels or B > MAX_IMAGE_BLOCK)
+        most = min(MAX_IMAGE_BLOCK, 64) if narrow else MAX_IMAGE_BLOCK
         self.bb = min(most, max(16, _next_pow2(B)))
         self.nbb = _cdiv(B, self.bb)
         self.single = self.nbb == 1
         self.gram_tiles = self.nbb * (self.nbb + 1) // 2
         self.bp = 16 if self.bb >= 128 or self.bb <= 16 or not self.single else 32
         self.big_warps = 8 if self.bb >= 64 else 4
-        self.gram_stages = 3
+        # 3 stages spill 8 bytes off the diagonal on sm_80 under Triton 3.6 (B = 256)
+        self.gram_stages = 3 if self.single or capability >= (9, 0) else 2
         self.gram_bps, self.gram_split = self._split(_cdiv(N, self.bp), target, 2 * self.gram_tiles)
         # 9, 13. backward passes: T = A @ (M R) needs A (B x B) on chip as a dot operand. Up to
         # 32 images it stays there for the whole pass; beyond, programs own 32 rows of images and

@@ -206,6 +206,17 @@ def test_several_image_blocks(monkeypatch):
     compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
 
 
+def test_a100_launch_plan(monkeypatch):
+    # The plan of an sm_80 GPU (the interpreter otherwise plans as sm_90): the backward keeps A
+    # whole, 3xTF32 split by each product rather than once beforehand; channels_last pixels
+    # take 64-image Gram tiles, so B = 70 makes two, with a tile pair off the diagonal.
+    monkeypatch.setattr(tb, "_device_info", lambda *_: (2, (8, 0)))
+    R, x = (_layout(t, "channels_last") for t in _maps(70, 2, 4, 5, seed=8))
+    plan = tb._plan(R, torch.float32, x)
+    assert plan.bb == 64 and plan.nbb == 2 and not plan.bwd_presplit and plan.dot_prec == "tf32x3"
+    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
 def test_second_backward_pass_keeps_a_larger_batch_whole(monkeypatch):
     # pass 1 over image row blocks, pass 2 (dR) with the whole batch per program: the tune
     # variant BWD_DR_SINGLE_MAX=128 at full size

@@ -2,7 +2,7 @@
 
 The launchers of ``sib_fast.triton_backend`` run on CPU tensors with their launches
 recorded instead of executed (``_launch_hook``), planned as for each target's GPU (its
-capability and multiprocessor count), at 224x224 (B=128) and at a small shape,
+capability and multiprocessor count), at 224x224 (B=128 and B=256) and at small shapes,
 contiguous and channels_last (whose backward planes are strided channels of dR),
 for the head's forward and backward (with and without dx) and the mask alone. Each
 recorded launch is specialised exactly as Triton's JIT would (its binder and
@@ -10,8 +10,8 @@ recorded launch is specialised exactly as Triton's JIT would (its binder and
 ``cuobjdump -res-usage`` then gives the registers and the stack (local memory: spills).
 The interpreter accepts code that the real compiler rejects, so this is the check that
 the kernels compile at all; it also fails on spills in the kernels that stream the big
-tensors and on shared memory over the architecture's limit. The launch-plan variants that
-``python -m sib_fast.bench.tune`` times by default are compiled too, for sm_90 at 224x224 (the
+tensors, on shared memory over the architecture's limit and on grids over CUDA's. The
+launch-plan variants that ``python -m sib_fast.bench.tune`` times by default are compiled too, for sm_90 at 224x224 (the
 kernels they change): they may spill, but must fit the shared memory, or tune's run on a GPU
 would fail there.
 
@@ -34,7 +34,9 @@ HOT_KERNELS = ("_channel_mean_kernel", "_gram_kernel", "_bwd_dm_kernel", "_bwd_d
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
 # name: (B, C, H, W), channels_last, dtype. The small float64 and bfloat16 cases specialise the
 # kernels for the other compute and input types (a float64 dot, for one, needs its out_dtype).
+# B = 256 takes the paths of more than one image block (Gram tiles off the diagonal) on sm_90 too.
 SHAPES = {"224x224": ((128, 3, 224, 224), False, "float32"), "224x224-cl": ((128, 3, 224, 224), True, "float32"),
+          "224x224-b256": ((256, 3, 224, 224), False, "float32"),
           "small": ((3, 3, 9, 7), False, "float32"), "small-f64": ((3, 3, 9, 7), False, "float64"),
           "small-bf16": ((5, 3, 9, 7), True, "bfloat16")}
 TARGETS = (80, 90)
@@ -122,6 +124,9 @@ def compile_all(shape_name: str, capability: int, variant: str = ""):
         launches = record_launches(*SHAPES[shape_name], capability)
     rows = []
     for kernel, grid, args, meta in launches:
+        if grid[0] >= 2**31 or any(g > 65535 for g in grid[1:]):
+            raise ValueError(f"{kernel.__name__} at {shape_name}, sm_{capability}: grid {grid} is over CUDA's "
+                             f"limits (x < 2^31, y and z <= 65535)")
         key, signature, constexprs, attrs, options = _specialise(kernel, args, meta, backend)
         if key in seen:
             continue
