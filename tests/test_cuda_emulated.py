@@ -11,8 +11,8 @@ what only hardware shows (timing, occupancy, real races, device memory errors):
 tests/test_cuda_backend.py does that on a GPU.
 
 The emulation runs a block's threads one after another, so the cases are small; they
-cover B in {2, 3, 7, 20, 70} (image tiles of 16, 64 and 128, and several tiles in
-float64), C in {1, 2, 3, 4}, 1x1 to 64x64 images, windows {1, 3, 5, 9, 31},
+cover B in {2, 3, 7, 20, 64, 70, 128, 140} (image tiles of 16, 64 and 128, and several
+tiles), C in {1, 2, 3, 4}, 1x1 to 64x64 images, windows {1, 3, 5, 9, 31},
 non-default temperature and slope, strided inputs, half precision, ties, NaN.
 Set SIB_FAST_SKIP_CUDA_EMULATION=1 to skip (the build takes about a minute).
 """
@@ -107,6 +107,7 @@ CASES = SMALL_CASES + [
     (70, 1, 4, 6, 3, 0.1, 10.0),   # image tile 128 in float32; two tiles and two j-chunks in float64
     (64, 1, 5, 4, 3, 0.1, 10.0),   # a full 64-image tile: every warp region of the diagonal order holds images
     (128, 1, 4, 6, 3, 0.1, 10.0),  # a full 128-image tile, likewise; two full tiles in float64
+    (140, 1, 3, 4, 3, 0.1, 10.0),  # two 128-image tiles in float32: a tile pair off the diagonal
     (2, 2, 64, 64, 31, 0.1, 10.0),
 ]
 
