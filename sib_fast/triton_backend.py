@@ -33,6 +33,8 @@ backward (upstream dH, dBG and optionally dM)
   9. ``_bwd_dm_kernel``         one pass over R, x, M: dM of the Gram and background terms,
                                 dx when x needs it, then dz = dM * s M (1 - M) and its sums;
                                 g = mean_c R again (the forward keeps no plane of it).
+                                For a whole batch over BWD_PAIR_MAX, two launches: R's
+                                share of dM (and g), then x's (and the rest).
  10. ``_t2_scatter_kernel``     d t2 back to the selected ranks of d.
  11. ``_hbox_kernel``, ``_vbox_kernel``  the box mean is self-adjoint; the column pass ends
                                 with dy = dh * s h (1 - h) and its per-image sums.
@@ -82,6 +84,9 @@ MAX_IMAGE_BLOCK = 128  # images per Gram tile
 BWD_SINGLE_MAX = 32  # the backward keeps A on chip up to this batch
 BWD_DR_SINGLE_MAX = 32  # pass 2 alone up to this batch (tune: 128 on sm_90, see _Plan)
 BWD_IMAGE_BLOCK = 32  # else image blocks of this size (64 spills on sm_80 with channels_last R)
+# Pass 1 keeps A and A' on chip together up to this batch, beyond it (BWD_SINGLE_MAX=128) it is
+# two launches with one each: at 128 images the pair needs 278 KB of shared memory on sm_90 (227)
+BWD_PAIR_MAX = 64
 BWD_PIXEL_BLOCK = 16  # pixels per iteration of the backward passes
 BWD_WARPS = 8  # 4 warps spill a little at 16 images on sm_90 (ptxas stops at 128 registers)
 SELECT_CHUNK = 2048  # elements per iteration of the rank select (4096 spills under Triton 3.6)
@@ -869,13 +874,17 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                    D, blocks_per_split, PS, PP,
                    HEAD: tl.constexpr, HAS_GM: tl.constexpr, GRAD_X: tl.constexpr, FLAT: tl.constexpr,
                    SINGLE: tl.constexpr, NBB: tl.constexpr, CT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   PRESPLIT: tl.constexpr,
+                   PRESPLIT: tl.constexpr, SHARE: tl.constexpr,
                    BB: tl.constexpr, BP: tl.constexpr,
                    N_STATS: tl.constexpr, NSLOT: tl.constexpr, N_WIN: tl.constexpr):
     """dM_i = sum_c R_i (A @ MR)_i + sum_c x_i (A' @ Mx)_i - beta sum_c R_i (r_i - mean_i) + gM;
     writes dz = dM s M (1 - M), its per-program sums, and dx = M (A' @ Mx) when GRAD_X. Also
     g = mean_c R again, as _channel_mean_kernel sums it (the same bits), rather than keeping
-    the forward's plane. The planes g and dz have pixel (b, p) at b * PS + p * PP."""
+    the forward's plane. The planes g and dz have pixel (b, p) at b * PS + p * PP.
+
+    SHARE 0 does all of it; with a head, two launches may split it so that each keeps one
+    mixing matrix on chip: SHARE 1 R's share of dM (stored in dz) and g, then SHARE 2 x's
+    share, added to it, and the rest."""
     ib = tl.program_id(0)
     split = tl.program_id(1)
     slope = tl.load(table + N_WIN * NSLOT + 0)
@@ -885,8 +894,10 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
         beta = 2.0 * tl.load(grad_bg) / (B * (D - 1))
         mean_i = tl.load(stats + rows_i * N_STATS + 4, mask=ri, other=0)
         if SINGLE:
-            AR_hi, AR_lo = _load_mixing(A, 0, rows_i, rows_i, ri[:, None] & ri[None, :], B, PRESPLIT)
-            Ax_hi, Ax_lo = _load_mixing(A, 1, rows_i, rows_i, ri[:, None] & ri[None, :], B, PRESPLIT)
+            if SHARE != 2:
+                AR_hi, AR_lo = _load_mixing(A, 0, rows_i, rows_i, ri[:, None] & ri[None, :], B, PRESPLIT)
+            if SHARE != 1:
+                Ax_hi, Ax_lo = _load_mixing(A, 1, rows_i, rows_i, ri[:, None] & ri[None, :], B, PRESPLIT)
     zsum = tl.zeros([BB], CT)
     nblocks = tl.cdiv(N, BP)
     first = split * blocks_per_split
@@ -897,7 +908,11 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
         mi = ri[:, None] & pm[None, :]
         plane_i = rows_i.to(tl.int64)[:, None] * N + p[None, :]
         M_i = tl.load(M + plane_i, mask=mi, other=0)
-        dM = tl.zeros([BB, BP], CT)
+        slot_i = rows_i.to(tl.int64)[:, None] * PS + p.to(tl.int64)[None, :] * PP
+        if SHARE == 2:  # R's share, from the first launch
+            dM = tl.load(dz + slot_i, mask=mi, other=0)
+        else:
+            dM = tl.zeros([BB, BP], CT)
         pixR = _pixel_offsets(p, W, sRh, sRw, FLAT)
         ptrR = R + rows_i.to(tl.int64)[:, None] * sRb + pixR[None, :]
         gsum = tl.zeros([BB, BP], CT)
@@ -908,16 +923,21 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                 pixd = _pixel_offsets(p, W, sdh, sdw, FLAT)
                 ptrd = dx + rows_i.to(tl.int64)[:, None] * sdb + pixd[None, :]
         for c in range(C):
-            vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
-            gsum += vR
+            if SHARE != 2:
+                vR = tl.load(ptrR + c * sRc, mask=mi, other=0).to(CT)
+                gsum += vR
             if HEAD:
-                vx = tl.load(ptrx + c * sxc, mask=mi, other=0).to(CT)
-                r = vR * (1.0 - M_i)
+                if SHARE != 1:
+                    vx = tl.load(ptrx + c * sxc, mask=mi, other=0).to(CT)
                 if SINGLE:
-                    TR = _mix(AR_hi, AR_lo, vR * M_i, tl.zeros([BB, BP], CT), PRESPLIT, DOT_PREC, CT)
-                    Tx = _mix(Ax_hi, Ax_lo, vx * M_i, tl.zeros([BB, BP], CT), PRESPLIT, DOT_PREC, CT)
-                    dM += vR * (TR - beta * (r - mean_i[:, None])) + vx * Tx
+                    if SHARE != 2:
+                        TR = _mix(AR_hi, AR_lo, vR * M_i, tl.zeros([BB, BP], CT), PRESPLIT, DOT_PREC, CT)
+                        dM += vR * (TR - beta * (vR * (1.0 - M_i) - mean_i[:, None]))
+                    if SHARE != 1:
+                        Tx = _mix(Ax_hi, Ax_lo, vx * M_i, tl.zeros([BB, BP], CT), PRESPLIT, DOT_PREC, CT)
+                        dM += vx * Tx
                 else:
+                    r = vR * (1.0 - M_i)
                     # one product at a time keeps one A block and one accumulator live
                     TR = tl.zeros([BB, BP], CT)
                     for jb in range(NBB):
@@ -941,16 +961,20 @@ def _bwd_dm_kernel(R, x, M, A, stats, table, grad_bg, grad_mask, g, dz, dz_part,
                         A_hi, A_lo = _load_mixing(A, 1, rows_i, rows_j, ri[:, None] & rj[None, :], B, PRESPLIT)
                         Tx = _mix(A_hi, A_lo, ux, Tx, PRESPLIT, DOT_PREC, CT)
                     dM += vx * Tx
-                if GRAD_X:
+                if GRAD_X and SHARE != 1:
                     tl.store(ptrd + c * sdc, (M_i * Tx).to(dx.dtype.element_ty), mask=mi)
-        if HAS_GM:
-            dM += tl.load(grad_mask + plane_i, mask=mi, other=0).to(CT)
-        z = tl.where(mi, dM * slope * M_i * (1.0 - M_i), 0.0)
-        slot_i = rows_i.to(tl.int64)[:, None] * PS + p.to(tl.int64)[None, :] * PP
-        tl.store(dz + slot_i, z, mask=mi)
-        tl.store(g + slot_i, gsum / C, mask=mi)
-        zsum += tl.sum(z, axis=1)
-    tl.store(dz_part + rows_i * tl.num_programs(1) + split, zsum, mask=ri)
+        if SHARE != 2:
+            tl.store(g + slot_i, gsum / C, mask=mi)
+        if SHARE == 1:
+            tl.store(dz + slot_i, dM, mask=mi)
+        else:
+            if HAS_GM:
+                dM += tl.load(grad_mask + plane_i, mask=mi, other=0).to(CT)
+            z = tl.where(mi, dM * slope * M_i * (1.0 - M_i), 0.0)
+            tl.store(dz + slot_i, z, mask=mi)
+            zsum += tl.sum(z, axis=1)
+    if SHARE != 1:
+        tl.store(dz_part + rows_i * tl.num_programs(1) + split, zsum, mask=ri)
 
 
 @triton.jit
@@ -1168,6 +1192,9 @@ class _Plan:
         # registers and no conversions of A in the loops on sm_90 (164 -> 152 registers for
         # pass 2 at B = 128); on sm_80 the two parts as mma.sync operands spill (8-40 bytes)
         self.bwd_presplit = self.dot_prec == "tf32x3" and capability >= (9, 0)
+        # pass 1 with a whole batch over BWD_PAIR_MAX in two launches (R's share of dM, then x's),
+        # each with one mixing matrix on chip
+        self.bwd_shares = 2 if self.bwd_single and self.bwd_bb > BWD_PAIR_MAX else 1
         self.bwd_stages = 1
         # 13. pass 2 may keep A whole for larger batches than pass 1 (BWD_DR_SINGLE_MAX): with A
         # split beforehand, the whole batch of 128 compiles to wgmma with A in shared memory,
@@ -1401,13 +1428,14 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_id
     (sRb, sRc, sRh, sRw), flat_r = _strides(R)
     (sxb, sxc, sxh, sxw), flat_x = _strides(x)
     (sdb, sdc, sdh, sdw), flat_d = _strides(dx) if want_dx else ((0, 0, 0, 0), True)
-    _launch(_bwd_dm_kernel, (plan.bwd_nbb, plan.bwd_split), R, x, mask, A, stats, table, grad_bg, gm, g, dz,
-            dz_part, dx if want_dx else dz, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
-            C * N, plan.bwd_bps, PS, PP, HEAD=bool(head), HAS_GM=has_gm, GRAD_X=want_dx,
-            FLAT=flat_r and flat_x and flat_d, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct, DOT_PREC=plan.dot_prec,
-            PRESPLIT=plan.bwd_presplit,
-            BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
-            num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
+    for share in ((1, 2) if head and plan.bwd_shares == 2 else (0,)):
+        _launch(_bwd_dm_kernel, (plan.bwd_nbb, plan.bwd_split), R, x, mask, A, stats, table, grad_bg, gm, g, dz,
+                dz_part, dx if want_dx else dz, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
+                C * N, plan.bwd_bps, PS, PP, HEAD=bool(head), HAS_GM=has_gm, GRAD_X=want_dx,
+                FLAT=flat_r and flat_x and flat_d, SINGLE=plan.bwd_single, NBB=plan.bwd_nbb, CT=plan.tl_ct,
+                DOT_PREC=plan.dot_prec, PRESPLIT=plan.bwd_presplit, SHARE=share,
+                BB=plan.bwd_bb, BP=plan.bwd_bp, **_CONST,
+                num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
     _launch(_t2_scatter_kernel, (B,), dz, dz_part, sel_idx, sel_w, plan.bwd_split, PS, PP,
             CT=plan.tl_ct, BLOCK=plan.part_block, NSLOT=SLOTS, N_WIN=N_WINDOWS, num_warps=4)
     rad = window_size // 2

@@ -217,6 +217,18 @@ def test_a100_launch_plan(monkeypatch):
     compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
 
 
+@pytest.mark.parametrize("grad_x", [False, True], ids=["x-no-grad", "x-grad"])
+def test_first_backward_pass_in_two_launches(monkeypatch, grad_x):
+    # pass 1 with the whole batch, R's share of dM then x's in two launches, each with one mixing
+    # matrix on chip: the tune variant BWD_SINGLE_MAX=128 at full size
+    monkeypatch.setattr(tb, "BWD_SINGLE_MAX", 64)
+    monkeypatch.setattr(tb, "BWD_PAIR_MAX", 16)
+    plan = tb._Plan(33, 2, 5, 4, torch.float32, 2, (9, 0))
+    assert plan.bwd_single and plan.bwd_bb == 64 and plan.bwd_shares == 2
+    R, x = _maps(33, 2, 5, 4, seed=9)
+    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0, x_grad=grad_x)
+
+
 def test_second_backward_pass_keeps_a_larger_batch_whole(monkeypatch):
     # pass 1 over image row blocks, pass 2 (dR) with the whole batch per program: the tune
     # variant BWD_DR_SINGLE_MAX=128 at full size

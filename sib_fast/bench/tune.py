@@ -44,12 +44,14 @@ TUNABLE = {
 # Spills on sm_90 at 224x224, B=128 (ptxas): BWD_WARPS=4 8 bytes in pass 2 under Triton 3.8,
 # BWD_IMAGE_BLOCK=64,BWD_WARPS=4 16 bytes in pass 1 under 3.6, the others none. Not listed:
 # BWD_PIXEL_BLOCK=32 spills 16-24 bytes under 3.6, SELECT_CHUNK=4096 16 bytes under 3.6 (its
-# histograms hold their bins in registers), and BWD_SINGLE_MAX=128 (the whole batch per program,
-# wgmma, no spills) needs 278 KB of shared memory in pass 1 for the four parts of A, over sm_90's
-# 227 KB; BWD_DR_SINGLE_MAX=128 does that for pass 2 alone (147 KB, no spills).
+# histograms hold their bins in registers). The whole batch per backward program (wgmma with A in
+# shared memory, 147 KB, no spills): BWD_DR_SINGLE_MAX=128 for pass 2 alone, BWD_SINGLE_MAX=128
+# for both, pass 1 then in two launches (R's share, x's share: A and A' together need 278 KB,
+# over sm_90's 227 KB).
 # The select's digit width defaults by Triton version; the variant equal to the default is skipped.
 DEFAULT_VARIANTS = ("SELECT_DIGIT_BITS=4", "SELECT_DIGIT_BITS=8", "BWD_IMAGE_BLOCK=64", "BWD_DR_SINGLE_MAX=128",
-                    "BWD_WARPS=4", "BWD_IMAGE_BLOCK=64,BWD_WARPS=4", "MAX_IMAGE_BLOCK=64", "SELECT_CHUNK=1024")
+                    "BWD_SINGLE_MAX=128", "BWD_WARPS=4", "BWD_IMAGE_BLOCK=64,BWD_WARPS=4", "MAX_IMAGE_BLOCK=64",
+                    "SELECT_CHUNK=1024")
 
 
 SHAPED = ("HBOX_BLOCK", "VBOX_BLOCK")  # HxW; the others are integers
