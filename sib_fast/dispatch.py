@@ -9,7 +9,8 @@ Backends:
 
 ``auto`` takes the fastest backend available for the tensors' device. It falls
 back to ``reference`` only with a one-time warning saying why the fused ones
-are unavailable; a backend asked for by name either runs or raises.
+are unavailable (or inexact at the temperature asked for); a backend asked for
+by name either runs or raises.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import functools
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import warnings
 
@@ -94,6 +96,29 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
 
 
+def fused_temperature_limit(dtype: torch.dtype) -> float:
+    """The largest soft-quantile temperature at which the fused backends are exact in ``dtype``.
+
+    They read only the 18 ranks floor(t) - 8 .. floor(t) + 9 around each quantile's position t
+    (SPEC section 2 allows it for T = 0.1). The nearest rank left out lies at least 9 ranks
+    beyond the nearest one kept, so it weighs at most exp(-9 / T) of it: below the rounding of
+    the compute dtype (2^-24 in float32, which half-precision inputs use too; 2^-53 in
+    float64) while T <= 9 / (p ln 2), 0.541 and 0.245. Beyond, the fused result drifts from
+    the function (dR off by 1e-4 at T = 1, 1e-2 at T = 2), so they refuse to run there.
+    """
+    bits = 53 if dtype == torch.float64 else 24
+    return 9.0 / (bits * math.log(2.0))
+
+
+def _temperature_reason(backend: str, temperature: float, dtype: torch.dtype) -> str | None:
+    if backend == "reference" or temperature <= fused_temperature_limit(dtype):
+        return None
+    compute = "float64" if dtype == torch.float64 else "float32"
+    return (f"temperature={temperature:g} is above {fused_temperature_limit(dtype):.3f}, the largest at which "
+            f"the fused backends compute the soft quantiles exactly in {compute} (they read 18 ranks around "
+            f"each quantile; SPEC section 2)")
+
+
 def available_backends(device=None) -> list[str]:
     """Backends that can run here; for one device type if ``device`` is given."""
     if device is not None:
@@ -112,6 +137,13 @@ def _warn_fallback(device_type: str, reasons: str) -> None:
         RuntimeWarning, stacklevel=4)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_inexact(device_type: str, reason: str) -> None:
+    warnings.warn(
+        f"sib_fast: backend='auto' runs the plain-PyTorch 'reference' backend on {device_type} "
+        f"tensors because {reason}", RuntimeWarning, stacklevel=4)
+
+
 def _constant_under_compile(fn):
     # What torch.compiler.assume_constant_result does (torch 2.11-2.14), without importing
     # torch._dynamo, which would add about 3 s to `import sib_fast`. The fullgraph test in
@@ -122,13 +154,22 @@ def _constant_under_compile(fn):
 
 # Under torch.compile the choice is made once, eagerly, at trace time and baked in.
 @_constant_under_compile
-def resolve_backend(device, backend: str = "auto") -> str:
-    """The name of the backend that will run for tensors on ``device``.
+def resolve_backend(device, backend: str = "auto", temperature: float = 0.1,
+                    dtype: torch.dtype = torch.float32) -> str:
+    """The name of the backend that will run for tensors on ``device``, at this soft-quantile
+    temperature, for inputs of ``dtype`` (see ``fused_temperature_limit``).
 
     It also imports that backend's module, so that ``backend_module`` is a
     plain lookup (traceable by torch.compile).
     """
     name = _choose_backend(device, backend)
+    reason = _temperature_reason(name, temperature, dtype)
+    if reason is not None:
+        if backend != "auto":
+            raise ValueError(f"backend '{backend}': {reason}; use backend='reference' (or 'auto', "
+                             f"which falls back to it)")
+        _warn_inexact(torch.device(device).type, reason)
+        name = "reference"
     if name not in _LOADED:
         _LOADED[name] = importlib.import_module(_BACKEND_MODULES[name])
         log.info("sib_fast: backend %r runs for %s tensors (asked for %r)", name, torch.device(device).type, backend)

@@ -20,15 +20,15 @@ class SIBTerms(NamedTuple):
     mask: torch.Tensor
 
 
-def _backend_for(R: torch.Tensor, backend: str):
-    return backend_module(resolve_backend(R.device, backend))
+def _backend_for(R: torch.Tensor, backend: str, temperature: float):
+    return backend_module(resolve_backend(R.device, backend, float(temperature), R.dtype))
 
 
 def spatial_mask(R: torch.Tensor, *, window_size: int = 31, temperature: float = 0.1,
                  slope: float = 10.0, backend: str = "auto") -> torch.Tensor:
     """The soft foreground mask M (B, H, W) of the VJP map R (SPEC section 3)."""
     check_mask_inputs(R, window_size, temperature, slope)
-    module = _backend_for(R, backend)
+    module = _backend_for(R, backend, temperature)
     return module.spatial_mask(R, int(window_size), float(temperature), float(slope))
 
 
@@ -42,5 +42,5 @@ def sib_terms(R: torch.Tensor, x: torch.Tensor, *, window_size: int = 31, temper
     if R.dtype != x.dtype:  # every backend reads R and x in one dtype; mixed inputs (rare) are promoted
         dtype = torch.promote_types(R.dtype, x.dtype)
         R, x = R.to(dtype), x.to(dtype)
-    module = _backend_for(R, backend)
+    module = _backend_for(R, backend, temperature)
     return SIBTerms(*module.sib_terms(R, x, int(window_size), float(temperature), float(slope)))

@@ -56,7 +56,8 @@ class SIBLoss(nn.Module):
     def loss_from_vjp(self, logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
                       R: torch.Tensor) -> torch.Tensor:
         """The loss for an R computed elsewhere (the finite-difference training mode uses this)."""
-        self.backend_used = resolve_backend(R.device, self.backend)
+        self.backend_used = resolve_backend(R.device, self.backend, self.temperature,
+                                            torch.promote_types(R.dtype, x.dtype))
         terms = sib_terms(R, x.detach(), window_size=self.window_size, temperature=self.temperature,
                           slope=self.slope, backend=self.backend_used)
         ce = F.cross_entropy(logits, target)

@@ -487,9 +487,9 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
     notes = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            backend = resolve_backend(d.device, args.backend)
-        except BackendUnavailableError as exc:
+        try:  # R is float32 here, under --amp too
+            backend = resolve_backend(d.device, args.backend, args.temperature, torch.float32)
+        except (BackendUnavailableError, ValueError) as exc:
             raise TrainingStopped(str(exc)) from None
     notes += [str(w.message).removeprefix("sib_fast: ") for w in caught]
 

@@ -1,4 +1,5 @@
 """The public API: argument checks, dispatch, input_vjp and SIBLoss against a hand-written loss."""
+import math
 import warnings
 
 import pytest
@@ -90,6 +91,51 @@ def test_auto_falls_back_to_reference_only_with_one_warning(monkeypatch):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "reference" in messages[0] and "cuda" in messages[0]
     dispatch._warn_fallback.cache_clear()
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.float32, 24), (torch.bfloat16, 24), (torch.float64, 53)])
+def test_temperature_limit_is_where_the_rank_window_stops_being_exact(dtype, bits):
+    # SPEC section 2's weights over all ranks: the largest one the fused backends' window
+    # floor(t) - 8 .. floor(t) + 9 leaves out, relative to the largest one it keeps, is within
+    # the dtype's rounding up to the limit, and beyond it just above (t = 80 exactly: rank 71
+    # lies 9 ranks off)
+    def dropped_weight(n, q, temperature):
+        t = q * (n - 1)
+        ranks = torch.arange(n, dtype=torch.float64)
+        w = torch.softmax(-(ranks - t).abs() / temperature, dim=0)
+        kept = (ranks >= math.floor(t) - 8) & (ranks <= math.floor(t) + 9)
+        return (w[~kept].max() / w[kept].max()).item() if (~kept).any() else 0.0
+
+    limit = dispatch.fused_temperature_limit(dtype)
+    planes = [(n, q) for n in (30, 101, 224 * 224, 1001) for q in (0.05, 0.8, 0.95)]
+    assert max(dropped_weight(n, q, limit) for n, q in planes) <= 2.0 ** -bits * (1 + 1e-9)
+    assert dropped_weight(101, 0.8, 1.05 * limit) > 2.0 ** -bits
+
+
+def test_fused_backends_refuse_an_inexact_temperature_and_auto_falls_back(monkeypatch):
+    if "cpu" not in sib_fast.available_backends("cpu"):
+        pytest.skip("the cpu backend is not built")
+    assert sib_fast.resolve_backend("cpu", "cpu", 0.5, torch.float32) == "cpu"
+    for temperature, dtype in ((1.0, torch.float32), (0.3, torch.float64)):
+        with pytest.raises(ValueError, match=f"temperature={temperature:g} is above .*use backend='reference'"):
+            sib_fast.resolve_backend("cpu", "cpu", temperature, dtype)
+        assert sib_fast.resolve_backend("cpu", "reference", temperature, dtype) == "reference"
+    R, x = _maps()
+    with pytest.raises(ValueError, match="temperature=1 is above"):
+        sib_fast.sib_terms(R, x, window_size=3, temperature=1.0, backend="cpu")
+    # auto: the reference, with one warning that says why; SIBLoss records it
+    dispatch._warn_inexact.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = sib_fast.SIBLoss(window_size=3, temperature=1.0)
+        for _ in range(2):
+            x = torch.rand(3, 2, 6, 6, requires_grad=True)
+            logits = x.flatten(1) @ torch.randn(72, 4)
+            loss(logits, torch.tensor([0, 1, 2]), x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "'reference'" in messages[0] and "temperature=1 is above" in messages[0]
+    assert loss.backend_used == "reference"
+    dispatch._warn_inexact.cache_clear()
 
 
 def test_input_vjp_errors_name_the_problem():

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import sib_fast
+from sib_fast.dispatch import fused_temperature_limit
 from comparison import PIECEWISE_CASES, compare_head_with_reference, compare_piecewise_constant_with_reference
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
                          relu_like_maps, strided_maps)
@@ -32,6 +33,16 @@ def test_matches_reference(case, dtype):
 def test_strided_inputs(layout, dtype):
     R, x = strided_maps(layout, dtype)
     compare_head_with_reference("cpu", R, x, 9, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_temperature_at_the_limit_of_the_rank_windows(dtype):
+    # the largest temperature the fused backends take (dispatch.fused_temperature_limit: the
+    # ranks their windows leave out weigh less than the dtype's rounding), on planes big enough
+    # to leave ranks out on both sides of every window
+    temperature = fused_temperature_limit(dtype)
+    R, x = random_maps(3, 2, 17, 23, dtype)
+    compare_head_with_reference("cpu", R, x, 5, temperature, 10.0)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

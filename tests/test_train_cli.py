@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+import sib_fast
 from sib_fast import train
 from sib_fast.data import SyntheticObjects
 
@@ -99,6 +100,18 @@ def test_unavailable_backend_is_one_line(tmp_path, capsys):
     code, _ = _run(tmp_path, "--backend", "cuda")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "backend 'cuda' is unavailable" in err[0]
+
+
+def test_a_temperature_the_fused_head_cannot_take(tmp_path, capsys):
+    # named: one line saying why; auto: the reference head, with a note saying why
+    if "cpu" in sib_fast.available_backends("cpu"):
+        code, _ = _run(tmp_path, "--backend", "cpu", "--temperature", "1.0")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and "temperature=1 is above" in err[0], err
+    code, out = _run(tmp_path, "--epochs", "1", "--temperature", "1.0", name="auto")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line and "temperature=1" in line]
+    assert code == 0 and len(notes) == 1 and "'reference'" in notes[0], notes
+    assert _records(out)[-1]["backend"] == "reference"
 
 
 def test_entry_point_reports_errors_without_traceback():
