@@ -47,8 +47,9 @@ def _setup_context(ctx, inputs, output):
 
 def _head_backward(ctx, grad_hsic, grad_bg, grad_mask, *_unused_saved_grads):
     R, x, mask, gram, image_stats, rank_index = ctx.saved_tensors
-    grad_hsic = torch.zeros_like(gram[0, 0]) if grad_hsic is None else grad_hsic
-    grad_bg = torch.zeros_like(gram[0, 0]) if grad_bg is None else grad_bg
+    # an output the loss does not use has no gradient (materialize_grads off): 0-dim zeros
+    grad_hsic = gram.new_zeros(()) if grad_hsic is None else grad_hsic
+    grad_bg = gram.new_zeros(()) if grad_bg is None else grad_bg
     want_grad_x = ctx.needs_input_grad[1]
     grad_R, grad_x = _backward(grad_hsic, grad_bg, grad_mask, R, x, mask, gram, image_stats, rank_index,
                                *ctx.hyperparameters, want_grad_x)

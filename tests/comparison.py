@@ -82,6 +82,25 @@ def compare_head_with_reference(backend: str, R: torch.Tensor, x: torch.Tensor, 
         assert_matches_reference(a, e, GRADIENT_TOLERANCE[dtype], f"{backend} {name}")
 
 
+def compare_each_output_alone(backend: str, R: torch.Tensor, x: torch.Tensor, window_size: int,
+                              temperature: float, slope: float) -> None:
+    """dR of hsic alone, of bg alone and of the mask alone against the reference: the backward of
+    a loss that uses one output gets no gradient (None) for the others."""
+    import sib_fast
+    from sib_fast import reference
+
+    for k, name in enumerate(("hsic", "bg", "mask")):
+        R_ref = R.detach().double().requires_grad_()
+        R_k = R.detach().requires_grad_()
+        out = sib_fast.sib_terms(R_k, x, window_size=window_size, temperature=temperature, slope=slope,
+                                 backend=backend)[k]
+        ref = reference.sib_terms(R_ref, x.detach().double(), window_size, temperature, slope)[k]
+        weight = torch.linspace(-1.0, 1.0, ref.numel(), dtype=torch.float64, device=R.device).reshape(ref.shape)
+        (grad,) = torch.autograd.grad((out * weight.to(out)).sum(), R_k)
+        (grad_ref,) = torch.autograd.grad((ref * weight).sum(), R_ref)
+        assert_matches_reference(grad, grad_ref, GRADIENT_TOLERANCE[R.dtype], f"{backend} dR of {name} alone")
+
+
 def piecewise_constant_maps(B, C, H, W, block, seed=0, dtype=torch.float64, device="cpu"):
     """R made of block x block squares of three levels, and a random x.
 

@@ -4,7 +4,8 @@ import torch
 
 import sib_fast
 from sib_fast.dispatch import fused_temperature_limit
-from comparison import PIECEWISE_CASES, compare_head_with_reference, compare_piecewise_constant_with_reference
+from comparison import (PIECEWISE_CASES, compare_each_output_alone, compare_head_with_reference,
+                        compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
                          relu_like_maps, strided_maps)
 from memory_budget import check_head_memory_budget
@@ -33,6 +34,11 @@ def test_matches_reference(case, dtype):
 def test_strided_inputs(layout, dtype):
     R, x = strided_maps(layout, dtype)
     compare_head_with_reference("cpu", R, x, 9, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradient_of_each_output_alone(dtype):
+    compare_each_output_alone("cpu", *random_maps(3, 2, 9, 11, dtype), 3, 0.1, 10.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sib_fast
-from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_head_with_reference,
-                        compare_piecewise_constant_with_reference)
+from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_output_alone,
+                        compare_head_with_reference, compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
                          relu_like_maps, strided_maps)
 from memory_budget import check_head_memory_budget
@@ -87,6 +87,11 @@ def test_bfloat16_at_realistic_shape():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_maps_with_many_exact_zeros(dtype):
     compare_head_with_reference("cuda", *relu_like_maps(dtype, device=DEVICE), 7, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradient_of_each_output_alone(dtype):
+    compare_each_output_alone("cuda", *random_maps(3, 2, 9, 11, dtype, device=DEVICE), 3, 0.1, 10.0)
 
 
 def test_no_grad_for_x_when_it_does_not_require_it():

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import sib_fast
-from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_head_with_reference,
-                        compare_piecewise_constant_with_reference)
+from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_output_alone,
+                        compare_head_with_reference, compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
                          relu_like_maps, strided_maps)
 from memory_budget import check_head_memory_budget
@@ -67,8 +67,8 @@ def _build_and_register():
 
     def backward(ctx, grad_hsic, grad_bg, grad_mask, *_):
         R, x, mask, gram, stats, ranks = ctx.saved_tensors
-        grad_hsic = torch.zeros_like(gram[0, 0]) if grad_hsic is None else grad_hsic
-        grad_bg = torch.zeros_like(gram[0, 0]) if grad_bg is None else grad_bg
+        grad_hsic = gram.new_zeros(()) if grad_hsic is None else grad_hsic
+        grad_bg = gram.new_zeros(()) if grad_bg is None else grad_bg
         want_x = ctx.needs_input_grad[1]
         dR, dx = backward_op(grad_hsic, grad_bg, grad_mask, R, x, mask, gram, stats, ranks,
                              *ctx.hyperparameters, want_x)
@@ -174,6 +174,11 @@ def test_sparse_maps_tie_in_d_as_the_reference():
     R, x = random_maps(3, 2, 30, 30, torch.float64, seed=4)
     R[:, :, 4:, :] = 0
     compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradient_of_each_output_alone(dtype):
+    compare_each_output_alone(BACKEND, *random_maps(3, 2, 9, 11, dtype), 3, 0.1, 10.0)
 
 
 def test_no_grad_for_x_when_it_does_not_require_it():

@@ -21,8 +21,8 @@ import os
 import pytest
 import torch
 
-from comparison import (GRADIENT_TOLERANCE, RELATIVE_TOLERANCE, assert_matches_reference, compare_head_with_reference,
-                        compare_piecewise_constant_with_reference)
+from comparison import (GRADIENT_TOLERANCE, RELATIVE_TOLERANCE, assert_matches_reference, compare_each_output_alone,
+                        compare_head_with_reference, compare_piecewise_constant_with_reference)
 from memory_budget import check_head_memory_budget
 
 # The interpreter evaluates in numpy, which warns where the kernels rely on IEEE overflow
@@ -143,6 +143,11 @@ def test_matches_reference_float32(case):
 def test_matches_reference_float64():
     R, x = _maps(3, 2, 6, 5, torch.float64, seed=1)
     compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradient_of_each_output_alone(dtype):
+    compare_each_output_alone("triton", *_maps(3, 2, 9, 11, dtype), 3, 0.1, 10.0)
 
 
 def test_bfloat16_inputs():
