@@ -50,6 +50,40 @@ def strided_maps(layout, dtype, H=40, W=36, device="cpu"):
     raise ValueError(layout)
 
 
+def random_cases(count, seed, max_side=40):
+    """``count`` seeded random cases (B, C, H, W, window, temperature, slope, layout, relu) beyond
+    the fixed matrix, for a float64 comparison with the reference. They avoid the inputs on which
+    the function itself is ill-conditioned, where any two float64 computations differ by more than
+    the tolerance: windows reaching across most of the image (d is constant along a side, its
+    ranks decided by rounding) and planes of fewer than 16 pixels (two nearly tied |g| make
+    hi - lo about 1e-8)."""
+    import random
+
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        H, W = rng.randint(1, max_side), rng.randint(1, max_side)
+        if H * W < 16:
+            continue
+        windows = [k for k in (1, 3, 5, 9, 15, 31) if k // 2 < max(1, min(H, W) // 2)]
+        cases.append((rng.randint(2, 9), rng.randint(1, 4), H, W, rng.choice(windows),
+                      rng.choice((0.02, 0.05, 0.1, 0.2)), rng.choice((1.0, 5.0, 10.0, 20.0)),
+                      rng.choice(("contiguous", "channels_last", "transposed")), rng.random() < 0.3))
+    return cases
+
+
+def random_case_maps(case, seed, device="cpu"):
+    """The float64 R (ReLU'd when the case says so) and x of a ``random_cases`` case, in its layout."""
+    B, C, H, W, _, _, _, layout, relu = case
+    R, x = random_maps(B, C, H, W, torch.float64, seed=seed, device=device)
+    R = torch.relu(R) if relu else R
+    if layout == "channels_last":
+        return R.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return R.transpose(2, 3).contiguous().transpose(2, 3), x.transpose(2, 3).contiguous().transpose(2, 3)
+    return R, x
+
+
 def relu_like_maps(dtype, H=48, W=40, device="cpu"):
     """As ReLU networks give: whole regions of R exactly zero, so |g| and d have many ties."""
     R, x = random_maps(4, 3, H, W, dtype, seed=3, device=device)

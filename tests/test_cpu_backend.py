@@ -6,8 +6,8 @@ import sib_fast
 from sib_fast.dispatch import fused_temperature_limit
 from comparison import (PIECEWISE_CASES, compare_each_output_alone, compare_head_with_reference,
                         compare_piecewise_constant_with_reference)
-from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
-                         relu_like_maps, strided_maps)
+from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_case_maps,
+                         random_cases, random_maps, relu_like_maps, strided_maps)
 from memory_budget import check_head_memory_budget
 
 pytestmark = pytest.mark.skipif("cpu" not in sib_fast.available_backends("cpu"),
@@ -34,6 +34,18 @@ def test_matches_reference(case, dtype):
 def test_strided_inputs(layout, dtype):
     R, x = strided_maps(layout, dtype)
     compare_head_with_reference("cpu", R, x, 9, 0.1, 10.0)
+
+
+RANDOM_CASES = random_cases(120, seed=7, max_side=40)
+
+
+@pytest.mark.parametrize("index", range(len(RANDOM_CASES)), ids=lambda i: f"{i}-" + case_id(RANDOM_CASES[i]))
+def test_random_cases(index):
+    # seeded random shapes, windows, temperatures, slopes, layouts and ReLU-like maps beyond the
+    # fixed matrix, in float64 and away from ill-conditioned inputs (head_inputs.random_cases)
+    case = RANDOM_CASES[index]
+    compare_head_with_reference("cpu", *random_case_maps(case, seed=index), *case[4:7], x_grad=index % 2 == 0,
+                                seed=index)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

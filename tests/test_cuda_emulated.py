@@ -27,8 +27,8 @@ import torch
 import sib_fast
 from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_output_alone,
                         compare_head_with_reference, compare_piecewise_constant_with_reference)
-from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
-                         relu_like_maps, strided_maps)
+from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_case_maps,
+                         random_cases, random_maps, relu_like_maps, strided_maps)
 from memory_budget import check_head_memory_budget
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -174,6 +174,18 @@ def test_sparse_maps_tie_in_d_as_the_reference():
     R, x = random_maps(3, 2, 30, 30, torch.float64, seed=4)
     R[:, :, 4:, :] = 0
     compare_head_with_reference(BACKEND, R, x, 5, 0.1, 10.0)
+
+
+RANDOM_CASES = random_cases(16, seed=7, max_side=16)
+
+
+@pytest.mark.parametrize("index", range(len(RANDOM_CASES)), ids=lambda i: f"{i}-" + case_id(RANDOM_CASES[i]))
+def test_random_cases(index):
+    # seeded random shapes, windows, temperatures, slopes, layouts and ReLU-like maps beyond the
+    # fixed matrix, in float64 and away from ill-conditioned inputs (head_inputs.random_cases)
+    case = RANDOM_CASES[index]
+    compare_head_with_reference(BACKEND, *random_case_maps(case, seed=index), *case[4:7], x_grad=index % 2 == 0,
+                                seed=index)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
