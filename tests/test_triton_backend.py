@@ -13,7 +13,8 @@ The interpreter is slow (a few seconds per small case on 2 cores), so the cases 
 few and chosen to cover: B in {2, 3, 5}, C in {1, 3}, windows {1, 3, 9}, 1x1, odd,
 non-square and smaller-than-window images, channels_last and sliced (non-dense)
 inputs, x without grad, float64 and bfloat16, several pixel splits, loops over
-several chunks (small block sizes) and several image blocks (small image blocks).
+several chunks (small block sizes) and several image blocks (small image blocks), and six
+seeded random cases up to 12x12.
 """
 import importlib
 import os
@@ -23,6 +24,7 @@ import torch
 
 from comparison import (GRADIENT_TOLERANCE, RELATIVE_TOLERANCE, assert_matches_reference, compare_each_output_alone,
                         compare_head_with_reference, compare_piecewise_constant_with_reference)
+from head_inputs import case_id, random_case_maps, random_cases
 from memory_budget import check_head_memory_budget
 
 # The interpreter evaluates in numpy, which warns where the kernels rely on IEEE overflow
@@ -143,6 +145,18 @@ def test_matches_reference_float32(case):
 def test_matches_reference_float64():
     R, x = _maps(3, 2, 6, 5, torch.float64, seed=1)
     compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+
+
+RANDOM_CASES = random_cases(6, seed=7, max_side=12)
+
+
+@pytest.mark.parametrize("index", range(len(RANDOM_CASES)), ids=lambda i: f"{i}-" + case_id(RANDOM_CASES[i]))
+def test_random_cases(index):
+    # seeded random shapes, windows, temperatures, slopes, layouts and ReLU-like maps beyond the
+    # fixed matrix, in float64 and away from ill-conditioned inputs (head_inputs.random_cases)
+    case = RANDOM_CASES[index]
+    compare_head_with_reference("triton", *random_case_maps(case, seed=index, device=DEVICE), *case[4:7],
+                                x_grad=index % 2 == 0, seed=index)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
