@@ -1186,21 +1186,21 @@ class _Plan:
         # side, so the repeated reads of R and x come from L2).
         self.bwd_bp = BWD_PIXEL_BLOCK
         self.bwd_bb, self.bwd_single, self.bwd_nbb, self.bwd_bps, self.bwd_split = \
-            self._backward_blocks(B, N, BWD_SINGLE_MAX, target)
+            self._backward_blocks(B, N, self.bwd_bp, BWD_SINGLE_MAX, target)
         self.bwd_warps = BWD_WARPS
         # 3xTF32 with A split once by _bwd_prep_kernel rather than at every product: fewer
         # registers and no conversions of A in the loops on sm_90 (164 -> 152 registers for
         # pass 2 at B = 128); on sm_80 the two parts as mma.sync operands spill (8-40 bytes)
         self.bwd_presplit = self.dot_prec == "tf32x3" and capability >= (9, 0)
-        # pass 1 with a whole batch over BWD_PAIR_MAX in two launches (R's share of dM, then x's),
-        # each with one mixing matrix on chip
-        self.bwd_shares = 2 if self.bwd_single and self.bwd_bb > BWD_PAIR_MAX else 1
+        # pass 1's launches (SHARE of _bwd_dm_kernel): a whole batch over BWD_PAIR_MAX in two,
+        # R's share of dM then x's, each with one mixing matrix on chip
+        self.bwd_shares = (1, 2) if self.bwd_single and self.bwd_bb > BWD_PAIR_MAX else (0,)
         self.bwd_stages = 1
         # 13. pass 2 may keep A whole for larger batches than pass 1 (BWD_DR_SINGLE_MAX): with A
         # split beforehand, the whole batch of 128 compiles to wgmma with A in shared memory,
         # 147 KB on sm_90, where pass 1 with A and A' would need 278 KB
         self.dr_bb, self.dr_single, self.dr_nbb, self.dr_bps, self.dr_split = \
-            self._backward_blocks(B, N, max(BWD_SINGLE_MAX, BWD_DR_SINGLE_MAX), target)
+            self._backward_blocks(B, N, self.bwd_bp, max(BWD_SINGLE_MAX, BWD_DR_SINGLE_MAX), target)
         # 7-8. one-program B x B work
         self.bb_all = max(16, _next_pow2(B))
         self.row_block = 16
@@ -1209,13 +1209,13 @@ class _Plan:
         self.part_block = 128
 
     @classmethod
-    def _backward_blocks(cls, B, N, single_max, target):
+    def _backward_blocks(cls, B, N, bp, single_max, target):
         """A backward pass's image block, whether it holds the whole batch, the number of
-        blocks, and the pixel blocks per split and splits."""
+        blocks, and the pixel blocks (of bp pixels) per split and splits."""
         single = B <= single_max
         bb = max(16, _next_pow2(B)) if single else BWD_IMAGE_BLOCK
         nbb = _cdiv(B, bb)
-        return (bb, single, nbb, *cls._split(_cdiv(N, BWD_PIXEL_BLOCK), target, nbb))
+        return (bb, single, nbb, *cls._split(_cdiv(N, bp), target, nbb))
 
     @staticmethod
     def _split(nblocks, target, tiles):
@@ -1428,7 +1428,7 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_id
     (sRb, sRc, sRh, sRw), flat_r = _strides(R)
     (sxb, sxc, sxh, sxw), flat_x = _strides(x)
     (sdb, sdc, sdh, sdw), flat_d = _strides(dx) if want_dx else ((0, 0, 0, 0), True)
-    for share in ((1, 2) if head and plan.bwd_shares == 2 else (0,)):
+    for share in (plan.bwd_shares if head else (0,)):
         _launch(_bwd_dm_kernel, (plan.bwd_nbb, plan.bwd_split), R, x, mask, A, stats, table, grad_bg, gm, g, dz,
                 dz_part, dx if want_dx else dz, B, C, N, W, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
                 C * N, plan.bwd_bps, PS, PP, HEAD=bool(head), HAS_GM=has_gm, GRAD_X=want_dx,
