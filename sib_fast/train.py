@@ -26,7 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from sib_fast.data import CLASSES, SyntheticObjects
+from sib_fast.checkpoint import TRAIN_KEYS, load_checkpoint, save_checkpoint
+from sib_fast.cli_errors import (OutputError, UsageError, atomic_write, atomic_write_text, check_output_dir, os_reason,
+                                 remove_stale_temporaries)
+from sib_fast.data import (CLASSES, DEFAULT_MAX_BAD_IMAGES, SkipBadImages, SyntheticObjects, read_image,
+                           skip_bad_collate)
 from sib_fast.dispatch import BACKEND_NAMES, BackendUnavailableError, resolve_backend
 from sib_fast.loss import SIBLoss
 from sib_fast.models import BUILTIN, build_model, check_arch
@@ -47,13 +51,13 @@ PAPER_LR = 1e-4       # AdamW, the paper's ResNet-50 setting
 SYNTHETIC_LR = 2e-3   # the built-in CNN from scratch on SyntheticObjects
 SYNTHETIC_TRAIN_SAMPLES = 2048  # with 4 epochs: about two minutes on 2 CPU cores
 SYNTHETIC_VAL_SAMPLES = 256
-# arguments that must match for --resume to continue the same run
-RESUME_KEYS = ("data", "arch", "image_size", "num_classes", "no_sib", "vjp", "lambda_fg", "lambda_bg",
-               "window_size", "seed", "batch_size", "train_samples", "spurious")
-
-
-class UsageError(Exception):
-    """A bad argument: reported as one line, exit status 2."""
+OUTPUT_FILES = (CHECKPOINT, METRICS, CURVES, CONFIG)
+# --resume: these define the run (its data, model, loss and sampling) and must match the checkpoint;
+# the others may change (--lr, --weight-decay, --epochs, --lambda-fg/bg, --backend...): they take
+# effect and the log names them
+RESUME_KEYS = ("data", "arch", "image_size", "num_classes", "no_sib", "vjp", "window_size", "temperature",
+               "slope", "seed", "batch_size", "train_samples", "spurious", "amp")
+NOT_COMPARED = ("output", "resume")
 
 
 class TrainingStopped(Exception):
@@ -90,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic: probability that a training image's background encodes its label (0-1)")
     g.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per GPU/process (default 0 synthetic, min(8, cores) folder)")
+    g.add_argument("--max-bad-images", type=int, default=DEFAULT_MAX_BAD_IMAGES,
+                   help="a folder: skip unreadable image files (each named once, counted in metrics.jsonl) and "
+                        "stop when there are more than this many (0: stop at the first)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=4)
     g.add_argument("--batch-size", type=int, default=32, help="images per step per process (>= 2)")
@@ -194,6 +201,13 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.max_nonfinite < 1:
         raise UsageError(f"--max-nonfinite must be >= 1, got {args.max_nonfinite}")
+    if args.max_bad_images < 0:
+        raise UsageError(f"--max-bad-images must be >= 0, got {args.max_bad_images}")
+    from sib_fast.validation import check_hyperparameters
+    try:  # the loss's own checks (window too large...), before any output exists
+        check_hyperparameters(args.window_size, args.temperature, args.slope)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"S-IB loss (--window-size, --temperature, --slope): {exc}") from None
     if args.compile and args.vjp == "exact" and not args.no_sib:
         raise UsageError("--compile needs --vjp finite_difference: torch.compile does not support the double "
                          "backward of --vjp exact")
@@ -203,8 +217,34 @@ def validate(args: argparse.Namespace) -> None:
         check_arch(args.arch)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    # a named backend that cannot run here, or not at this temperature, is a bad argument ('auto' falls
+    # back, with a note that the run logs: resolving it here would use up that once-only warning)
+    if args.backend != "auto":
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            resolve_backend(device, args.backend, args.temperature, torch.float32)
+        except (BackendUnavailableError, ValueError) as exc:
+            raise UsageError(f"--backend {args.backend}: {exc}") from None
+    # last, once every other argument is known good: the output folder must be writable (creates nothing)
+    check_output_dir(args.output, "--output", OUTPUT_FILES)
     if args.resume and not (Path(args.output) / CHECKPOINT).is_file():
         raise UsageError(f"--resume: no checkpoint at {Path(args.output) / CHECKPOINT}")
+
+
+def read_resume_checkpoint(args) -> dict:
+    """``OUTPUT/checkpoint.pt`` for --resume, checked against the arguments (one line, exit 2 if not usable)."""
+    path = Path(args.output) / CHECKPOINT
+    ckpt = load_checkpoint(path, TRAIN_KEYS)
+    old = ckpt["args"]
+    fixed = [k for k in RESUME_KEYS if k in old and old[k] != getattr(args, k)]
+    if fixed:
+        raise UsageError(f"--resume: {path} was written with different " + ", ".join(
+            f"--{k.replace('_', '-')} ({old[k]!r}, now {getattr(args, k)!r})" for k in fixed)
+            + "; these cannot change within a run: use a new --output")
+    ckpt["changed"] = [(k, old[k], v) for k, v in vars(args).items()
+                       if k not in RESUME_KEYS and k not in NOT_COMPARED and k in old and old[k] != v]
+    ckpt["records"] = read_metrics(Path(args.output) / METRICS)
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -272,14 +312,15 @@ def make_datasets(args, cache: bool = False):
                                  transforms.ToTensor()])
     root = Path(args.data)
     try:
-        train = datasets.ImageFolder(str(root / "train"), train_tf)
-        val = datasets.ImageFolder(str(root / "val"), val_tf)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise TrainingStopped(f"--data {args.data!r}: {exc}") from None
+        # read_image names the file it cannot decode; SkipBadImages skips it (in the workers too)
+        train = datasets.ImageFolder(str(root / "train"), train_tf, loader=read_image)
+        val = datasets.ImageFolder(str(root / "val"), val_tf, loader=read_image)
+    except (FileNotFoundError, RuntimeError, OSError) as exc:
+        raise UsageError(f"--data {args.data!r}: {exc}") from None
     if train.classes != val.classes:
-        raise TrainingStopped(f"--data {args.data!r}: train/ and val/ have different class folders")
-    return (_subset(train, args.train_samples, args.seed), _subset(val, args.val_samples, args.seed + 1),
-            len(train.classes), IMAGENET_STATS, False)
+        raise UsageError(f"--data {args.data!r}: train/ and val/ have different class folders")
+    return (SkipBadImages(_subset(train, args.train_samples, args.seed)),
+            SkipBadImages(_subset(val, args.val_samples, args.seed + 1)), len(train.classes), IMAGENET_STATS, False)
 
 
 def cpu_threads(requested: int | None, world: int) -> tuple[int, str]:
@@ -313,20 +354,6 @@ def weights_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` to a temporary file in the same folder, flush it to disk, then rename."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -341,15 +368,29 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
+    """The records of metrics.jsonl; a damaged line is a UsageError (resuming would drop it from the file)."""
+    if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--resume: cannot read {path}: {exc}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            r = None
+        if not isinstance(r, dict) or not isinstance(r.get("epoch"), int):
+            raise UsageError(f"--resume: {path} line {n} is not a metrics record; repair or remove that line")
+        records.append(r)
+    return records
 
 
 def write_metrics(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records), what="metrics")
 
 
 def plot_curves(records: list[dict], path: Path) -> None:
@@ -385,9 +426,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(f"sib-train: {records[-1].get('run', '')}" if records else "sib-train")
-    tmp = path.with_name("curves.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), what="plot")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -399,17 +438,21 @@ def peak_memory_mb(device: torch.device) -> float:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, loader, d: Dist, normalize, criterion, amp_dtype, channels_last, saliency_batches=2):
+def evaluate(model, loader, d: Dist, normalize, criterion, amp_dtype, channels_last, saliency_batches=2,
+             on_bad=lambda bad: None):
     """Validation accuracy, and on the first batches the S-IB statistics of R (and, with masks,
-    the fraction of |R| that falls on the object)."""
+    the fraction of |R| that falls on the object). ``on_bad`` gets each batch's skipped files."""
     was_training = model.training
     model.eval()
     correct = total = 0
     hsic_sum = bg_sum = n_sal = fg_sum = area_sum = n_fg = 0.0
     autocast = (torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
-    for i, batch in enumerate(loader):
-        x, y = normalize(batch[0].to(d.device, non_blocking=True)), batch[1].to(d.device, non_blocking=True)
+    for i, (x, y, mask, bad) in enumerate(loader):
+        on_bad(bad)
+        if x is None:  # every image of the batch was unreadable
+            continue
+        x, y = normalize(x.to(d.device, non_blocking=True)), y.to(d.device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if i < saliency_batches and x.shape[0] >= 2:
@@ -422,8 +465,8 @@ def evaluate(model, loader, d: Dist, normalize, criterion, amp_dtype, channels_l
             hsic_sum += float(terms.hsic) * x.shape[0]
             bg_sum += float(terms.bg) * x.shape[0]
             n_sal += x.shape[0]
-            if len(batch) > 2:
-                mask = batch[2].to(d.device).flatten(1)
+            if mask is not None:
+                mask = mask.to(d.device).flatten(1)
                 sal = R.abs().sum(dim=1).flatten(1)
                 fg_sum += float((sal * mask).sum(1).div(sal.sum(1).clamp_min(1e-30)).sum())
                 area_sum += float(mask.mean(1).sum())
@@ -463,25 +506,81 @@ def _nonfinite_cause(args, last: dict) -> str:
     return f"the gradient is not finite: lower --lr (now {args.lr:g})"
 
 
-def run(args) -> dict:
+def run(args, resume_state: dict | None = None) -> dict:
+    """Train; ``resume_state``: ``read_resume_checkpoint(args)`` (read here when None and --resume)."""
+    if args.resume and resume_state is None:
+        resume_state = read_resume_checkpoint(args)
     d = Dist(args.device)
     out = Path(args.output)
     log = print if d.main else (lambda *a, **k: None)
     t_start = time.time()
     try:
-        return _run(args, d, out, log, t_start)
+        return _run(args, d, out, log, t_start, resume_state)
     finally:
         d.close()
 
 
-def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
+class BadImages:
+    """Unreadable image files met so far (path -> reason), named once each on the main process and
+    merged over the ranks at each epoch's end; ``total`` counts them over every rank."""
+
+    def __init__(self, d: Dist, log, known: dict | None = None):
+        self.d, self.log = d, log
+        self.known = dict(known or {})
+        self.warned = set(self.known)        # a resumed run named these already
+        self.epoch_new: dict = {}            # this rank, this epoch
+        self.total = len(self.known)         # all ranks
+        self.pending = 0                     # this rank's new ones since the last count
+        self.write = log
+
+    def note(self, bad) -> None:
+        for path, reason in bad:
+            if path in self.known:
+                continue
+            self.known[path] = self.epoch_new[path] = reason
+            self.pending += 1
+            if self.d.main:
+                self.warn(path, reason)
+
+    def warn(self, path, reason) -> None:
+        self.warned.add(path)
+        self.write(f"{PROG}: warning: skipped unreadable image {path} ({reason})")
+
+    def merge(self) -> list[str]:
+        """At an epoch's end: every rank's new files; returns them sorted (for metrics.jsonl)."""
+        new = dict(self.epoch_new)
+        if self.d.enabled:
+            gathered = [None] * self.d.world
+            dist.all_gather_object(gathered, self.epoch_new)
+            for g in gathered:
+                new.update(g)
+        for path, reason in new.items():
+            self.known.setdefault(path, reason)
+            if self.d.main and path not in self.warned:
+                self.warn(path, reason)
+        self.epoch_new, self.pending, self.total = {}, 0, len(self.known)
+        return sorted(new)
+
+    def check(self, limit: int) -> None:
+        if self.total <= limit:
+            return
+        names = sorted(self.known)
+        if self.d.enabled:  # every rank gets here at the same step: the count is a sum over ranks
+            gathered = [None] * self.d.world
+            dist.all_gather_object(gathered, names)
+            names = sorted(set().union(*gathered))
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        raise TrainingStopped(f"{self.total} unreadable image files in --data, more than --max-bad-images {limit}: "
+                              f"{shown}; repair or remove them (or raise --max-bad-images); the last checkpoint "
+                              "is intact")
+
+
+def _run(args, d: Dist, out: Path, log, t_start: float, resume_state: dict | None) -> dict:
     torch.manual_seed(args.seed)
     threads_note = ""
     if d.device.type == "cpu":
         threads, threads_note = cpu_threads(args.threads, d.world)
         torch.set_num_threads(threads)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
     amp_dtype = AMP_DTYPES[args.amp]
     # the S-IB head backend: resolve once, so that a missing one is one line and the fallback a note
     notes = []
@@ -490,7 +589,7 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
         try:  # R is float32 here, under --amp too
             backend = resolve_backend(d.device, args.backend, args.temperature, torch.float32)
         except (BackendUnavailableError, ValueError) as exc:
-            raise TrainingStopped(str(exc)) from None
+            raise UsageError(str(exc)) from None
     notes += [str(w.message).removeprefix("sib_fast: ") for w in caught]
 
     workers = args.workers
@@ -512,10 +611,11 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
     else:
         sampler = RandomSampler(train_set, generator=loader_gen)
     pin = d.device.type == "cuda"
+    # skip_bad_collate: (x, y, mask or None, skipped files); the files travel with the batch from the workers
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-                              drop_last=True, pin_memory=pin, generator=loader_gen)
+                              drop_last=True, pin_memory=pin, generator=loader_gen, collate_fn=skip_bad_collate)
     val_loader = DataLoader(_shard(val_set, d), batch_size=args.batch_size, shuffle=False,
-                            num_workers=workers, pin_memory=pin)
+                            num_workers=workers, pin_memory=pin, collate_fn=skip_bad_collate)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise TrainingStopped(f"the training set ({len(train_set)} images over {d.world} processes) is smaller "
@@ -523,6 +623,13 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
 
     model = build_model(args.arch, num_classes, args.image_size).to(d.device)
     raw_model = model
+    if d.main:  # only now: a bad argument or input leaves no folder behind
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot make the output folder {out}: {os_reason(exc)}") from None
+        for f in remove_stale_temporaries(out, OUTPUT_FILES):
+            notes.append(f"removed {f.name}, a temporary file left by a process that was killed while writing")
     kinks = non_smooth_layers(model) if args.vjp == "finite_difference" and not args.no_sib else []
     if kinks:
         notes.append(f"{args.arch} has {', '.join(kinks)} layers: finite differences do not follow the exact "
@@ -542,20 +649,28 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
     start_epoch, step, records = 0, 0, []
     nonfinite_total = 0
     ckpt_path = out / CHECKPOINT
+    changed_line = ""
+    bad_images = BadImages(d, log)
     if args.resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        old = ckpt.get("args", {})
-        changed = [k for k in RESUME_KEYS if k in old and old[k] != getattr(args, k)]
-        if changed:
-            raise TrainingStopped("--resume: the checkpoint was written with different " + ", ".join(
-                f"--{k.replace('_', '-')} ({old[k]!r}, now {getattr(args, k)!r})" for k in changed))
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        ckpt = resume_state
+        try:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UsageError(f"--resume: {ckpt_path} does not fit this model and optimizer: {first[:300]}") from None
+        # the optimizer state brings the old learning rate and weight decay back: the arguments win
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+        if ckpt["changed"]:
+            changed_line = "; changed: " + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}"
+                                                     for k, a, b in ckpt["changed"])
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
         nonfinite_total = int(ckpt.get("nonfinite_total", 0))
+        bad_images = BadImages(d, log, ckpt.get("bad_images"))
         set_rng_state(ckpt["rng"][min(d.rank, len(ckpt["rng"]) - 1)], d.device)
-        records = [r for r in read_metrics(out / METRICS) if r["epoch"] <= start_epoch]
+        records = [r for r in ckpt["records"] if r["epoch"] <= start_epoch]
         if start_epoch >= args.epochs:
             log(f"{PROG}: the checkpoint already has {start_epoch} epoch(s) (--epochs {args.epochs}); nothing to do")
 
@@ -566,7 +681,7 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
         model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
     if d.main:
-        (out / CONFIG).write_text(json.dumps(vars(args), indent=2) + "\n")
+        atomic_write_text(out / CONFIG, json.dumps(vars(args), indent=2) + "\n", what="config")
     mode = "CE only (--no-sib)" if args.no_sib else f"S-IB, vjp={args.vjp}, head backend={backend}"
     run_name = f"{args.arch} on {'SyntheticObjects' if args.data == 'synthetic' else args.data}, {mode}"
     log(f"{PROG}: {run_name}; {len(train_set)} train / {len(val_set)} val images of {args.image_size}px, "
@@ -575,7 +690,7 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
     for note in notes:
         log(f"{PROG}: note: {note}")
     if args.resume:
-        log(f"{PROG}: resuming after epoch {start_epoch} (step {step})")
+        log(f"{PROG}: resuming after epoch {start_epoch} (step {step}){changed_line}")
 
     try:
         from tqdm import tqdm
@@ -603,9 +718,23 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
                    disable=None if d.main else True, dynamic_ncols=True) if tqdm else None
         t0 = time.time()
         images = 0
-        for batch in train_loader:
-            x = normalize(batch[0].to(d.device, non_blocking=True))
-            y = batch[1].to(d.device, non_blocking=True)
+        if bar is not None and not bar.disable:
+            bad_images.write = bar.write  # a warning line above the bar, not through it
+        for x, y, _, bad_files in train_loader:
+            bad_images.note(bad_files)
+            usable = x is not None and x.shape[0] >= 2  # the HSIC term needs two images
+            # every rank must agree to skip (DDP's backward is collective); one all-reduce for both counts
+            new_bad, unusable = d.sum([float(bad_images.pending), float(not usable)])
+            bad_images.total += int(new_bad)
+            bad_images.pending = 0
+            bad_images.check(args.max_bad_images)
+            if unusable:
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                continue
+            x = normalize(x.to(d.device, non_blocking=True))
+            y = y.to(d.device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
@@ -673,11 +802,18 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        bad_images.write = log
         train_time = time.time() - t0
         agg = d.sum([sums[k] for k in ("loss", "ce", "hsic", "bg", "correct", "seen")])
         seen = max(agg[5], 1.0)
         evals = evaluate(model.module if d.enabled else model, val_loader, d, normalize, criterion, amp_dtype,
-                         args.channels_last)
+                         args.channels_last, on_bad=bad_images.note)
+        bad_before = len(bad_images.known) - len(bad_images.epoch_new)
+        new_bad_files = bad_images.merge()
+        bad_images.check(args.max_bad_images)
+        if agg[5] == 0:
+            raise TrainingStopped(f"epoch {epoch + 1} trained on no batch: the images of --data {args.data} are "
+                                  f"unreadable ({bad_images.total} skipped so far)")
         in_sync = None
         if d.enabled:  # parameters must be identical on every rank
             checksum = float(sum(p.detach().double().sum() for p in raw_model.parameters()))
@@ -691,7 +827,8 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
             train_acc=agg[4] / seen, **evals,
             images_per_s=images / max(train_time, 1e-9), epoch_time_s=train_time,
             peak_mem_mb=peak_memory_mb(d.device), peak_mem_kind="cuda_allocated" if d.device.type == "cuda" else "cpu_rss",
-            nonfinite_skipped=skipped, world_size=d.world, vjp=None if args.no_sib else args.vjp,
+            nonfinite_skipped=skipped, bad_images=len(bad_images.known) - bad_before,
+            bad_images_total=len(bad_images.known), bad_image_files=new_bad_files, world_size=d.world, vjp=None if args.no_sib else args.vjp,
             backend=None if args.no_sib else backend, amp=args.amp)
         if in_sync is not None:
             record["ranks_in_sync"] = in_sync
@@ -715,7 +852,7 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
             save_checkpoint(ckpt_path, dict(
                 format=1, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), epoch=epoch + 1, step=step, rng=rngs,
-                nonfinite_total=nonfinite_total, args=vars(args)))
+                nonfinite_total=nonfinite_total, bad_images=bad_images.known, args=vars(args)))
         if d.enabled:
             dist.barrier()
 
@@ -728,12 +865,14 @@ def _run(args, d: Dist, out: Path, log, t_start: float) -> dict:
 
 def _vjp_check_line(model, loader, normalize, criterion, args, amp_dtype, device) -> str:
     """--check-vjp: the cosine of the two VJP modes' head gradients on the first batch, as a log line."""
-    batch = next(iter(loader))
-    x = normalize(batch[0].to(device))
+    x, y, _, _ = next(iter(loader))
+    if x is None or x.shape[0] < 2:
+        return f"{PROG}: --check-vjp: the first batch has fewer than two readable images; nothing to compare"
+    x = normalize(x.to(device))
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     try:
-        cos = vjp_agreement(model, x, batch[1].to(device), criterion, fd_eps=args.fd_eps, autocast_dtype=amp_dtype)
+        cos = vjp_agreement(model, x, y.to(device), criterion, fd_eps=args.fd_eps, autocast_dtype=amp_dtype)
     except DoubleBackwardUnsupportedError as exc:
         return f"{PROG}: --check-vjp: the exact mode cannot run on this model ({exc.__cause__}); nothing to compare"
     line = (f"{PROG}: --check-vjp: finite-difference vs exact head gradient on the first batch: "
@@ -760,6 +899,8 @@ def _epoch_line(r: dict, args) -> str:
     s += f" | {r['images_per_s']:.1f} img/s, {r['epoch_time_s']:.0f}s"
     if r["nonfinite_skipped"]:
         s += f" | {r['nonfinite_skipped']} non-finite step(s) skipped"
+    if r.get("bad_images"):
+        s += f" | {r['bad_images']} unreadable image(s) skipped"
     return s
 
 
@@ -785,13 +926,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        validate(args)
+        try:
+            validate(args)
+        except (ValueError, TypeError) as exc:  # a check deeper down (sib_fast.validation...) refused a value
+            raise UsageError(str(exc)) from None
+        resume_state = read_resume_checkpoint(args) if args.resume else None
+        run(args, resume_state)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        run(args)
-    except TrainingStopped as exc:
+    except (TrainingStopped, OutputError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # any other read or write fault: what and where, in one line
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -97,17 +97,20 @@ def test_bad_arguments_end_with_one_line(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a missing backend")
 def test_unavailable_backend_is_one_line(tmp_path, capsys):
-    code, _ = _run(tmp_path, "--backend", "cuda")
+    # a bad argument: exit 2, as the README says, and no output folder left behind
+    code, out = _run(tmp_path, "--backend", "cuda")
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "backend 'cuda' is unavailable" in err[0]
+    assert code == 2 and len(err) == 1 and "backend 'cuda' is unavailable" in err[0] and "--backend" in err[0]
+    assert not out.exists()
 
 
 def test_a_temperature_the_fused_head_cannot_take(tmp_path, capsys):
     # named: one line saying why; auto: the reference head, with a note saying why
     if "cpu" in sib_fast.available_backends("cpu"):
-        code, _ = _run(tmp_path, "--backend", "cpu", "--temperature", "1.0")
+        code, out = _run(tmp_path, "--backend", "cpu", "--temperature", "1.0")
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 1 and len(err) == 1 and "temperature=1 is above" in err[0], err
+        assert code == 2 and len(err) == 1 and "temperature=1 is above" in err[0], err
+        assert not out.exists()
     code, out = _run(tmp_path, "--epochs", "1", "--temperature", "1.0", name="auto")
     notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line and "temperature=1" in line]
     assert code == 0 and len(notes) == 1 and "'reference'" in notes[0], notes
@@ -221,11 +224,15 @@ def test_check_vjp_reports_the_cosine_and_warns_on_kinks(tmp_path, capsys):
 
 
 def test_resume_refuses_a_different_run(tmp_path, capsys):
-    code, _ = _run(tmp_path, "--epochs", "1")
+    code, out = _run(tmp_path, "--epochs", "1")
     assert code == 0
-    code, _ = _run(tmp_path, "--epochs", "2", "--resume", "--lambda-bg", "10")
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "--lambda-bg" in err[0]
+    before = (out / train.CHECKPOINT).read_bytes()
+    for argv, name in ((["--spurious", "0.5"], "--spurious"), (["--seed", "3"], "--seed"),
+                       (["--temperature", "0.2"], "--temperature"), (["--arch", "tiny_vit"], "--arch")):
+        code, _ = _run(tmp_path, "--epochs", "2", "--resume", *argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and name in err[0] and "cannot change" in err[0], (argv, err)
+    assert (out / train.CHECKPOINT).read_bytes() == before
 
 
 # --------------------------------------------------------------------------- non-finite losses
@@ -291,7 +298,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(train.OutputError, match="disk full.*previous one is intact"):
         train.save_checkpoint(path, {"epoch": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
