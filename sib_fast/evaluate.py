@@ -34,6 +34,9 @@ import torch
 from torch import nn
 
 from sib_fast import localization as L
+from sib_fast.checkpoint import EVAL_KEYS, load_checkpoint
+from sib_fast.cli_errors import OutputError, UsageError, atomic_write, atomic_write_text, check_output_dir
+from sib_fast.data import DEFAULT_MAX_BAD_IMAGES, BadImageError, read_image
 from sib_fast.explain import CAPTUM_METHODS, METHODS, SIGNED, canonical_method, explain
 
 PROG = "sib-eval"
@@ -47,10 +50,6 @@ METRICS = (  # key, title, better
 )
 QUICK = dict(num_images=8, ig_steps=8, smoothgrad_samples=4, steps=8, grid_images=4, n_boot=500)
 FULL = dict(num_images=128, ig_steps=32, smoothgrad_samples=16, steps=20, grid_images=6, n_boot=2000)
-
-
-class UsageError(Exception):
-    """A bad argument or input: reported as one line, exit status 2."""
 
 
 class Normalized(nn.Module):
@@ -77,7 +76,32 @@ def _stats(synthetic: bool):
     return SYNTHETIC_STATS if synthetic else IMAGENET_STATS
 
 
-def load_run(spec: str, device: torch.device) -> dict:
+def _read_records(path: Path, log) -> list[dict]:
+    """metrics.jsonl beside a checkpoint, for the training curves; what cannot be read is said, not hidden."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        log(f"{PROG}: warning: cannot read {path} ({exc}); no training curves for this run")
+        return []
+    records, bad = [], 0
+    for line in lines:
+        if line.strip():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                r = None
+            if isinstance(r, dict):
+                records.append(r)
+            else:
+                bad += 1
+    if bad:
+        log(f"{PROG}: warning: {path}: {bad} line(s) are not metrics records; the training curves leave them out")
+    return records
+
+
+def load_run(spec: str, device: torch.device, log=print) -> dict:
     """Checkpoint ``spec`` (``[LABEL=]PATH``, a file or a run folder): model, args, metrics."""
     label = None
     if "=" in spec and not Path(spec).exists():  # LABEL=PATH: split at the "=" after which a path exists
@@ -89,22 +113,9 @@ def load_run(spec: str, device: torch.device) -> dict:
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path} (pass a sib-train checkpoint.pt or its output folder)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
-        raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise UsageError(f"{path} is not a sib-train checkpoint (no 'model' and 'args' entries)")
+    ckpt = load_checkpoint(path, EVAL_KEYS)  # the same checks as sib-train --resume
     args = dict(ckpt["args"])
-    metrics_path = path.parent / "metrics.jsonl"
-    records = []
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
+    records = _read_records(path.parent / "metrics.jsonl", log)
     mode = "baseline" if args.get("no_sib") else "S-IB"
     return dict(label=label, group=label or mode, mode=mode, path=path, args=args, state=ckpt["model"],
                 epoch=ckpt.get("epoch"), records=records)
@@ -124,12 +135,12 @@ def build(run: dict, num_classes: int, device: torch.device) -> nn.Module:
 
 
 def _load_image(path: Path, size: int, mask: bool):
-    """Resize the shorter side to size*256/224, centre-crop ``size`` (sib-train's validation view)."""
+    """Resize the shorter side to size*256/224, centre-crop ``size`` (sib-train's validation view).
+    An undecodable file raises ``BadImageError`` naming it."""
     from PIL import Image
     import numpy as np
 
-    img = Image.open(path)
-    img = img.convert("L" if mask else "RGB")
+    img = read_image(path, "L" if mask else "RGB")
     w, h = img.size
     short = round(size * 256 / 224)
     scale = short / min(w, h)
@@ -143,8 +154,10 @@ def _load_image(path: Path, size: int, mask: bool):
     return (a / 255.0).permute(2, 0, 1)
 
 
-def load_folder(root: Path, size: int, n: int):
-    """(images (N,3,S,S), labels (N,), masks (N,1,S,S), classes) from DIR/images and DIR/masks."""
+def load_folder(root: Path, size: int, n: int, max_bad: int = DEFAULT_MAX_BAD_IMAGES, log=print):
+    """(images (N,3,S,S), labels (N,), masks (N,1,S,S), classes, image paths, skipped) from DIR/images
+    and DIR/masks. An image whose file or mask cannot be read is skipped, named once and listed in
+    ``skipped`` as (path, reason); more than ``max_bad`` of them is a UsageError."""
     img_root, mask_root = root / "images", root / "masks"
     if not img_root.is_dir() or not mask_root.is_dir():
         raise UsageError(f"--data {root}: expected {img_root}/CLASS/NAME.jpg and {mask_root}/CLASS/NAME.png")
@@ -161,17 +174,36 @@ def load_folder(root: Path, size: int, n: int):
                 items.append((f, ci, m))
     if not items:
         raise UsageError(f"--data {root}: no images under {img_root}")
-    if n and len(items) > n:  # a fixed, class-mixed subset
-        idx = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:n].sort().values
-        items = [items[i] for i in idx.tolist()]
-    xs = torch.stack([_load_image(f, size, False) for f, _, _ in items])
-    ms = torch.stack([_load_image(m, size, True) for _, _, m in items])
-    ys = torch.tensor([c for _, c, _ in items])
-    return xs, ys, ms, classes
+    # a fixed, class-mixed subset of n readable images: in a fixed random order, the next one replaces a bad one
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist() if n else range(len(items))
+    loaded, skipped = [], []
+    for i in order:
+        if n and len(loaded) == n:
+            break
+        f, c, m = items[i]
+        try:
+            loaded.append((i, _load_image(f, size, False), c, _load_image(m, size, True)))
+        except BadImageError as exc:
+            skipped.append((exc.path, exc.reason))
+            log(f"{PROG}: warning: skipped unreadable {'mask' if exc.path == str(m) else 'image'} {exc.path} "
+                f"({exc.reason})")
+            if len(skipped) > max_bad:
+                names = ", ".join(p for p, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+                raise UsageError(f"--data {root}: more than --max-bad-images {max_bad} unreadable files: {names}; "
+                                 "repair or remove them (or raise --max-bad-images)") from None
+    if not loaded:
+        raise UsageError(f"--data {root}: no readable image under {img_root}")
+    loaded.sort(key=lambda t: t[0])
+    xs = torch.stack([x for _, x, _, _ in loaded])
+    ms = torch.stack([m for _, _, _, m in loaded])
+    ys = torch.tensor([c for _, _, c, _ in loaded])
+    return xs, ys, ms, classes, [str(items[i][0]) for i, _, _, _ in loaded], skipped
 
 
-def load_data(args, runs):
-    """The evaluation images, labels, masks, class names and a one-line description."""
+def load_data(args, runs, log=print):
+    """The evaluation images, labels, masks, class names, a one-line description, and what was left
+    out: {"unreadable": [(path, reason)], "empty_mask": [image]} (an empty ground-truth mask makes
+    every localisation score 0, so such an image is left out of every mean, with one warning)."""
     sizes = {r["args"].get("image_size", 64) for r in runs}
     if len(sizes) > 1:
         raise UsageError(f"the checkpoints were trained at different image sizes {sorted(sizes)}")
@@ -190,12 +222,25 @@ def load_data(args, runs):
         ms = torch.stack([it[2] for it in items])
         desc = (f"SyntheticObjects val split, seed {args.data_seed}, {len(ds)} images of {size}px, "
                 f"{ds.num_classes} classes, background grating {'at random orientation' if spur else 'absent'}")
-        return xs, ys, ms, ds.classes, desc
-    root = Path(args.data)
-    if not root.is_dir():
-        raise UsageError(f"--data {args.data!r}: no such folder (use 'synthetic' or DIR with images/ and masks/)")
-    xs, ys, ms, classes = load_folder(root, size, args.num_images)
-    return xs, ys, ms, classes, f"{root.name}: {len(xs)} images of {size}px, {len(classes)} classes"
+        names, skipped, classes = [f"synthetic val #{i}" for i in range(len(ds))], [], ds.classes
+    else:
+        root = Path(args.data)
+        if not root.is_dir():
+            raise UsageError(f"--data {args.data!r}: no such folder (use 'synthetic' or DIR with images/ and masks/)")
+        xs, ys, ms, classes, names, skipped = load_folder(root, size, args.num_images, args.max_bad_images, log)
+        desc = f"{root.name}: {len(xs)} images of {size}px, {len(classes)} classes"
+    empty = ms.flatten(1).amax(1) <= 0
+    left_out = dict(unreadable=[list(t) for t in skipped], empty_mask=[n for n, e in zip(names, empty.tolist()) if e])
+    if left_out["empty_mask"]:
+        k = len(left_out["empty_mask"])
+        if k == len(names):
+            raise UsageError(f"--data {args.data}: every ground-truth mask is empty (first: {names[0]})")
+        log(f"{PROG}: warning: {k} image(s) have an empty ground-truth mask (first: {left_out['empty_mask'][0]}); "
+            "left out of the evaluation (listed in results.json)")
+        keep = ~empty
+        xs, ys, ms = xs[keep], ys[keep], ms[keep]
+        desc = desc.replace(f"{len(names)} images", f"{len(xs)} images")
+    return xs, ys, ms, classes, desc, left_out
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -252,7 +297,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def write_report(out: Path, runs, results, desc, args, elapsed) -> str:
+def write_report(out: Path, runs, results, desc, args, elapsed, left_out=None) -> str:
     labels = [r["name"] for r in runs]
     tol = f"{args.tolerance:g}px"
     k = "mask area" if args.topk == "mask" else f"{float(args.topk) * 100:g}%"
@@ -264,7 +309,12 @@ def write_report(out: Path, runs, results, desc, args, elapsed) -> str:
              f"- IG {args.ig_steps} steps (baseline 0); SmoothGrad {args.smoothgrad_samples} samples, noise "
              f"{args.smoothgrad_noise:g} x input range",
              f"- {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, commit "
-             f"{_git_commit() or 'unknown'}, {elapsed:.0f}s", "",
+             f"{_git_commit() or 'unknown'}, {elapsed:.0f}s"]
+    left_out = left_out or {}
+    if left_out.get("empty_mask") or left_out.get("unreadable"):
+        lines.append(f"- left out: {len(left_out.get('empty_mask', []))} image(s) with an empty ground-truth mask, "
+                     f"{len(left_out.get('unreadable', []))} unreadable file(s) (listed in results.json)")
+    lines += ["",
              "## Models", "",
              "| model | checkpoint | arch | training | seed | epochs | spurious | accuracy here [95%] | val acc (log) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -312,7 +362,7 @@ def write_report(out: Path, runs, results, desc, args, elapsed) -> str:
               "## Pictures", "", "![training curves](training_curves.png)", ""]
     lines += [f"![{m}](grid_{m}.png)" for m in args.methods]
     text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
+    atomic_write_text(out / "report.md", text, what="report")
     return text
 
 
@@ -346,7 +396,7 @@ def plot_grid(path: Path, method: str, xs, ms, maps_by_model: dict, ys, classes)
             if j == 0:
                 ax.set_ylabel(classes[int(ys[i])], fontsize=8)
     fig.suptitle(f"{method} (positive part, each map scaled to its maximum)", fontsize=9)
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), what="image grid")
 
 
 def plot_curves(path: Path, runs) -> None:
@@ -372,7 +422,7 @@ def plot_curves(path: Path, runs) -> None:
         axes[1].set_yscale("log")
     if not any(ax.lines for ax in axes):
         axes[0].text(0.5, 0.5, "no metrics.jsonl next to the checkpoints", ha="center", transform=axes[0].transAxes)
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), what="plot")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -401,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothgrad-noise", type=float, default=0.15, help="SmoothGrad noise std / input range")
     p.add_argument("--grid-images", type=int, default=None, help=f"rows of each image grid (default {FULL['grid_images']})")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic: seed of the evaluation images")
+    p.add_argument("--max-bad-images", type=int, default=DEFAULT_MAX_BAD_IMAGES,
+                   help="a folder: skip unreadable images and masks (each named once, listed in results.json); "
+                        "more than this many is an error (0: the first one is)")
     p.add_argument("--spurious", type=float, default=None,
                    help="synthetic: background-grating probability (default: the checkpoints'; in the val split the "
                         "grating's orientation is random)")
@@ -449,12 +502,21 @@ def validate(args) -> None:
         raise UsageError(f"--spurious must be in [0, 1], got {args.spurious}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available")
+    if args.max_bad_images < 0:
+        raise UsageError(f"--max-bad-images must be >= 0, got {args.max_bad_images}")
+    if args.image_size is not None and not 8 <= args.image_size <= 4096:
+        raise UsageError(f"--image-size must be between 8 and 4096, got {args.image_size}")
+    if not math.isfinite(args.smoothgrad_noise) or args.smoothgrad_noise < 0:
+        raise UsageError(f"--smoothgrad-noise must be a finite number >= 0, got {args.smoothgrad_noise}")
+    # last: the report folder must be writable (checked now, created only when there is something to write)
+    check_output_dir(args.output, "--output", ("report.md", "results.json", "training_curves.png")
+                     + tuple(f"grid_{m}.png" for m in args.methods))
 
 
 def run(args, log=print) -> dict:
     t0 = time.time()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    runs = [load_run(s, device) for s in args.checkpoints]
+    runs = [load_run(s, device, log) for s in args.checkpoints]
     # unique display names: the label, else mode and seed; on a clash + seed, then + the folder name
     for r in runs:
         r["name"] = r["label"] or f"{r['mode']} s{r['args'].get('seed', '?')}"
@@ -466,13 +528,16 @@ def run(args, log=print) -> dict:
     if len({r["name"] for r in runs}) < len(runs):
         for i, r in enumerate(runs):
             r["name"] = f"{r['name']} #{i + 1}"
-    xs, ys, ms, classes, desc = load_data(args, runs)
+    xs, ys, ms, classes, desc, left_out = load_data(args, runs, log)
     args.mask_area = float(ms.float().mean())
     size = xs.shape[-1]
     if args.tolerance is None:
         args.tolerance = float(round(15 * size / 224))
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot make the report folder {out}: {exc.strerror or exc}") from None
     log(f"{PROG}: {len(runs)} model(s), {desc}; methods {', '.join(args.methods)}; output {out}")
     results, grids = {}, {}
     for r in runs:
@@ -495,8 +560,9 @@ def run(args, log=print) -> dict:
     settings = {k: getattr(args, k) for k in ("data", "methods", "num_images", "target", "tolerance", "topk",
                                                "steps", "baseline", "ig_steps", "smoothgrad_samples",
                                                "smoothgrad_noise", "data_seed", "spurious", "quick")}
-    (out / "results.json").write_text(json.dumps(dict(data=desc, settings=settings, models=results), indent=1) + "\n")
-    write_report(out, runs, results, desc, args, time.time() - t0)
+    atomic_write_text(out / "results.json", json.dumps(dict(data=desc, settings=settings, left_out=left_out,
+                                                           models=results), indent=1) + "\n", what="results")
+    write_report(out, runs, results, desc, args, time.time() - t0, left_out)
     log(f"{PROG}: wrote {out / 'report.md'} in {time.time() - t0:.0f}s")
     return results
 
@@ -504,11 +570,17 @@ def run(args, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        validate(args)
+        try:
+            validate(args)
+        except (ValueError, TypeError) as exc:  # a check deeper down refused a value
+            raise UsageError(str(exc)) from None
         run(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except (OutputError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

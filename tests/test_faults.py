@@ -302,3 +302,105 @@ def test_unreadable_images_under_torchrun_with_workers(tmp_path):
     recs = _records(out)
     assert [r["bad_images"] for r in recs] == [2, 0] and recs[-1]["bad_images_total"] == 2
     assert all(r["ranks_in_sync"] is True for r in recs)
+
+
+# --------------------------------------------------------------------------- sib-eval
+
+EVAL_FAST = ["--methods", "gradcam", "--num-images", "4", "--batch-size", "4", "--steps", "2", "--grid-images", "1"]
+
+
+def _eval(*argv):
+    from sib_fast import evaluate
+    return evaluate.main([*EVAL_FAST, *argv])  # argv last: it may override EVAL_FAST
+
+
+def _eval_folder(root, n=3, size=(20, 24)):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / "images" / c).mkdir(parents=True)
+        (root / "masks" / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.jpg")
+            m = np.zeros(size, dtype=np.uint8)
+            m[5:15, 6:18] = 255
+            Image.fromarray(m).save(root / "masks" / c / f"{i}.png")
+    return root
+
+
+def test_sib_eval_skips_unreadable_images_and_masks_and_empty_masks(trained, tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    data = _eval_folder(tmp_path / "data")
+    bad_img = data / "images" / "a" / "1.jpg"
+    _truncate(bad_img)
+    bad_mask = data / "masks" / "b" / "0.png"
+    bad_mask.write_text("not a png\n")
+    empty = data / "masks" / "c" / "2.png"
+    Image.fromarray(np.zeros((20, 24), dtype=np.uint8)).save(empty)
+    out = tmp_path / "report"
+    code = _eval(str(trained), "--data", str(data), "--output", str(out), "--num-images", "0")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.out.splitlines()
+    assert sum("skipped unreadable image" in ln and str(bad_img) in ln for ln in lines) == 1, lines
+    assert sum("skipped unreadable mask" in ln and str(bad_mask) in ln for ln in lines) == 1, lines
+    warn = [ln for ln in lines if "empty ground-truth mask" in ln]
+    assert len(warn) == 1 and "1 image(s)" in warn[0] and "2.jpg" in warn[0], warn
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(p for p, _ in res["left_out"]["unreadable"]) == sorted([str(bad_img), str(bad_mask)])
+    assert res["left_out"]["empty_mask"] == [str(data / "images" / "c" / "2.jpg")]
+    scores = next(iter(res["models"].values()))["per_image"]["gradcam"]["energy_pg"]
+    assert len(scores) == 9 - 3  # neither the unreadable pairs nor the empty mask are scored
+    report = (out / "report.md").read_text()
+    assert "1 image(s) with an empty ground-truth mask, 2 unreadable file(s)" in report
+    # more than --max-bad-images: one line naming them, exit 2, no report
+    code = _eval(str(trained), "--data", str(data), "--output", str(tmp_path / "r1"), "--num-images", "0",
+                 "--max-bad-images", "1")
+    line = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(line) == 1 and "more than --max-bad-images 1" in line[0], line
+    assert str(bad_img) in line[0] and str(bad_mask) in line[0] and not (tmp_path / "r1").exists()
+
+
+def test_sib_eval_says_what_is_wrong_with_a_checkpoint(trained, tmp_path, capsys):
+    text = tmp_path / "notckpt.pt"
+    text.write_text("101\n")
+    flipped = tmp_path / "flipped.pt"
+    data = bytearray((trained / train.CHECKPOINT).read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 8] = bytes(b ^ 0x5A for b in data[mid:mid + 8])
+    flipped.write_bytes(bytes(data))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path, words in ((text, ["not a checkpoint"]), (flipped, ["damaged"]), (empty, ["empty"])):
+        assert _eval(str(path), "--output", str(tmp_path / "o")) == 2
+        line = _one_error_line(capsys, "sib-eval")
+        assert str(path) in line and all(w in line for w in words), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_sib_eval_bad_output_paths(trained, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    report_dir = tmp_path / "r"
+    (report_dir / "report.md").mkdir(parents=True)
+    for out, words in ((a_file, ["--output", "is a file"]), (a_file / "sub", ["--output", "is a file"]),
+                       (report_dir, ["report.md", "is a folder"])):
+        assert _eval(str(trained), "--output", str(out)) == 2
+        line = _one_error_line(capsys, "sib-eval")
+        assert all(w in line for w in words), line
+    assert a_file.read_text() == "x"
+
+
+def test_sib_eval_a_full_disk_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    from sib_fast import evaluate
+    out = tmp_path / "r"
+
+    def full(path, text, what="file"):
+        raise cli_errors.OutputError(f"cannot write the {what} {path}: No space left on device")
+
+    monkeypatch.setattr(evaluate, "atomic_write_text", full)
+    assert _eval(str(trained), "--output", str(out)) == 1
+    line = _one_error_line(capsys, "sib-eval")
+    assert "No space left on device" in line and str(out / "results.json") in line, line
