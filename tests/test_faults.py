@@ -404,3 +404,67 @@ def test_sib_eval_a_full_disk_is_one_line(trained, tmp_path, capsys, monkeypatch
     assert _eval(str(trained), "--output", str(out)) == 1
     line = _one_error_line(capsys, "sib-eval")
     assert "No space left on device" in line and str(out / "results.json") in line, line
+
+
+# --------------------------------------------------------------------------- sib-bench
+
+def _bench(*argv):
+    from sib_fast.bench import cli as bench
+    return bench.main(list(argv))
+
+
+def test_sib_bench_from_json_missing_or_malformed_is_one_line(tmp_path, capsys):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"schema": "sib-bench/1", "rows": [')
+    a_list = tmp_path / "list.json"
+    a_list.write_text("[1, 2]")
+    cases = ((tmp_path / "missing.json", ["--from-json", "cannot read", "No such file"]),
+             (bad_json, ["--from-json", "is not JSON", "line 1"]),
+             (a_list, ["is not a sib-bench/1 record"]),
+             (tmp_path, ["--from-json", "cannot read"]))
+    for path, words in cases:
+        assert _bench("--from-json", str(path)) == 2
+        line = _one_error_line(capsys, "sib-bench")
+        assert str(path) in line and all(w in line for w in words), line
+
+
+def test_sib_bench_checks_its_outputs_before_measuring(tmp_path, capsys, monkeypatch):
+    from sib_fast.bench import cli as bench
+
+    def never(*a, **k):
+        raise AssertionError("measured before checking the outputs")
+
+    monkeypatch.setattr(bench, "new_record", never)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for argv, words in ((["--json", str(tmp_path)], ["--json", "is a folder"]),
+                        (["--json", str(a_file / "head.json")], ["--json", "is a file"]),
+                        (["--markdown", str(tmp_path)], ["--markdown", "is a folder"]),
+                        (["--plot", str(tmp_path / "head.nope")], ["--plot", ".nope"])):
+        assert _bench("--device", "cpu", "--quick", *argv) == 2
+        line = _one_error_line(capsys, "sib-bench")
+        assert all(w in line for w in words), line
+    assert a_file.read_text() == "x"
+
+
+def test_sib_bench_a_full_disk_while_recording_keeps_the_rows(tmp_path, capsys, monkeypatch):
+    from sib_fast.bench import cli as bench
+    record = tmp_path / "head.json"
+    calls = {"n": 0}
+    write = bench.atomic_write_text
+
+    def full(path, text, what="file"):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the first row is recorded, then the disk is full
+            raise cli_errors.OutputError(f"cannot write the {what} {path}: No space left on device "
+                                         "(the previous one is intact)")
+        write(path, text, what)
+
+    monkeypatch.setattr(bench, "atomic_write_text", full)
+    code = _bench("--device", "cpu", "--threads", "1", "--quick", "--copy-mib", "16", "--no-compile",
+                  "--no-memory", "--backends", "reference", "--batch", "2,3", "--size", "12", "--json", str(record))
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 1 and "No space left on device" in err[-1] and str(record) in err[-1], err
+    assert "| reference |" in captured.out  # the measured rows are printed, not lost
+    assert len(json.loads(record.read_text())["rows"]) == 1

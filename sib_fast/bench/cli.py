@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from sib_fast.cli_errors import OutputError, UsageError, atomic_write_text, check_output_file, os_reason
 
 SCHEMA = "sib-bench/1"
 PARTS = ("fwd", "bwd", "fwd_bwd")
@@ -41,10 +42,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 DEFAULT_BATCH = {"cpu": "4,16", "cuda": "8,32,128"}
 # fixed upstream gradients of (hsic, bg): not 1, so a backward that ignores them shows up
 UPSTREAM = (0.75, -1.25)
-
-
-class UsageError(Exception):
-    """A bad command-line value; reported as one line."""
 
 
 # ---------------------------------------------------------------- arguments
@@ -199,13 +196,52 @@ def new_record(args, device: torch.device, mode: str) -> dict:
 
 
 def save_json(record: dict, path: str | None) -> None:
+    """Rewrite the record at ``path`` atomically: a failure (``OutputError``) leaves the last one intact."""
     if not path:
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--json {path}: cannot make {path.parent}: {os_reason(exc)}") from None
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=False) + "\n", what="--json record")
+
+
+def load_record(path: str) -> dict:
+    """A record written by --json, for --from-json; one line (UsageError) when it is not one."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = os_reason(exc) if isinstance(exc, OSError) else "not a text file"
+        raise UsageError(f"--from-json {path}: cannot read it: {reason}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--from-json {path} is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+                         ) from None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA or not isinstance(record.get("rows"), list):
+        raise UsageError(f"--from-json {path} is not a {SCHEMA} record")
+    return record
+
+
+def check_outputs(args) -> None:
+    """--json, --plot and --markdown must be writable before minutes of measuring, not after."""
+    if args.json and not args.from_json:
+        check_output_file(args.json, "--json")
+    if args.markdown:
+        check_output_file(args.markdown, "--markdown")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
+        ext = Path(args.plot).suffix.lstrip(".").lower()
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            return  # said when plotting: the measurements are worth having without the plot
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if ext not in kinds:
+            what = f".{ext} files" if ext else "a file without an extension"
+            known = ", ".join("." + k for k in sorted(kinds))
+            raise UsageError(f"--plot {args.plot}: matplotlib cannot write {what}; use one of {known}")
 
 
 # ---------------------------------------------------------------- head mode
@@ -540,10 +576,9 @@ def _run(args) -> int:
     from sib_fast.bench.machine import load_average
 
     try:
+        check_outputs(args)
         if args.from_json:
-            record = json.loads(Path(args.from_json).read_text())
-            if record.get("schema") != SCHEMA:
-                raise UsageError(f"{args.from_json} is not a {SCHEMA} record")
+            record = load_record(args.from_json)
         else:
             if args.quick:
                 args.warmup, args.min_reps, args.max_reps, args.min_time = 1, 3, 5, 0.0
@@ -571,6 +606,10 @@ def _run(args) -> int:
                     run_step(args, device, record, config)
                 else:
                     run_head(args, device, record, config)
+            except OutputError as exc:  # --json failed mid-run: the rows measured so far go to stdout
+                print(render(record))
+                print(f"sib-bench: {exc}; the rows above are complete", file=sys.stderr)
+                return 1
             except KeyboardInterrupt:
                 record["interrupted"] = True
                 record["loadavg_1min_at_end"] = load_average()
@@ -583,7 +622,11 @@ def _run(args) -> int:
     except UsageError as exc:
         print(f"sib-bench: {exc}", file=sys.stderr)
         return 2
+    except OutputError as exc:
+        print(f"sib-bench: {exc}", file=sys.stderr)
+        return 1
     print(render(record))
+    status = 0
     if args.plot:
         if record["mode"] != "head":
             print("sib-bench: --plot draws head-mode records; nothing plotted", file=sys.stderr)
@@ -594,6 +637,13 @@ def _run(args) -> int:
                 plot_head(record, args.plot)
             except ImportError as exc:
                 print(f"sib-bench: cannot plot ({exc}); install matplotlib", file=sys.stderr)
+            except OSError as exc:
+                print(f"sib-bench: cannot write the plot {args.plot}: {os_reason(exc)}", file=sys.stderr)
+                status = 1
     if args.markdown:
-        append_markdown(record, args.markdown)
-    return 0
+        try:
+            append_markdown(record, args.markdown)
+        except OSError as exc:
+            print(f"sib-bench: cannot append to {args.markdown}: {os_reason(exc)}", file=sys.stderr)
+            status = 1
+    return status
