@@ -468,3 +468,10 @@ def test_sib_bench_a_full_disk_while_recording_keeps_the_rows(tmp_path, capsys, 
     assert code == 1 and "No space left on device" in err[-1] and str(record) in err[-1], err
     assert "| reference |" in captured.out  # the measured rows are printed, not lost
     assert len(json.loads(record.read_text())["rows"]) == 1
+
+
+def test_tune_checks_its_json_before_measuring(tmp_path, capsys):
+    from sib_fast.bench import tune
+    assert tune.main(["--device", "cpu", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tune: --json") and "is a folder" in err[0], err

@@ -17,14 +17,14 @@ Triton's interpreter (set ``TRITON_INTERPRET=1``): that checks a variant, it doe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-from sib_fast.bench.cli import UPSTREAM, UsageError, _first_line, _relative_error, lane_function, resolve_device
+from sib_fast.bench.cli import (UPSTREAM, UsageError, _first_line, _relative_error, lane_function, resolve_device,
+                                save_json)
+from sib_fast.cli_errors import OutputError, check_output_file
 from sib_fast.bench.machine import device_label, machine_info
 from sib_fast.bench.measure import make_head_inputs, synchronize, time_calls
 
@@ -151,8 +151,7 @@ def run(args, device: torch.device, record: dict) -> None:
         except Exception as exc:  # a variant that fails to compile or run is a result, not the end of the run
             row["error"] = _first_line(exc)
         record["rows"].append(row)
-        if args.json:
-            Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        save_json(record, args.json)  # atomic: a failed write leaves the last record intact
 
 
 def table(record: dict, tolerance: float) -> str:
@@ -200,9 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         for text in args.variant or ():
             parse_variant(text)  # every variant is checked before anything runs
         device = resolve_device(args.device)
+        if args.json:  # before minutes of measuring, not after
+            check_output_file(args.json, "--json")
         record = new_record(args, device)
         try:
             run(args, device, record)
+        except OutputError as exc:
+            print(table(record, args.tolerance))
+            print(f"tune: {exc}; the rows above are complete", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print(table(record, args.tolerance))
             print("tune: interrupted; the rows above are complete", file=sys.stderr)
