@@ -67,6 +67,24 @@ SIB_HOST_DEVICE void rank_weights(int64_t n, double q, double temperature, RankW
   for (int k = 0; k < win.count; ++k) w[k] /= total;
 }
 
+// Unbiased variance of D values from their sum s1 and sum of squares s2 (SPEC section 5).
+// A sum of squares past the range (values of 1e19 in float32) is a variance past it too:
+// +inf, where s2 - s1^2 / D would be inf - inf = NaN.
+SIB_HOST_DEVICE double unbiased_variance(double s1, double s2, double D) {
+  if (s2 > 1.7976931348623157e308) return s2;  // +inf
+  // rounding can leave a variance of nearly constant values a little below 0; never a
+  // negative variance (NaN stays NaN)
+  const double v = (s2 - s1 * s1 / D) / (D - 1.0);
+  return v < 0.0 ? 0.0 : v;
+}
+
+// SPEC section 8 for the soft quantile: a plane holding NaN or +-Inf has Q = NaN, as the
+// full-rank weighted sum of the reference is (far ranks weigh 0, and 0 * inf is NaN).
+template <typename T>
+SIB_HOST_DEVICE bool is_finite_value(T v) {
+  return v - v == T(0);
+}
+
 template <typename T>
 SIB_HOST_DEVICE T sigmoid(T z) {
   return T(1) / (T(1) + std::exp(-z));

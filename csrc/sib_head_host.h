@@ -4,14 +4,20 @@
 // files include it (sib_head.h is the math shared with device code).
 #pragma once
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
 
 namespace sib_fast {
 
-inline void check_head_inputs(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature,
-                              double slope) {
+// Checks the op's arguments; returns the window the kernels run: every window from
+// 2 max(H, W) - 1 up holds the whole image at every pixel and gives the same mask (M = 1/2,
+// sib_fast.reference.whole_image_window), so the smallest of them stands for the rest and
+// k * k stays far from overflowing.
+inline int64_t check_head_inputs(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature,
+                                 double slope) {
   TORCH_CHECK(R.dim() == 4, "sib_head: R must be (B, C, H, W), got ", R.sizes());
   TORCH_CHECK(R.sizes() == x.sizes(), "sib_head: R and x must have the same shape, got ", R.sizes(), " and ",
               x.sizes());
@@ -22,6 +28,7 @@ inline void check_head_inputs(const at::Tensor& R, const at::Tensor& x, int64_t 
   TORCH_CHECK(R.size(2) * R.size(3) < (int64_t(1) << 31), "sib_head: images of 2^31 pixels or more are not supported");
   TORCH_CHECK(window > 0 && window % 2 == 1, "sib_head: window_size must be a positive odd integer, got ", window);
   TORCH_CHECK(temperature > 0 && slope > 0, "sib_head: temperature and slope must be > 0");
+  return std::min(window, 2 * std::max(R.size(2), R.size(3)) - 1);
 }
 
 // float64 if R (and so x) is float64, else float32 (SPEC section 6: reductions in float32 or better).

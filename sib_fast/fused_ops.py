@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 import sib_fast._C  # noqa: F401  (loads the library, which registers the ops)
+from sib_fast.dispatch import refuse_higher_order_gradient
 from sib_fast.reference import compute_dtype
 
 # Layout of the saved tensors; must match csrc/sib_head.h.
@@ -57,6 +58,8 @@ def _head_backward(ctx, grad_hsic, grad_bg, grad_mask, *_unused_saved_grads):
 
 
 torch.library.register_autograd("sib_fast::sib_head_forward", _head_backward, setup_context=_setup_context)
+torch.library.register_autograd("sib_fast::sib_head_backward", refuse_higher_order_gradient,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def sib_terms(R, x, window_size, temperature, slope):

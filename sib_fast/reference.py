@@ -26,19 +26,36 @@ def soft_quantile(v: torch.Tensor, q: float, temperature: float) -> torch.Tensor
     """SPEC section 2: Q(v, q) per row of ``v`` (shape (B, n)), by a full sort.
 
     The sort is stable, so tied values take their ranks in index order; the
-    fused backends select ranks with the same tie-breaking.
+    fused backends select ranks with the same tie-breaking. A row holding NaN or +-Inf has
+    Q = NaN (SPEC section 8): the full-rank sum gives that wherever a far rank's weight
+    underflows to 0 (0 * inf), and every backend makes it the rule.
     """
     n = v.shape[1]
     sorted_v = torch.sort(v, dim=1, stable=True).values
-    t = q * (n - 1)
-    ranks = torch.arange(n, device=v.device, dtype=v.dtype)
-    w = torch.softmax(-(ranks - t).abs() / temperature, dim=0)
-    return (sorted_v * w).sum(dim=1)
+    value = (sorted_v * rank_weights(n, q, temperature, v)).sum(dim=1)
+    return torch.where(torch.isfinite(v).all(dim=1), value, torch.nan)
+
+
+def rank_weights(n: int, q: float, temperature: float, like: torch.Tensor) -> torch.Tensor:
+    """SPEC section 2's softmax weights over the n ranks, in ``like``'s dtype and device.
+
+    Computed in float64 from the distances less the smallest: the same softmax, but at a tiny
+    temperature (1e-40 in float32) the nearest rank keeps weight 1 instead of every logit
+    becoming -inf and the softmax NaN.
+    """
+    dist = (torch.arange(n, device=like.device, dtype=torch.float64) - q * (n - 1)).abs()
+    return torch.softmax(-(dist - dist.min()) / temperature, dim=0).to(like.dtype)
 
 
 def box_mean(h: torch.Tensor, window_size: int) -> torch.Tensor:
-    """SPEC section 3: k x k mean, stride 1, zero padding k//2, divided by k*k."""
-    return F.avg_pool2d(h.unsqueeze(1), window_size, stride=1, padding=window_size // 2).squeeze(1)
+    """SPEC section 3: k x k mean, stride 1, zero padding k//2, divided by k*k.
+
+    A window wider than ``whole_image_window`` sums the whole image at every pixel, as that one
+    does; avg_pool2d takes the smaller (its kernel is a C int) and the sum is divided by k*k.
+    """
+    k = min(window_size, whole_image_window(*h.shape[-2:]))
+    box = F.avg_pool2d(h.unsqueeze(1), k, stride=1, padding=k // 2).squeeze(1)
+    return box if k == window_size else box * (k / window_size) ** 2
 
 
 def spatial_mask(R: torch.Tensor, window_size: int = 31, temperature: float = 0.1,
@@ -57,12 +74,32 @@ def spatial_mask(R: torch.Tensor, window_size: int = 31, temperature: float = 0.
     return torch.sigmoid(slope * (d - t2)).reshape(B, H, W)
 
 
+def whole_image_window(H: int, W: int) -> int:
+    """The smallest window whose k x k box holds the whole H x W image from every pixel.
+
+    Every larger window does too, so its box mean is the image's sum / k*k at every pixel, d is
+    constant, t2 = d and M = 1/2 with no gradient: the function is the same for all of them.
+    """
+    return 2 * max(H, W) - 1
+
+
+def _unit_rows(u: torch.Tensor) -> torch.Tensor:
+    """u / max(||u||, 1e-12) per row (SPEC section 4), NaN for a row whose norm overflows.
+
+    HSIC does not depend on the scale of R or x, but a norm past the dtype's range (about 1e19
+    per value in float32) is inf and u / inf = 0 would give a finite, wrong HSIC. Every backend
+    returns NaN there instead (docs/numerics.md).
+    """
+    norm = torch.linalg.vector_norm(u, dim=1, keepdim=True)
+    return u / torch.where(torch.isinf(norm), torch.nan, norm.clamp_min(NORM_EPS))
+
+
 def hsic(R: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SPEC section 4: linear-kernel HSIC between R*M and x*M over the batch."""
     B = R.shape[0]
     m = mask.unsqueeze(1)
-    U = F.normalize((R * m).flatten(1), dim=1, eps=NORM_EPS)
-    V = F.normalize((x * m).flatten(1), dim=1, eps=NORM_EPS)
+    U = _unit_rows((R * m).flatten(1))
+    V = _unit_rows((x * m).flatten(1))
     P = torch.eye(B, dtype=U.dtype, device=U.device) - 1.0 / B
     Kc = P @ (U @ U.T) @ P
     Lc = P @ (V @ V.T) @ P

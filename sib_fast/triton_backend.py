@@ -70,7 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sib_fast.reference import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS, compute_dtype
+from sib_fast.dispatch import refuse_higher_order_gradient
+from sib_fast.reference import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS, compute_dtype, whole_image_window
 
 RANK_WINDOW = 18  # ranks floor(t) - 8 .. floor(t) + 9 (SPEC section 2)
 SLOTS = 32  # RANK_WINDOW padded to a power of two
@@ -357,6 +358,10 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
     rank += tl.where(tr % 2 == 1, tl.sum(tl.where(q_of[:, None] == tr[None, :], lens[None, :], 0), axis=1) - 1, 0)
     window_total = tl.sum(tl.where(tr < NQ, lens, 0), axis=0)
     kmin, kmax = _key_range(base, N, KT, KMASK, CHUNK)
+    # SPEC section 8: NaN or +-Inf anywhere in the plane (keys from that of inf up) makes Q NaN,
+    # as the reference's full-rank sum is (far ranks weigh 0, and 0 * inf is NaN)
+    INF_KEY: tl.constexpr = 0x7FF0000000000000 if KT == tl.int64 else 0x7F800000
+    nonfinite = kmax >= INF_KEY
     varying = tl.sum(((kmin ^ kmax) >> tl.arange(0, KEY_BITS).to(KT) != 0).to(tl.int32), axis=0)  # low bits
     kk = rank  # rank among the elements that share the current key prefix
     pre = tl.zeros([8], KT) + (kmin >> varying)  # key prefix found so far, per target
@@ -412,8 +417,11 @@ def _select_kernel(plane, lst, list_stride, table, stats, sel_idx, sel_w, scr_va
         before = valid[None, :] & ((key_c < key[:, None]) | ((key_c == key[:, None]) & (ix_c < ix[:, None])))
         pos = tl.sum(before.to(tl.int32), axis=1)
         w = tl.load(table + (WIN0 + q) * NSLOT + pos, mask=valid, other=0)
-        qv = tl.sum(tl.where(valid, w * v, 0.0), axis=0)
-        tl.store(stats + b * N_STATS + WIN0 + q, qv)
+        # v0 + sum w (v - v0) with v0 the window's first rank: equal values give exactly v0
+        # (sum w v rounds to v0 (1 +- ulp), which hi - lo + 1e-8 magnifies on flat maps)
+        v0 = tl.sum(tl.where(valid & (pos == 0), v, 0.0), axis=0)
+        qv = v0 + tl.sum(tl.where(valid, w * (v - v0), 0.0), axis=0)
+        tl.store(stats + b * N_STATS + WIN0 + q, tl.where(nonfinite, float("nan"), qv))
         tl.debug_barrier()  # every slot of this window is read before it is rewritten in rank order
         tl.store(sel_idx + row + pos, ix, mask=valid)
         tl.store(sel_idx + row + j, tl.full([NSLOT], -1, tl.int32), mask=j >= n_q)
@@ -518,6 +526,9 @@ def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2, PS, PP,
         sum_dyu = tl.zeros([BW], CT)
     else:
         fixed = tl.load(table + N_WIN * NSLOT + 3)
+        # lo is NaN for a plane g with NaN or +-Inf: then d is NaN too (the fixed-point sums
+        # cannot carry it), and so are t2 and M
+        poison = tl.load(stats + b * N_STATS + 0) * 0.0
     for h0 in range(0, H, BH):
         rows = h0 + tl.arange(0, BH)
         m = (rows < H)[:, None] & cm[None, :]
@@ -537,7 +548,7 @@ def _vbox_kernel(src, g, stats, table, pre, out, part, H, W, RAD, K2, PS, PP,
             sum_dy += tl.sum(dy, axis=0)
             sum_dyu += tl.sum(tl.where(m, dy * u, 0.0), axis=0)
         else:
-            tl.store(out + offs, (s_r - s_l).to(CT) / fixed / k2, mask=m)
+            tl.store(out + offs, (s_r - s_l).to(CT) / fixed / k2 + poison, mask=m)
     if BACKWARD:
         slot = (b * tl.num_programs(0) + tl.program_id(0)) * 2
         tl.store(part + slot, tl.sum(sum_dy, axis=0))
@@ -601,7 +612,9 @@ def _background_moments(v, u, inside, nb, cnt, mean, m2):
     dev = tl.where(inside, r - bmean[:, None], 0.0)
     delta = bmean - mean
     tot = cnt + nb
-    return mean + delta * (nb / tot), m2 + tl.sum(dev * dev, axis=1) + delta * delta * (cnt * nb / tot)
+    # delta * (delta * w), not delta * delta * w: w is 0 for the first tile, and delta**2 may
+    # overflow (r of 1e20 in float32) where the variance is then +inf, not inf * 0 = NaN
+    return mean + delta * (nb / tot), m2 + tl.sum(dev * dev, axis=1) + delta * (delta * (cnt * nb / tot))
 
 
 @triton.jit
@@ -776,7 +789,7 @@ def _finalize_kernel(gram, bg_part, table, stats, hsic_out, bg_out, B, D, n_spli
         frac = tl.where(tot > 0, nb / tl.where(tot > 0, tot, 1.0), 0.0)
         delta = bmean - mean
         mean += delta * frac
-        m2 += bm2 + delta * delta * cnt * frac
+        m2 += bm2 + delta * (delta * (cnt * frac))  # as in _background_moments
         cnt = tot
     var = m2 / (D - 1)
     tl.store(stats + jj * N_STATS + 4, mean, mask=jm)
@@ -1309,6 +1322,7 @@ def _mask_chain(R, ct, window_size, temperature, slope, plan):
     """Stages 1-5: the quantile statistics, the selected ranks and d (B, H, W)."""
     B, C, H, W = R.shape
     N = H * W
+    window_size = min(window_size, whole_image_window(H, W))  # the same mask (sib_fast.functional)
     table = _table(N, temperature, slope, window_size, ct, R.device)
     g = R.new_empty((B, H, W), dtype=ct)
     stats = R.new_zeros((B, STATS), dtype=ct)
@@ -1405,6 +1419,7 @@ def _head_backward_impl(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_id
     plan = _plan(R, ct)
     B, C, H, W = R.shape
     N = H * W
+    window_size = min(window_size, whole_image_window(H, W))  # as the forward ran
     table = _table(N, temperature, slope, window_size, ct, R.device)
     A = stats  # placeholder pointer when there is no head term
     if head:
@@ -1553,6 +1568,7 @@ def _mask_autograd(ctx, grad_mask, *_unused):
 
 
 mask_forward.register_autograd(_mask_autograd, setup_context=_mask_setup_context)
+head_backward.register_autograd(refuse_higher_order_gradient, setup_context=lambda ctx, inputs, output: None)
 
 
 # ----------------------------------------------------------------------------------------

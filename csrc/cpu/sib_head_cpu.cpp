@@ -218,6 +218,8 @@ template <typename acc_t>
 void soft_quantiles(const acc_t* plane, int64_t n, const int* quantiles, int count, double temperature,
                     SelectionScratch<acc_t>& scratch, int64_t* rank_index, double* values) {
   scratch.sample.clear();
+  bool all_finite = true;
+  for (int64_t p = 0; p < n; ++p) all_finite &= is_finite_value(plane[p]);
   double w[kRankWindow];
   for (int qi = 0; qi < count; ++qi) {
     const int quantile = quantiles[qi];
@@ -226,7 +228,7 @@ void soft_quantiles(const acc_t* plane, int64_t n, const int* quantiles, int cou
     int64_t* index_row = rank_index + quantile * kRankWindow;
     select_ranks(plane, n, win, scratch, index_row);
     rank_weights(n, level, temperature, win, w);
-    double value = 0.0;
+    double value = all_finite ? 0.0 : std::numeric_limits<double>::quiet_NaN();
     for (int k = 0; k < kRankWindow; ++k) {
       if (k < win.count) {
         value += w[k] * static_cast<double>(plane[index_row[k]]);
@@ -350,7 +352,7 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
   const double D = static_cast<double>(sh.D);
   for (int64_t b = 0; b < B; ++b) {
     const double s1 = total[2 * B * B + b], s2 = total[2 * B * B + B + b];
-    bg += (s2 - s1 * s1 / D) / (D - 1.0);
+    bg += unbiased_variance(s1, s2, D);
     stats[b * kImageStats + kStatBgSum] = static_cast<acc_t>(s1);
     stats[b * kImageStats + kStatBgSumSq] = static_cast<acc_t>(s2);
   }
@@ -360,14 +362,14 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, int64_t window, do
   for (int64_t i = 0; i < 2 * B * B; ++i) gram_acc[i] = static_cast<acc_t>(gram[i]);
 }
 
-void check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
+int64_t check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
   TORCH_CHECK(R.device().is_cpu() && x.device().is_cpu(), "sib_head (CPU kernel): R and x must be CPU tensors");
-  check_head_inputs(R, x, window, temperature, slope);
+  return check_head_inputs(R, x, window, temperature, slope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sib_head_forward_cpu(
     const at::Tensor& R, const at::Tensor& x, int64_t window_size, double temperature, double slope) {
-  check_maps(R, x, window_size, temperature, slope);
+  window_size = check_maps(R, x, window_size, temperature, slope);
   const Shape sh(R);
   const auto opts = R.options().dtype(compute_type(R));
   at::Tensor hsic = at::empty({}, opts), bg = at::empty({}, opts);
@@ -582,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cpu(
     const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& gram,
     const at::Tensor& image_stats, const at::Tensor& rank_index, int64_t window_size, double temperature,
     double slope, bool compute_grad_x) {
-  check_maps(R, x, window_size, temperature, slope);
+  window_size = check_maps(R, x, window_size, temperature, slope);
   TORCH_CHECK(mask.scalar_type() == compute_type(R) && mask.is_contiguous() && gram.is_contiguous() &&
                   image_stats.is_contiguous() && rank_index.is_contiguous(),
               "sib_head_backward: the saved tensors must be the forward op's outputs");

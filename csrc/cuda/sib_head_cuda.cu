@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ Bits pre_v[kMaxTargets];
   __shared__ uint32_t pre_i[kMaxTargets];
   __shared__ int rem[kMaxTargets], cnt[kMaxTargets], slot_of[kMaxTargets], leaders[kMaxTargets];
-  __shared__ int nleaders, list_n, next_n, do_compact;
+  __shared__ int nleaders, list_n, next_n, do_compact, nonfinite;
   __shared__ int hist[kHistBins];
   __shared__ int coll_n[3];
   __shared__ int coll_idx[3][kRankWindow];
@@ -178,7 +178,10 @@ __global__ void __launch_bounds__(kSelectThreads)
     pre_v[tid] = 0;
     pre_i[tid] = 0;
   }
-  if (tid == 0) list_n = -1;  // -1: the whole plane
+  if (tid == 0) {
+    list_n = -1;  // -1: the whole plane
+    nonfinite = 0;
+  }
   __syncthreads();
 
   int nb = 0, cur = 0;
@@ -237,6 +240,8 @@ __global__ void __launch_bounds__(kSelectThreads)
       int key = -1;
       bool keep = false;
       if (valid) {
+        // the first pass reads the whole plane: it also finds NaN and +-Inf (see below)
+        if (nb == 0 && !is_finite_value(value_at(p))) nonfinite = 1;
         const Bits vb = order_bits(value_at(p));
         Bits pv;
         uint32_t pi;
@@ -372,6 +377,9 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     // a window that did not collect exactly its ranks would be a bug: make it loud
     if (n != win.len[w] || coll_n[w] != win.len[w]) value = nan("");
+    // SPEC section 8: NaN or +-Inf anywhere in the plane makes Q NaN (is_finite_value); a
+    // one-element plane takes no pass, but then its element is in the window
+    if (nonfinite || !is_finite_value(value)) value = nan("");
     stats[b * kImageStats + win.quantile[w]] = static_cast<acc_t>(value);
     if (kWriteMask) shared_t2 = static_cast<acc_t>(value);
   }
@@ -593,7 +601,7 @@ __global__ void __launch_bounds__(kSmallThreads)
       s1 += bg_part[(k * B + b) * 2];
       s2 += bg_part[(k * B + b) * 2 + 1];
     }
-    bg += (s2 - s1 * s1 / D) / (D - 1.0);
+    bg += unbiased_variance(s1, s2, D);
     stats[b * kImageStats + kStatBgSum] = static_cast<acc_t>(s1);
     stats[b * kImageStats + kStatBgSumSq] = static_cast<acc_t>(s2);
   }

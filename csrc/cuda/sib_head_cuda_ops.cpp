@@ -112,18 +112,19 @@ BackwardPlanes backward_planes(const at::Tensor& dR, at::ScalarType acc, at::Ten
   return planes;
 }
 
-void check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
+int64_t check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
   TORCH_CHECK(on_device(R) && R.device() == x.device(), kKernelName,
               ": R and x must be tensors on the same GPU, got ", R.device(), " and ", x.device());
-  check_head_inputs(R, x, window, temperature, slope);
+  const int64_t effective_window = check_head_inputs(R, x, window, temperature, slope);
   TORCH_CHECK(R.size(0) <= 32768, kKernelName, ": batches of more than 32768 images are not supported");
   TORCH_CHECK(R.numel() < (int64_t(1) << 32), kKernelName, ": tensors of 2^32 elements or more are not supported");
   (void)dtype_of(R);
+  return effective_window;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sib_head_forward_cuda(
     const at::Tensor& R, const at::Tensor& x, int64_t window_size, double temperature, double slope) {
-  check_maps(R, x, window_size, temperature, slope);
+  window_size = check_maps(R, x, window_size, temperature, slope);
   SIB_DEVICE_GUARD(R);
   const Shape sh = shape_of(R);
   const int64_t B = sh.B, N = sh.N;
@@ -175,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cuda(
     const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& gram,
     const at::Tensor& image_stats, const at::Tensor& rank_index, int64_t window_size, double temperature,
     double slope, bool compute_grad_x) {
-  check_maps(R, x, window_size, temperature, slope);
+  window_size = check_maps(R, x, window_size, temperature, slope);
   const Shape sh = shape_of(R);
   const int64_t B = sh.B, N = sh.N;
   const auto acc = compute_type(R);
