@@ -215,14 +215,16 @@ class BadImageError(Exception):
 def read_image(path, mode: str = "RGB"):
     """The PIL image at ``path`` converted to ``mode``, or ``BadImageError`` naming the file.
     Decoding is forced here (``convert`` reads every pixel), so a truncated file fails now, not later."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert(mode)
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image file that PIL recognises") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        # PIL reports bad data as OSError (truncated, unidentified), SyntaxError (broken PNG), ...
+        # PIL reports bad data as OSError (truncated...), SyntaxError (broken PNG), ...
         raise BadImageError(path, f"{type(exc).__name__}: {exc}") from None
 
 

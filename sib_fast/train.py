@@ -532,6 +532,7 @@ class BadImages:
         self.total = len(self.known)         # all ranks
         self.pending = 0                     # this rank's new ones since the last count
         self.write = log
+        self.saved_epoch = 0                 # the epoch of checkpoint.pt, for the message that stops the run
 
     def note(self, bad) -> None:
         for path, reason in bad:
@@ -570,9 +571,9 @@ class BadImages:
             dist.all_gather_object(gathered, names)
             names = sorted(set().union(*gathered))
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        kept = f"; the checkpoint of epoch {self.saved_epoch} is intact" if self.saved_epoch else ""
         raise TrainingStopped(f"{self.total} unreadable image files in --data, more than --max-bad-images {limit}: "
-                              f"{shown}; repair or remove them (or raise --max-bad-images); the last checkpoint "
-                              "is intact")
+                              f"{shown}; repair or remove them (or raise --max-bad-images){kept}")
 
 
 def _run(args, d: Dist, out: Path, log, t_start: float, resume_state: dict | None) -> dict:
@@ -669,6 +670,7 @@ def _run(args, d: Dist, out: Path, log, t_start: float, resume_state: dict | Non
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
         nonfinite_total = int(ckpt.get("nonfinite_total", 0))
         bad_images = BadImages(d, log, ckpt.get("bad_images"))
+        bad_images.saved_epoch = int(ckpt["epoch"])
         set_rng_state(ckpt["rng"][min(d.rank, len(ckpt["rng"]) - 1)], d.device)
         records = [r for r in ckpt["records"] if r["epoch"] <= start_epoch]
         if start_epoch >= args.epochs:
@@ -853,6 +855,7 @@ def _run(args, d: Dist, out: Path, log, t_start: float, resume_state: dict | Non
                 format=1, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), epoch=epoch + 1, step=step, rng=rngs,
                 nonfinite_total=nonfinite_total, bad_images=bad_images.known, args=vars(args)))
+        bad_images.saved_epoch = epoch + 1
         if d.enabled:
             dist.barrier()
 
