@@ -161,17 +161,20 @@ def load_folder(root: Path, size: int, n: int, max_bad: int = DEFAULT_MAX_BAD_IM
     img_root, mask_root = root / "images", root / "masks"
     if not img_root.is_dir() or not mask_root.is_dir():
         raise UsageError(f"--data {root}: expected {img_root}/CLASS/NAME.jpg and {mask_root}/CLASS/NAME.png")
-    classes = sorted(d.name for d in img_root.iterdir() if d.is_dir())
-    if not classes:
-        raise UsageError(f"--data {root}: {img_root} has no class folders")
-    items = []
-    for ci, c in enumerate(classes):
-        for f in sorted((img_root / c).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS:
-                m = mask_root / c / (f.stem + ".png")
-                if not m.is_file():
-                    raise UsageError(f"--data {root}: no mask {m} for image {f}")
-                items.append((f, ci, m))
+    try:
+        classes = sorted(d.name for d in img_root.iterdir() if d.is_dir())
+        if not classes:
+            raise UsageError(f"--data {root}: {img_root} has no class folders")
+        items = []
+        for ci, c in enumerate(classes):
+            for f in sorted((img_root / c).iterdir()):
+                if f.suffix.lower() in IMAGE_EXTS:
+                    m = mask_root / c / (f.stem + ".png")
+                    if not m.is_file():
+                        raise UsageError(f"--data {root}: no mask {m} for image {f}")
+                    items.append((f, ci, m))
+    except OSError as exc:  # an unreadable folder
+        raise UsageError(f"--data {root}: cannot list {exc.filename}: {exc.strerror or exc}") from None
     if not items:
         raise UsageError(f"--data {root}: no images under {img_root}")
     # a fixed, class-mixed subset of n readable images: in a fixed random order, the next one replaces a bad one

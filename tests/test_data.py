@@ -95,3 +95,41 @@ def test_bad_arguments(kwargs, word):
 def test_index_out_of_range():
     with pytest.raises(IndexError):
         SyntheticObjects("val", length=3)[3]
+
+
+# --------------------------------------------------------------------------- unreadable image files
+
+def test_unreadable_files_are_named_and_skipped_by_the_collate(tmp_path):
+    from PIL import Image
+    import numpy as np
+    from sib_fast.data import BadImageError, SkipBadImages, read_image, skip_bad_collate
+
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(good)
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    text = tmp_path / "text.jpg"
+    text.write_text("hello\n")
+    assert read_image(good).size == (8, 8)
+    for path in (truncated, text):
+        with pytest.raises(BadImageError) as info:
+            read_image(path)
+        assert info.value.path == str(path) and str(path) in str(info.value) and info.value.reason
+
+    class Files(torch.utils.data.Dataset):
+        paths = [good, truncated, good, text]
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            img = read_image(self.paths[i])
+            return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1), i
+
+    batches = list(DataLoader(SkipBadImages(Files()), batch_size=2, num_workers=1, collate_fn=skip_bad_collate))
+    assert [b[0].shape[0] for b in batches] == [1, 1] and [b[1].tolist() for b in batches] == [[0], [2]]
+    assert [[p for p, _ in b[3]] for b in batches] == [[str(truncated)], [str(text)]]
+    assert all(b[2] is None for b in batches)
+    x, y, mask, bad = skip_bad_collate([SkipBadImages(Files())[1]])
+    assert x is None and y is None and bad[0][0] == str(truncated)
