@@ -525,7 +525,7 @@ class BadImages:
     merged over the ranks at each epoch's end; ``total`` counts them over every rank."""
 
     def __init__(self, d: Dist, log, known: dict | None = None):
-        self.d, self.log = d, log
+        self.d = d
         self.known = dict(known or {})
         self.warned = set(self.known)        # a resumed run named these already
         self.epoch_new: dict = {}            # this rank, this epoch
