@@ -264,8 +264,12 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
     c = fd_eps if fd_eps is not None else default_fd_eps(x0.dtype, autocast_dtype)
     work = torch.promote_types(x0.dtype, torch.float32)
     g = g.to(work)
-    # eps = c ||x|| / ||g|| for the whole batch (0-dim tensor, no sync); g = 0 gives a zero step
-    eps = c * x0.to(work).norm() / g.norm().clamp_min(1e-20)
+    # eps = c ||x|| / ||g|| for the whole batch (0-dim tensors, no sync). A batch of zeros takes
+    # the scale of unit values, sqrt(numel), instead of a zero step (0 / 0 below); g = 0 gives a
+    # zero step and its head gradient is exactly zero (the where below, not 0 / 0 either).
+    x_norm = x0.to(work).norm()
+    g_norm = g.norm()
+    eps = c * torch.where(x_norm > 0, x_norm, math.sqrt(x0.numel())) / g_norm.clamp_min(1e-20)
     delta = (eps * g).to(x0.dtype)
     inner = _unwrap_ddp(model)
     with frozen_norm_statistics(inner):
@@ -279,6 +283,7 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
             head_term = (phi_plus - phi_minus) / (2 * eps)
         else:
             head_term = (phi_plus - phi0) / eps
+        head_term = torch.where(g_norm > 0, head_term, torch.zeros_like(head_term))
     after_first.restore()
     ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
     scaled(ce + head_term).backward()

@@ -1281,9 +1281,10 @@ def _fixed_point_bits(window_size: int, dtype: torch.dtype) -> int:
 def _table_values(N: int, temperature: float, slope: float, window_size: int, dtype: torch.dtype):
     values = [0.0] * TABLE_SIZE
     for k, (r0, length, t) in enumerate(_windows(N)):
-        logits = [-abs(r0 + i - t) / temperature for i in range(length)]
-        top = max(logits)
-        e = [math.exp(v - top) for v in logits]
+        # distances less the smallest, as csrc's rank_weights: at a tiny temperature (1e-320) the
+        # nearest rank keeps weight 1, where every -dist / T would be -inf and the softmax NaN
+        dist = [abs(r0 + i - t) for i in range(length)]
+        e = [math.exp(-(v - min(dist)) / temperature) for v in dist]
         total = sum(e)
         for i in range(length):
             values[k * SLOTS + i] = e[i] / total

@@ -25,11 +25,14 @@ import pytest
 import torch
 
 import sib_fast
+from hypothesis import given
+from sib_fast import dispatch, reference
 from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_output_alone,
                         compare_head_with_reference, compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_case_maps,
                          random_cases, random_maps, relu_like_maps, strided_maps)
 from memory_budget import check_head_memory_budget
+from odd_inputs import REGRESSION_CASES, cases, check_backend, check_no_second_derivative, property_settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -75,6 +78,8 @@ def _build_and_register():
         return dR, (dx if want_x else None), None, None, None
 
     torch.library.register_autograd("sib_fast_emu::sib_head_forward", backward, setup_context=setup_context)
+    torch.library.register_autograd("sib_fast_emu::sib_head_backward", dispatch.refuse_higher_order_gradient,
+                                    setup_context=lambda ctx, inputs, output: None)
     torch.library.register_fake("sib_fast_emu::sib_head_forward")(fused_ops._forward_fake)
     torch.library.register_fake("sib_fast_emu::sib_head_backward")(fused_ops._backward_fake)
     _registered = True
@@ -94,6 +99,8 @@ def emulated_backend():
     def sib_terms(R, x, *, window_size=31, temperature=0.1, slope=10.0, backend="auto"):
         if backend != BACKEND:
             return original(R, x, window_size=window_size, temperature=temperature, slope=slope, backend=backend)
+        # as sib_fast.functional: every window from the whole image's up is that one
+        window_size = min(window_size, reference.whole_image_window(R.shape[2], R.shape[3]))
         return _emulated_terms(R, x, window_size, temperature, slope)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -257,3 +264,19 @@ def test_opcheck():
 @pytest.mark.parametrize("case", PIECEWISE_CASES, ids=lambda c: "b{}-{}x{}-k{}".format(*c))
 def test_piecewise_constant_maps_tie_windows_exactly(case):
     compare_piecewise_constant_with_reference(BACKEND, case)
+
+
+@property_settings(examples_ci=12, examples_wide=600)
+@given(case=cases(max_side=8, dtypes=(torch.float64, torch.float32, torch.bfloat16)))
+def test_odd_inputs(case):
+    """tests/odd_inputs.py: the SPEC section 8 rule, and the float64 reference where well-conditioned."""
+    check_backend(BACKEND, case)
+
+
+@pytest.mark.parametrize("name", REGRESSION_CASES)
+def test_bad_inputs_of_the_review(name):
+    check_backend(BACKEND, REGRESSION_CASES[name])
+
+
+def test_refuses_a_second_derivative():
+    check_no_second_derivative(BACKEND)

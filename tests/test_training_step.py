@@ -108,6 +108,27 @@ def test_finite_difference_float64_matches_and_converges():
     assert fwd[1e-3] > errors[1e-3]
 
 
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+def test_finite_difference_on_a_batch_of_zeros(scheme):
+    """x = 0 made the step eps = c ||x|| / ||g|| zero and every weight gradient 0 / 0 = NaN; the
+    step now takes the scale of unit values, and matches the exact gradient as on any batch."""
+    model, x, y = _problem(torch.float64)
+    x = torch.zeros_like(x)
+    crit = SIBLoss(**HEAD)
+    exact = _head_grad(model, x, y, crit, vjp="exact")
+    fd = _head_grad(model, x, y, crit, vjp="finite_difference", fd_eps=1e-3, fd_scheme=scheme)
+    assert torch.isfinite(fd).all() and exact.norm() > 0
+    assert _rel(fd, exact) < (1e-5 if scheme == "central" else 1e-2), _rel(fd, exact)
+
+
+def test_finite_difference_with_a_zero_head_gradient_adds_exactly_nothing():
+    """g = dL_head/dR = 0 (both S-IB weights 0): the head's weight gradient is exactly 0, not 0 / 0."""
+    model, x, y = _problem(torch.float64)
+    crit = SIBLoss(**{**HEAD, "lambda_fg": 0.0, "lambda_bg": 0.0})
+    fd = _head_grad(model, x, y, crit, vjp="finite_difference", fd_eps=1e-3)
+    assert torch.equal(fd, torch.zeros_like(fd))
+
+
 def test_finite_difference_float32_default_eps():
     model, x, y = _problem(torch.float32)
     crit = SIBLoss(**HEAD)

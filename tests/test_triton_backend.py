@@ -25,6 +25,8 @@ import torch
 from comparison import (GRADIENT_TOLERANCE, RELATIVE_TOLERANCE, assert_matches_reference, compare_each_output_alone,
                         compare_head_with_reference, compare_piecewise_constant_with_reference)
 from head_inputs import case_id, random_case_maps, random_cases
+from hypothesis import given
+from odd_inputs import REGRESSION_CASES, cases, check_backend, check_no_second_derivative, property_settings
 from memory_budget import check_head_memory_budget
 
 # The interpreter evaluates in numpy, which warns where the kernels rely on IEEE overflow
@@ -446,3 +448,19 @@ def test_gpu_repeated_runs_are_bitwise_equal():
         results.append((hsic, bg, mask, Rg.grad, xg.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@property_settings(examples_ci=8, examples_wide=400)
+@given(case=cases(max_side=6, dtypes=(torch.float64, torch.float32, torch.bfloat16)))
+def test_odd_inputs(case):
+    """tests/odd_inputs.py: the SPEC section 8 rule, and the float64 reference where well-conditioned."""
+    check_backend("triton", case, DEVICE)
+
+
+@pytest.mark.parametrize("name", REGRESSION_CASES)
+def test_bad_inputs_of_the_review(name):
+    check_backend("triton", REGRESSION_CASES[name], DEVICE)
+
+
+def test_refuses_a_second_derivative():
+    check_no_second_derivative("triton", DEVICE)
