@@ -122,8 +122,11 @@ class Case:
         # rounding (RESULTS.md, fuzzing): both ill-conditioned in the function itself. x constant
         # in each image with one channel makes every x * M parallel: dHSIC/dx is exactly 0 and
         # a backend's dx (rounding noise) has no scale to be compared at
+        # In float32 a window of the whole image is ill-conditioned too: its mask passes no
+        # gradient in exact arithmetic, and the chain's cancellation leaves 1e-4 of dR.
+        whole_ok = self.window >= whole and self.dtype == torch.float64
         return (self.kind_R in kinds and self.kind_x in kinds | {"huge"} and self.H * self.W >= 16
-                and (self.window <= max(self.H, self.W) or self.window >= whole)
+                and (self.window <= max(self.H, self.W) or whole_ok)
                 and not (self.kind_x == "constant" and self.C == 1))
 
 

@@ -243,3 +243,17 @@ def test_package_works_without_the_compiled_extension():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_reference_on_meta_tensors():
+    """Shapes and dtypes without data (meta tensors), forward and backward: no .item() anywhere
+    (a review found 'Tensor.item() cannot be called on meta tensors'; not reproducible at the
+    time of the fix, kept as a guard)."""
+    R = torch.randn(4, 3, 6, 6, device="meta", requires_grad=True)
+    x = torch.randn(4, 3, 6, 6, device="meta")
+    for window in (3, 31, 2 ** 64 + 1):
+        hsic, bg, mask = sib_fast.sib_terms(R, x, window_size=window, backend="reference")
+        assert hsic.shape == () and bg.shape == () and mask.shape == (4, 6, 6) and mask.device.type == "meta"
+        (dR,) = torch.autograd.grad(hsic + bg + mask.sum(), R)
+        assert dR.shape == R.shape and dR.device.type == "meta"
+    assert sib_fast.spatial_mask(R, window_size=3, backend="reference").shape == (4, 6, 6)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif("cpu" not in sib_fast.available_backends("cpu"),
                                 reason="the compiled extension is not built")
 
 
-@property_settings(examples_ci=150, examples_wide=20000)
+@property_settings(examples_ci=150, examples_wide=5000)
 @given(cases(max_side=24))
 def test_cpu_backend_on_odd_inputs(case):
     check_backend("cpu", case)

@@ -450,7 +450,7 @@ def test_gpu_repeated_runs_are_bitwise_equal():
         assert torch.equal(a, b)
 
 
-@property_settings(examples_ci=8, examples_wide=400)
+@property_settings(examples_ci=8, examples_wide=100)
 @given(case=cases(max_side=6, dtypes=(torch.float64, torch.float32, torch.bfloat16)))
 def test_odd_inputs(case):
     """tests/odd_inputs.py: the SPEC section 8 rule, and the float64 reference where well-conditioned."""
