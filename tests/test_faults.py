@@ -16,17 +16,7 @@ import torch
 
 from sib_fast import cli_errors, train
 
-TINY = ["--image-size", "16", "--train-samples", "16", "--val-samples", "8", "--batch-size", "8",
-        "--threads", "1", "--num-classes", "3"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-    torch.set_num_threads(threads)
+from cli_runs import TINY, _restore_threads  # noqa: F401  (an autouse fixture)
 
 
 def _train(out, *args):
