@@ -80,7 +80,7 @@ if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
 else
   stage build 200 250 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
-stage backends 30 240 "$PY" -c 'import sib_fast, sib_fast.dispatch as d
+stage backends 30 240 "$PY" -c 'import sib_fast, sib_fast.backends.dispatch as d
 print("available on cuda:", sib_fast.available_backends("cuda"))
 for b in ("cuda", "triton"): print(b, d.unavailable_reason(b, "cuda") or "ok")'
 
@@ -107,7 +107,7 @@ if [ -z "$SANITIZER" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-saniti
 fi
 SANITIZER_CASE='
 import torch, sib_fast
-from sib_fast import dispatch
+from sib_fast.backends import dispatch
 reason = dispatch.unavailable_reason("cuda", "cuda")
 assert reason is None, reason
 cases = [(3, 3, 13, 11, 5, torch.float32, "contiguous"), (5, 2, 9, 7, 3, torch.bfloat16, "channels_last"),

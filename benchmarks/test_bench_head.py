@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sib_fast
-from sib_fast import reference
+from sib_fast.backends import reference
 from sib_fast.bench.machine import cache_bytes
 from sib_fast.bench.measure import floor_bytes, make_head_inputs, rotation_count
 

@@ -1,6 +1,6 @@
 // Schemas of the fused S-IB head ops, declared once for every device.
 // Kernels register under their dispatch key in cpu/ and cuda/; autograd and
-// fake (meta) kernels are registered from Python (sib_fast/fused_ops.py).
+// fake (meta) kernels are registered from Python (sib_fast/backends/extension.py).
 //
 // sib_head_forward outputs, all in the compute dtype (float64 if R or x is
 // float64, else float32):

@@ -14,7 +14,7 @@ namespace sib_fast {
 
 // Checks the op's arguments; returns the window the kernels run: every window from
 // 2 max(H, W) - 1 up holds the whole image at every pixel and gives the same mask (M = 1/2,
-// sib_fast.reference.whole_image_window), so the smallest of them stands for the rest and
+// sib_fast.backends.reference.whole_image_window), so the smallest of them stands for the rest and
 // k * k stays far from overflowing.
 inline int64_t check_head_inputs(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature,
                                  double slope) {

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from sib_fast import reference
+from sib_fast.backends import reference
 
 
 def blob_maps(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:

@@ -5,10 +5,10 @@ Public API (see README.md): ``input_vjp``, ``spatial_mask``, ``sib_terms``,
 ``sib_backward`` (one training step, exact or finite-difference VJP mode), ``vjp_agreement``
 (how closely the two modes agree on a model).
 """
-from sib_fast.dispatch import BackendUnavailableError, available_backends, resolve_backend
+from sib_fast.backends.dispatch import BackendUnavailableError, available_backends, resolve_backend
 from sib_fast.functional import SIBTerms, sib_terms, spatial_mask
 from sib_fast.loss import SIBLoss
-from sib_fast.training_step import sib_backward, vjp_agreement
+from sib_fast.training.step import sib_backward, vjp_agreement
 from sib_fast.vjp import input_vjp
 
 __version__ = "0.1.0"

@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sib_fast import localization as L
-from sib_fast.checkpoint import EVAL_KEYS, load_checkpoint
+from sib_fast.evaluation import localization as L
+from sib_fast.training.checkpoint import EVAL_KEYS, load_checkpoint
 from sib_fast.cli_errors import OutputError, UsageError, atomic_write, atomic_write_text, check_output_dir
-from sib_fast.data import DEFAULT_MAX_BAD_IMAGES, BadImageError, read_image
-from sib_fast.explain import CAPTUM_METHODS, METHODS, SIGNED, canonical_method, explain
+from sib_fast.training.data import DEFAULT_MAX_BAD_IMAGES, BadImageError, read_image
+from sib_fast.evaluation.explain import CAPTUM_METHODS, METHODS, SIGNED, canonical_method, explain
 
 PROG = "sib-eval"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -122,7 +122,7 @@ def load_run(spec: str, device: torch.device, log=print) -> dict:
 
 
 def build(run: dict, num_classes: int, device: torch.device) -> nn.Module:
-    from sib_fast.models import build_model
+    from sib_fast.training.models import build_model
     a = run["args"]
     try:
         model = build_model(a.get("arch", "sib_cnn"), num_classes, a.get("image_size", 64))
@@ -212,7 +212,7 @@ def load_data(args, runs, log=print):
         raise UsageError(f"the checkpoints were trained at different image sizes {sorted(sizes)}")
     size = args.image_size or sizes.pop()
     if args.data == "synthetic":
-        from sib_fast.data import SyntheticObjects
+        from sib_fast.training.data import SyntheticObjects
         ncls = {r["args"].get("num_classes", 6) for r in runs}
         if len(ncls) > 1:
             raise UsageError(f"the checkpoints have different numbers of classes {sorted(ncls)}")
@@ -361,7 +361,7 @@ def write_report(out: Path, runs, results, desc, args, elapsed, left_out=None) -
               "- Deletion / insertion AUC: softmax probability of the target class as the most relevant pixels "
               "are removed (replaced by the baseline) / added, area over the fraction of pixels.",
               "- Maps: positive part only, never rescaled; " + ", ".join(m for m in args.methods if m in SIGNED)
-              + " are signed before clamping (see `sib_fast/explain.py` and `sib_fast/localization.py`).", "",
+              + " are signed before clamping (see `sib_fast/evaluation/explain.py` and `sib_fast/evaluation/localization.py`).", "",
               "## Pictures", "", "![training curves](training_curves.png)", ""]
     lines += [f"![{m}](grid_{m}.png)" for m in args.methods]
     text = "\n".join(lines) + "\n"

@@ -5,8 +5,8 @@ from typing import NamedTuple
 
 import torch
 
-from sib_fast.dispatch import backend_module, resolve_backend
-from sib_fast.reference import whole_image_window
+from sib_fast.backends.dispatch import backend_module, resolve_backend
+from sib_fast.backends.reference import whole_image_window
 from sib_fast.validation import check_head_inputs, check_mask_inputs
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sib_fast.dispatch import BACKEND_NAMES, resolve_backend
+from sib_fast.backends.dispatch import BACKEND_NAMES, resolve_backend
 from sib_fast.functional import sib_terms
 from sib_fast.validation import check_hyperparameters
 from sib_fast.vjp import input_vjp

@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from sib_fast.checkpoint import TRAIN_KEYS, load_checkpoint, save_checkpoint
+from sib_fast.training.checkpoint import TRAIN_KEYS, load_checkpoint, save_checkpoint
 from sib_fast.cli_errors import (OutputError, UsageError, atomic_write, atomic_write_text, check_output_dir, os_reason,
                                  remove_stale_temporaries)
-from sib_fast.data import (CLASSES, DEFAULT_MAX_BAD_IMAGES, SkipBadImages, SyntheticObjects, read_image,
+from sib_fast.training.data import (CLASSES, DEFAULT_MAX_BAD_IMAGES, SkipBadImages, SyntheticObjects, read_image,
                            skip_bad_collate)
-from sib_fast.dispatch import BACKEND_NAMES, BackendUnavailableError, resolve_backend
+from sib_fast.backends.dispatch import BACKEND_NAMES, BackendUnavailableError, resolve_backend
 from sib_fast.loss import SIBLoss
-from sib_fast.models import BUILTIN, build_model, check_arch
-from sib_fast.training_step import (VJP_MODES, DoubleBackwardUnsupportedError, non_smooth_layers, sib_backward,
+from sib_fast.training.models import BUILTIN, build_model, check_arch
+from sib_fast.training.step import (VJP_MODES, DoubleBackwardUnsupportedError, non_smooth_layers, sib_backward,
                                     vjp_agreement)
 from sib_fast.vjp import input_vjp
 

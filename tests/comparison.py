@@ -49,7 +49,7 @@ def compare_head_with_reference(backend: str, R: torch.Tensor, x: torch.Tensor, 
     backward path is exercised; the reference sees the same input values in float64.
     """
     import sib_fast
-    from sib_fast import reference
+    from sib_fast.backends import reference
 
     dtype = R.dtype
     R_ref = R.detach().double().requires_grad_()
@@ -97,7 +97,7 @@ def compare_each_output_alone(backend: str, R: torch.Tensor, x: torch.Tensor, wi
     """dR of hsic alone, of bg alone and of the mask alone against the reference: the backward of
     a loss that uses one output gets no gradient (None) for the others."""
     import sib_fast
-    from sib_fast import reference
+    from sib_fast.backends import reference
 
     for k, name in enumerate(("hsic", "bg", "mask")):
         R_ref = R.detach().double().requires_grad_()
@@ -135,7 +135,7 @@ def reference_with_exact_box_sums():
     (piecewise-constant maps) compare against this reference; everywhere else against the
     plain one. The grid is the one of ``box_grid_bits`` in csrc/sib_head.h.
     """
-    from sib_fast import reference
+    from sib_fast.backends import reference
 
     plain = reference.box_mean
 

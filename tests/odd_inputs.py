@@ -159,7 +159,7 @@ def _same_finiteness(actual, expected, what):
 def check_backend(backend: str, case: Case, device="cpu") -> None:
     """Both rules of the module docstring for ``backend`` on ``case``."""
     import sib_fast
-    from sib_fast import reference
+    from sib_fast.backends import reference
 
     R, x = case.maps(device)
     out = sib_fast.sib_terms(R, x, window_size=case.window, temperature=case.temperature, slope=case.slope,

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import sib_fast
-from sib_fast import dispatch, functional
+from sib_fast import functional
+from sib_fast.backends import dispatch
 
 GOOD = dict(window_size=3, temperature=0.1, slope=10.0)
 

@@ -189,8 +189,8 @@ def test_step_mode_exact_rows_run_a_vit_on_math_attention(tmp_path):
     # tiny_vit's fused attention has no double backward: sib_backward alone raises for it, the
     # step benchmark's exact rows run it on the math backend and time it
     from sib_fast import SIBLoss, sib_backward
-    from sib_fast.training_step import DoubleBackwardUnsupportedError
-    from sib_fast.models import build_model
+    from sib_fast.training.step import DoubleBackwardUnsupportedError
+    from sib_fast.training.models import build_model
 
     model = build_model("tiny_vit", 3, 16)
     x, y = torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
@@ -207,7 +207,7 @@ def test_step_mode_exact_rows_run_a_vit_on_math_attention(tmp_path):
 
 def test_step_models_are_the_training_commands_models():
     from sib_fast.bench.step import build_model
-    from sib_fast.models import SmallCNN
+    from sib_fast.training.models import SmallCNN
 
     assert isinstance(build_model("sib_cnn", 3, 16), SmallCNN)
     assert build_model("tiny_cnn", 3, 16)(torch.rand(2, 3, 16, 16)).shape == (2, 3)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sib_fast
-from sib_fast.dispatch import fused_temperature_limit
+from sib_fast.backends.dispatch import fused_temperature_limit
 from comparison import (PIECEWISE_CASES, compare_each_output_alone, compare_head_with_reference,
                         compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_case_maps,

@@ -16,7 +16,7 @@ from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
                          relu_like_maps, strided_maps)
 from memory_budget import check_head_memory_budget
-from sib_fast import dispatch
+from sib_fast.backends import dispatch
 
 pytestmark = pytest.mark.gpu
 

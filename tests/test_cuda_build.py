@@ -58,7 +58,7 @@ def test_built_extension_registers_a_cuda_kernel_for_every_op():
 
 
 def test_cuda_backend_availability_says_why():
-    from sib_fast import dispatch
+    from sib_fast.backends import dispatch
 
     built = _built_with_cuda_sources(_extension_path())
     reason = dispatch.unavailable_reason("cuda", "cuda")

@@ -26,7 +26,7 @@ import torch
 
 import sib_fast
 from hypothesis import given
-from sib_fast import dispatch, reference
+from sib_fast.backends import dispatch, reference
 from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_output_alone,
                         compare_head_with_reference, compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_case_maps,
@@ -58,7 +58,7 @@ def _build_and_register():
                        extra_cflags=["-O1", "-Wno-unknown-pragmas"], with_cuda=False,
                        is_python_module=False, verbose=False)
 
-    from sib_fast import fused_ops
+    from sib_fast.backends import extension as fused_ops
 
     backward_op = torch.ops.sib_fast_emu.sib_head_backward
 
@@ -66,7 +66,7 @@ def _build_and_register():
         R, x, window_size, temperature, slope = inputs
         ctx.save_for_backward(R, x, *output[2:])
         ctx.hyperparameters = (window_size, temperature, slope)
-        ctx.set_materialize_grads(False)  # as sib_fast.fused_ops: no zero planes for unused outputs
+        ctx.set_materialize_grads(False)  # as sib_fast.backends.extension: no zero planes for unused outputs
 
     def backward(ctx, grad_hsic, grad_bg, grad_mask, *_):
         R, x, mask, gram, stats, ranks = ctx.saved_tensors

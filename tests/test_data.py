@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sib_fast.data import CLASSES, SyntheticObjects
+from sib_fast.training.data import CLASSES, SyntheticObjects
 
 
 def test_items_have_the_documented_types_and_ranges():
@@ -102,7 +102,7 @@ def test_index_out_of_range():
 def test_unreadable_files_are_named_and_skipped_by_the_collate(tmp_path):
     from PIL import Image
     import numpy as np
-    from sib_fast.data import BadImageError, SkipBadImages, read_image, skip_bad_collate
+    from sib_fast.training.data import BadImageError, SkipBadImages, read_image, skip_bad_collate
 
     good = tmp_path / "good.jpg"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(good)

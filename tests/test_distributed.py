@@ -35,7 +35,7 @@ def _worker(rank: int, port: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from sib_fast import SIBLoss, sib_backward
-    from sib_fast.models import SmallCNN
+    from sib_fast.training.models import SmallCNN
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

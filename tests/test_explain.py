@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sib_fast.explain import CAM_METHODS, METHODS, canonical_method, explain, find_default_layer, gradcam
+from sib_fast.evaluation.explain import CAM_METHODS, METHODS, canonical_method, explain, find_default_layer, gradcam
 
 
 class SmallCNN(nn.Module):
-    """Conv-BatchNorm-activation blocks, global average pool, linear (like sib_fast.models.SmallCNN)."""
+    """Conv-BatchNorm-activation blocks, global average pool, linear (like sib_fast.training.models.SmallCNN)."""
 
     def __init__(self, classes, width, act):
         super().__init__()

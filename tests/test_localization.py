@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sib_fast import localization as L
+from sib_fast.evaluation import localization as L
 
 
 def _mask_top_left(B=1, H=4, W=4, h=2, w=2):

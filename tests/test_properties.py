@@ -9,7 +9,7 @@ from hypothesis import given
 import torch
 
 import sib_fast
-from sib_fast import reference
+from sib_fast.backends import reference
 from odd_inputs import REGRESSION_CASES, cases, check_backend, check_no_second_derivative, property_settings
 
 pytestmark = pytest.mark.skipif("cpu" not in sib_fast.available_backends("cpu"),

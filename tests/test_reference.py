@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sib_fast import reference
+from sib_fast.backends import reference
 
 
 def window_quantile(v, q, temperature):

@@ -15,7 +15,7 @@ import torch
 
 import sib_fast
 from sib_fast import train
-from sib_fast.data import SyntheticObjects
+from sib_fast.training.data import SyntheticObjects
 
 from cli_runs import TINY, _restore_threads  # noqa: F401  (an autouse fixture)
 
@@ -315,7 +315,7 @@ def test_imagefolder_data(tmp_path):
 
 
 def test_arch_lookup():
-    from sib_fast.models import build_model, check_arch
+    from sib_fast.training.models import build_model, check_arch
     assert build_model("tiny_vit", 5, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 5)
     assert build_model("resnet18", 7, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(ValueError, match="did you mean resnet18"):
@@ -326,7 +326,7 @@ def test_timm_models_train(tmp_path):
     """--arch takes timm names: a ReLU ResNet in the exact mode, and a ViT (timm's attention is
     fused scaled_dot_product_attention, no double backward) in the finite-difference mode."""
     pytest.importorskip("timm")
-    from sib_fast.models import build_model
+    from sib_fast.training.models import build_model
     assert build_model("timm/vit_tiny_patch16_224", 4, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 4)
     code, out = _run(tmp_path, "--epochs", "1", "--arch", "resnet10t", name="resnet")
     assert code == 0 and math.isfinite(_records(out)[-1]["train_ce"])

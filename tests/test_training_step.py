@@ -13,8 +13,8 @@ from torch import nn
 
 import sib_fast
 from sib_fast import SIBLoss, sib_backward
-from sib_fast.models import SmallCNN, TinyViT
-from sib_fast.training_step import DoubleBackwardUnsupportedError, frozen_norm_statistics
+from sib_fast.training.models import SmallCNN, TinyViT
+from sib_fast.training.step import DoubleBackwardUnsupportedError, frozen_norm_statistics
 
 # the head on the reference backend: these tests are about the training step, not the kernels
 HEAD = dict(window_size=5, backend="reference")
@@ -138,7 +138,7 @@ def test_finite_difference_float32_default_eps():
 
 
 def _synthetic_batch(dtype, n=4, size=32):
-    from sib_fast.data import SyntheticObjects
+    from sib_fast.training.data import SyntheticObjects
     data = SyntheticObjects(length=n, image_size=size, seed=0)
     x, y = zip(*[data[i][:2] for i in range(n)])
     return torch.stack(x).to(dtype), torch.tensor(y)

@@ -1,7 +1,7 @@
 """The ``triton`` backend against the float64 reference (issue 4).
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter: this module
-imports ``sib_fast.triton_backend`` with ``TRITON_INTERPRET=1`` (the interpreter is
+imports ``sib_fast.backends.triton.ops`` with ``TRITON_INTERPRET=1`` (the interpreter is
 chosen when the kernels are decorated) and sets the variable only while its own tests
 run, so dispatch accepts CPU tensors for "triton" here and nowhere else. There the dots
 round their operands as tensor cores do (``_tensor_core_rounding``), so float32 results
@@ -39,11 +39,11 @@ DEVICE = "cuda" if HAS_GPU else "cpu"
 
 def _import_backend():
     if HAS_GPU:
-        return importlib.import_module("sib_fast.triton_backend")
+        return importlib.import_module("sib_fast.backends.triton.ops")
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        return importlib.import_module("sib_fast.triton_backend")
+        return importlib.import_module("sib_fast.backends.triton.ops")
     finally:
         if previous is None:
             os.environ.pop("TRITON_INTERPRET")
@@ -57,7 +57,7 @@ except ImportError as exc:  # no Triton
     pytest.skip(f"the Triton backend cannot be imported: {exc}", allow_module_level=True)
 
 if not HAS_GPU and type(tb._select_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("sib_fast.triton_backend was imported before this module without TRITON_INTERPRET=1, "
+    pytest.skip("sib_fast.backends.triton.ops was imported before this module without TRITON_INTERPRET=1, "
                 "so its kernels cannot run on CPU tensors", allow_module_level=True)
 
 
@@ -281,7 +281,7 @@ def test_plain_tf32_fails_the_tolerance(monkeypatch):
 
 def test_spatial_mask_and_its_gradient():
     import sib_fast
-    from sib_fast import reference
+    from sib_fast.backends import reference
 
     R, _ = _maps(3, 2, 12, 10, seed=5)
     R = R.requires_grad_()

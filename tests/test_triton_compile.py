@@ -1,6 +1,6 @@
 """Every Triton kernel of the backend compiles to a cubin for sm_80 and sm_90 (no GPU needed).
 
-The launchers of ``sib_fast.triton_backend`` run on CPU tensors with their launches
+The launchers of ``sib_fast.backends.triton.ops`` run on CPU tensors with their launches
 recorded instead of executed (``_launch_hook``), planned as for each target's GPU (its
 capability and multiprocessor count), at 224x224 (B=128 and B=256) and at small shapes,
 contiguous and channels_last (whose backward planes are strided channels of dR),
@@ -53,7 +53,7 @@ MULTIPROCESSORS = {80: 108, 90: 132}
 
 def record_launches(shape, channels_last, dtype_name, capability):
     import torch
-    import sib_fast.triton_backend as tb
+    import sib_fast.backends.triton.ops as tb
 
     dtype = getattr(torch, dtype_name)
     calls = []
@@ -112,7 +112,7 @@ def compile_all(shape_name: str, capability: int, variant: str = ""):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    import sib_fast.triton_backend as tb
+    import sib_fast.backends.triton.ops as tb
     from sib_fast.bench import tune
 
     target = GPUTarget("cuda", capability, 32)
@@ -203,7 +203,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     table = _table(rows)
     print("\n" + table)
-    import sib_fast.triton_backend as tb
+    import sib_fast.backends.triton.ops as tb
 
     kernels = {name for name in vars(tb) if name.endswith("_kernel") and name.startswith("_")}
     for shape in SHAPES:

@@ -151,7 +151,7 @@ def select_lanes(spec: str, device: torch.device, no_compile: bool) -> list[str]
 
     torch.compile is last because its first call compiles for tens of seconds: a run cut short
     (Ctrl-C, a time limit) still has the fused rows of every shape it reached."""
-    from sib_fast.dispatch import BACKEND_NAMES, available_backends
+    from sib_fast.backends.dispatch import BACKEND_NAMES, available_backends
 
     names = [n.strip() for n in spec.split(",") if n.strip()]
     lanes: list[str] = []
@@ -250,7 +250,7 @@ def check_outputs(args) -> None:
 def lane_function(lane: str, window: int, temperature: float = 0.1, slope: float = 10.0):
     """``fn(R, x) -> (hsic, bg, mask)`` for a lane."""
     import sib_fast
-    from sib_fast import reference
+    from sib_fast.backends import reference
 
     if lane == COMPILE_LANE:
         torch._dynamo.reset()  # each shape compiles anew; keep the cache from hitting its limit
@@ -373,8 +373,8 @@ def head_config(args, device: torch.device) -> dict:
 def run_head(args, device: torch.device, record: dict, config: dict) -> None:
     from sib_fast.bench.machine import available_ram_bytes, cache_bytes
     from sib_fast.bench.measure import floor_bytes, make_head_inputs, rotation_count
-    from sib_fast.dispatch import unavailable_reason
-    from sib_fast.reference import compute_dtype
+    from sib_fast.backends.dispatch import unavailable_reason
+    from sib_fast.backends.reference import compute_dtype
 
     record["head_settings"] = config
     batches, compile_batches, lanes = config["batches"], config["compile_batches"], config["lanes"]

@@ -35,7 +35,7 @@ def tiny_cnn(num_classes: int) -> torch.nn.Module:
 
 def build_model(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
     """A randomly initialised model: ``vit_s_16`` (ViT-S/16), ``tiny_cnn`` (a smoke test), or any
-    name ``sib-train --arch`` takes (torchvision, timm, built-in; ``sib_fast.models.build_model``)."""
+    name ``sib-train --arch`` takes (torchvision, timm, built-in; ``sib_fast.training.models.build_model``)."""
     if name == "tiny_cnn":
         return tiny_cnn(num_classes)
     if name in ("vit_s_16", "vit_small"):
@@ -46,7 +46,7 @@ def build_model(name: str, num_classes: int, image_size: int) -> torch.nn.Module
         return torchvision.models.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12,
                                                     num_heads=6, hidden_dim=384, mlp_dim=1536,
                                                     num_classes=num_classes)
-    from sib_fast.models import build_model as build_training_model
+    from sib_fast.training.models import build_model as build_training_model
 
     return build_training_model(name, num_classes, image_size)
 
@@ -128,7 +128,7 @@ def _peak_memory(step, batch, device) -> dict:
 def step_config(args, device: torch.device) -> dict:
     """The step-mode settings from the arguments, checked before anything is measured."""
     from sib_fast.bench.cli import UsageError
-    from sib_fast.dispatch import available_backends
+    from sib_fast.backends.dispatch import available_backends
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     vjp_modes = [v.strip() for v in args.vjp.split(",") if v.strip()]

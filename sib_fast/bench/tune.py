@@ -1,6 +1,6 @@
 """``python -m sib_fast.bench.tune``: the Triton backend's launch-plan constants, timed side by side.
 
-The Triton backend plans every launch from a few constants of ``sib_fast.triton_backend``
+The Triton backend plans every launch from a few constants of ``sib_fast.backends.triton.ops``
 (``TUNABLE`` below). Their defaults were chosen without a GPU, from register counts and spills
 (``tests/test_triton_compile.py``); this tool times the alternatives on the GPU at hand, in one
 run. Each variant sets some constants, runs forward+backward of the head (gradient of HSIC and BG
@@ -105,9 +105,9 @@ def new_record(args, device: torch.device) -> dict:
 
 
 def run(args, device: torch.device, record: dict) -> None:
-    import sib_fast.triton_backend as backend
-    from sib_fast.dispatch import unavailable_reason
-    from sib_fast.reference import compute_dtype
+    import sib_fast.backends.triton.ops as backend
+    from sib_fast.backends.dispatch import unavailable_reason
+    from sib_fast.backends.reference import compute_dtype
 
     reason = unavailable_reason("triton", device.type)
     if reason:

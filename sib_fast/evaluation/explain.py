@@ -32,7 +32,7 @@ input, ``A`` the feature map of the CAM layer, ``c`` its channels)::
 maps (saliency, smoothgrad, guided backprop) are magnitudes: the sign of a gradient says which
 way a pixel would move the score, not whether it is evidence. Attribution-type maps
 (input x gradient, integrated gradients) keep their sign: the channel sum is the pixel's signed
-contribution to the score. The localization metrics (``sib_fast.localization``) use the positive
+contribution to the score. The localization metrics (``sib_fast.evaluation.localization``) use the positive
 part of every map. Nothing is rescaled (no min-max normalisation).
 
 Guided backprop (Captum) modifies the backward of ``nn.ReLU`` *modules* only: on a model without

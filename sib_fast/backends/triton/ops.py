@@ -70,8 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sib_fast.dispatch import refuse_higher_order_gradient
-from sib_fast.reference import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS, compute_dtype, whole_image_window
+from sib_fast.backends.dispatch import refuse_higher_order_gradient
+from sib_fast.backends.reference import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS, compute_dtype, whole_image_window
 
 RANK_WINDOW = 18  # ranks floor(t) - 8 .. floor(t) + 9 (SPEC section 2)
 SLOTS = 32  # RANK_WINDOW padded to a power of two
@@ -1573,7 +1573,7 @@ head_backward.register_autograd(refuse_higher_order_gradient, setup_context=lamb
 
 
 # ----------------------------------------------------------------------------------------
-# the backend interface (sib_fast.dispatch)
+# the backend interface (sib_fast.backends.dispatch)
 # ----------------------------------------------------------------------------------------
 
 def sib_terms(R, x, window_size, temperature, slope):

@@ -195,7 +195,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
     Returns ``{"deletion": (B,), "insertion": (B,)}`` (and ``"deletion_curve"``,
     ``"insertion_curve"`` (B, steps + 1) and ``"fractions"`` (steps + 1,) with ``return_curves``).
     """
-    from sib_fast.explain import eval_mode
+    from sib_fast.evaluation.explain import eval_mode
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

@@ -1,7 +1,7 @@
 """Backend selection: which implementation of the S-IB head runs, and why.
 
 Backends:
-  ``reference``  plain PyTorch (``sib_fast.reference``), any device, always there;
+  ``reference``  plain PyTorch (``sib_fast.backends.reference``), any device, always there;
   ``cpu``        fused C++ kernels of the extension ``sib_fast._C`` on CPU tensors;
   ``cuda``       fused C++/CUDA kernels of the same extension on CUDA tensors;
   ``triton``     fused Triton kernels on CUDA tensors (CPU tensors too under
@@ -33,10 +33,10 @@ BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 _BACKEND_MODULES = {
-    "reference": "sib_fast.reference",
-    "cpu": "sib_fast.fused_ops",
-    "cuda": "sib_fast.fused_ops",
-    "triton": "sib_fast.triton_backend",
+    "reference": "sib_fast.backends.reference",
+    "cpu": "sib_fast.backends.extension",
+    "cuda": "sib_fast.backends.extension",
+    "triton": "sib_fast.backends.triton.ops",
 }
 
 _FUSED_OP = "sib_fast::sib_head_forward"
@@ -52,7 +52,7 @@ class BackendUnavailableError(RuntimeError):
 def extension_status() -> str | None:
     """None if the compiled extension ``sib_fast._C`` loaded, else why not."""
     try:  # the ops together with their autograd and fake kernels
-        importlib.import_module("sib_fast.fused_ops")
+        importlib.import_module("sib_fast.backends.extension")
     except ImportError as exc:
         return (f"the compiled extension sib_fast._C is not built ({exc}); "
                 "build it with `pip install --no-build-isolation -e .`")
@@ -86,7 +86,7 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed (pip install triton)"
-        if importlib.util.find_spec("sib_fast.triton_backend") is None:
+        if importlib.util.find_spec("sib_fast.backends.triton.ops") is None:
             return "the Triton backend is not part of this version of sib_fast"
         if device_type == "cuda":
             return None if torch.cuda.is_available() else "no CUDA GPU is available"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 import sib_fast._C  # noqa: F401  (loads the library, which registers the ops)
-from sib_fast.dispatch import refuse_higher_order_gradient
-from sib_fast.reference import compute_dtype
+from sib_fast.backends.dispatch import refuse_higher_order_gradient
+from sib_fast.backends.reference import compute_dtype
 
 # Layout of the saved tensors; must match csrc/sib_head.h.
 IMAGE_STATS = 6  # lo, q80, hi, t2, background sum, background sum of squares

@@ -1,0 +1,1 @@
+"""Evaluation: explanations of a trained model and their localization metrics."""

@@ -1,0 +1,1 @@
+"""Training with the S-IB loss: the step (exact or finite-difference VJP), data, models, checkpoints."""
