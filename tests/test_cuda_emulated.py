@@ -26,7 +26,8 @@ import torch
 
 import sib_fast
 from hypothesis import given
-from sib_fast.backends import dispatch, reference
+from sib_fast.backends import reference
+from sib_fast.backends.autograd import register_head_ops
 from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_output_alone,
                         compare_head_with_reference, compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_case_maps,
@@ -58,30 +59,7 @@ def _build_and_register():
                        extra_cflags=["-O1", "-Wno-unknown-pragmas"], with_cuda=False,
                        is_python_module=False, verbose=False)
 
-    from sib_fast.backends import extension as fused_ops
-
-    backward_op = torch.ops.sib_fast_emu.sib_head_backward
-
-    def setup_context(ctx, inputs, output):
-        R, x, window_size, temperature, slope = inputs
-        ctx.save_for_backward(R, x, *output[2:])
-        ctx.hyperparameters = (window_size, temperature, slope)
-        ctx.set_materialize_grads(False)  # as sib_fast.backends.extension: no zero planes for unused outputs
-
-    def backward(ctx, grad_hsic, grad_bg, grad_mask, *_):
-        R, x, mask, gram, stats, ranks = ctx.saved_tensors
-        grad_hsic = gram.new_zeros(()) if grad_hsic is None else grad_hsic
-        grad_bg = gram.new_zeros(()) if grad_bg is None else grad_bg
-        want_x = ctx.needs_input_grad[1]
-        dR, dx = backward_op(grad_hsic, grad_bg, grad_mask, R, x, mask, gram, stats, ranks,
-                             *ctx.hyperparameters, want_x)
-        return dR, (dx if want_x else None), None, None, None
-
-    torch.library.register_autograd("sib_fast_emu::sib_head_forward", backward, setup_context=setup_context)
-    torch.library.register_autograd("sib_fast_emu::sib_head_backward", dispatch.refuse_higher_order_gradient,
-                                    setup_context=lambda ctx, inputs, output: None)
-    torch.library.register_fake("sib_fast_emu::sib_head_forward")(fused_ops._forward_fake)
-    torch.library.register_fake("sib_fast_emu::sib_head_backward")(fused_ops._backward_fake)
+    register_head_ops("sib_fast_emu")
     _registered = True
 
 

@@ -195,19 +195,6 @@ def _choose_backend(device, backend: str) -> str:
     return "reference"
 
 
-def refuse_higher_order_gradient(ctx, *grads):
-    """The backward of a fused backward op: the fused backends give first derivatives only.
-
-    Registered as the autograd formula of each fused backward op, so that a gradient of a
-    gradient (``create_graph=True``, then grad again) raises here instead of autograd's
-    fallback silently returning zeros.
-    """
-    raise RuntimeError(
-        "sib_fast: the fused backends ('cpu', 'cuda', 'triton') compute first derivatives of the S-IB "
-        "head only; for a gradient of its gradient (double backward through hsic, bg or the mask) use "
-        "backend='reference'")
-
-
 def backend_module(name: str):
     """The module implementing backend ``name`` (``sib_terms`` and ``spatial_mask``),
     once ``resolve_backend`` has chosen it."""

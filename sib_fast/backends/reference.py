@@ -11,10 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Quantile levels of SPEC section 3.
-Q_LOW, Q_MASK, Q_HIGH = 0.05, 0.80, 0.95
-RANGE_EPS = 1e-8  # added to hi - lo
-NORM_EPS = 1e-12  # floor of the vector norms in the HSIC term
+from sib_fast.backends.constants import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -70,10 +70,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sib_fast.backends.dispatch import refuse_higher_order_gradient
-from sib_fast.backends.reference import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS, compute_dtype, whole_image_window
+from sib_fast.backends.autograd import refuse_higher_order_gradient
+from sib_fast.backends.constants import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS, RANK_WINDOW
+from sib_fast.backends.reference import compute_dtype, whole_image_window
 
-RANK_WINDOW = 18  # ranks floor(t) - 8 .. floor(t) + 9 (SPEC section 2)
 SLOTS = 32  # RANK_WINDOW padded to a power of two
 N_WINDOWS = 4  # Q(a, .05), Q(a, .8), Q(a, .95), Q(d, .8)
 STATS = 8  # per image: lo, q80, hi, t2, mean of r = R(1-M), var of r, 2 unused

@@ -1,0 +1,69 @@
+"""Autograd and fake kernels of the fused head ops, registered once for any op namespace.
+
+The compiled extension registers ``sib_fast::sib_head_forward`` and ``sib_head_backward``
+(schemas in ``csrc/sib_head.cpp``); the CUDA emulation test registers the same pair as
+``sib_fast_emu::``. ``register_head_ops`` gives either pair its autograd formula (the
+backward op) and fake kernels (so the ops trace under ``torch.compile``).
+"""
+from __future__ import annotations
+
+import torch
+
+from sib_fast.backends.constants import IMAGE_STATS, QUANTILES, RANK_WINDOW
+from sib_fast.backends.reference import compute_dtype
+
+
+def refuse_higher_order_gradient(ctx, *grads):
+    """The backward of a fused backward op: the fused backends give first derivatives only.
+
+    Registered as the autograd formula of each fused backward op, so that a gradient of a
+    gradient (``create_graph=True``, then grad again) raises here instead of autograd's
+    fallback silently returning zeros.
+    """
+    raise RuntimeError(
+        "sib_fast: the fused backends ('cpu', 'cuda', 'triton') compute first derivatives of the S-IB "
+        "head only; for a gradient of its gradient (double backward through hsic, bg or the mask) use "
+        "backend='reference'")
+
+
+def _forward_fake(R, x, window_size, temperature, slope):
+    dtype = compute_dtype(R, x)
+    B, _, H, W = R.shape
+    return (R.new_empty((), dtype=dtype), R.new_empty((), dtype=dtype), R.new_empty((B, H, W), dtype=dtype),
+            R.new_empty((2, B, B), dtype=dtype), R.new_empty((B, IMAGE_STATS), dtype=dtype),
+            R.new_empty((B, QUANTILES, RANK_WINDOW), dtype=torch.int64))
+
+
+def _backward_fake(grad_hsic, grad_bg, grad_mask, R, x, mask, gram, image_stats, rank_index,
+                   window_size, temperature, slope, compute_grad_x):
+    return torch.empty_like(R), (torch.empty_like(x) if compute_grad_x else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    R, x, window_size, temperature, slope = inputs
+    _, _, mask, gram, image_stats, rank_index = output
+    ctx.save_for_backward(R, x, mask, gram, image_stats, rank_index)
+    ctx.hyperparameters = (window_size, temperature, slope)
+    # An unused mask would otherwise get a (B, H, W) tensor of zeros as its gradient.
+    ctx.set_materialize_grads(False)
+
+
+def register_head_ops(namespace: str) -> None:
+    """Autograd formula and fake kernels for ``<namespace>::sib_head_forward`` and ``sib_head_backward``."""
+    backward_op = getattr(torch.ops, namespace).sib_head_backward
+
+    def head_backward(ctx, grad_hsic, grad_bg, grad_mask, *_unused_saved_grads):
+        R, x, mask, gram, image_stats, rank_index = ctx.saved_tensors
+        # an output the loss does not use has no gradient (materialize_grads off): 0-dim zeros
+        grad_hsic = gram.new_zeros(()) if grad_hsic is None else grad_hsic
+        grad_bg = gram.new_zeros(()) if grad_bg is None else grad_bg
+        want_grad_x = ctx.needs_input_grad[1]
+        grad_R, grad_x = backward_op(grad_hsic, grad_bg, grad_mask, R, x, mask, gram, image_stats, rank_index,
+                                     *ctx.hyperparameters, want_grad_x)
+        return grad_R, (grad_x if want_grad_x else None), None, None, None
+
+    torch.library.register_fake(f"{namespace}::sib_head_forward")(_forward_fake)
+    torch.library.register_fake(f"{namespace}::sib_head_backward")(_backward_fake)
+    torch.library.register_autograd(f"{namespace}::sib_head_forward", head_backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{namespace}::sib_head_backward", refuse_higher_order_gradient,
+                                    setup_context=lambda ctx, inputs, output: None)
