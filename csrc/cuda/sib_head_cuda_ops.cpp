@@ -18,6 +18,7 @@
 
 #include "cuda/sib_cuda_launch.h"
 #include "sib_head_host.h"
+#include "sib_head_schema.h"
 
 namespace sib_fast {
 namespace cuda {
@@ -240,15 +241,7 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cuda(
 
 #ifdef SIB_CUDA_EMULATE
 // The emulated kernels run on CPU tensors under their own namespace, beside the real ops.
-TORCH_LIBRARY(sib_fast_emu, m) {
-  m.def(
-      "sib_head_forward(Tensor R, Tensor x, int window_size, float temperature, float slope) "
-      "-> (Tensor hsic, Tensor bg, Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index)");
-  m.def(
-      "sib_head_backward(Tensor grad_hsic, Tensor grad_bg, Tensor? grad_mask, Tensor R, Tensor x, "
-      "Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index, int window_size, "
-      "float temperature, float slope, bool compute_grad_x) -> (Tensor grad_R, Tensor grad_x)");
-}
+TORCH_LIBRARY(sib_fast_emu, m) { sib_fast::define_head_ops(m); }
 
 TORCH_LIBRARY_IMPL(sib_fast_emu, CPU, m) {
   m.impl("sib_head_forward", &cuda::sib_head_forward_cuda);

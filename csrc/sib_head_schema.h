@@ -1,0 +1,35 @@
+// Schemas of the fused S-IB head ops, written once: sib_head.cpp defines them for every
+// device under the sib_fast namespace, and the CUDA emulation test under sib_fast_emu.
+// Kernels register under their dispatch key in cpu/ and cuda/; autograd and fake (meta)
+// kernels are registered from Python (sib_fast/backends/autograd.py).
+//
+// sib_head_forward outputs, all in the compute dtype (float64 if R or x is
+// float64, else float32):
+//   hsic, bg      0-dim                 docs/loss.md sections 4 and 5
+//   mask          (B, H, W)             docs/loss.md section 3
+//   gram          (2, B, B)             raw Gram matrices of R*M and x*M
+//                                       (before normalisation)
+//   image_stats   (B, kImageStats)      per-image scalars, columns in sib_head.h
+//   rank_index    (B, kQuantiles, kRankWindow) int64: flat pixel index of the
+//                 element at each rank of each quantile's window, -1 past the
+//                 ends; quantiles in the order of sib_head.h
+// sib_head_backward takes the upstream gradients of hsic, bg and (optionally)
+// mask, with the saved tensors, and returns grad_R and grad_x (an empty
+// tensor unless compute_grad_x).
+#pragma once
+
+#include <torch/library.h>
+
+namespace sib_fast {
+
+inline void define_head_ops(torch::Library& m) {
+  m.def(
+      "sib_head_forward(Tensor R, Tensor x, int window_size, float temperature, float slope) "
+      "-> (Tensor hsic, Tensor bg, Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index)");
+  m.def(
+      "sib_head_backward(Tensor grad_hsic, Tensor grad_bg, Tensor? grad_mask, Tensor R, Tensor x, "
+      "Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index, int window_size, "
+      "float temperature, float slope, bool compute_grad_x) -> (Tensor grad_R, Tensor grad_x)");
+}
+
+}  // namespace sib_fast
