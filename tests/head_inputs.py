@@ -107,5 +107,27 @@ def check_non_finite_gives_nan(backend, where, bad, device="cpu"):
     assert dR.shape == R.shape
 
 
+def check_op_checks_its_inputs(device="cpu"):
+    """The compiled op checks its arguments itself, for callers that bypass sib_terms."""
+    R, x = random_maps(3, 2, 9, 9, torch.float32, device=device)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.sib_fast.sib_head_forward(R, x.double(), 3, 0.1, 10.0)
+    with pytest.raises(RuntimeError, match="odd"):
+        torch.ops.sib_fast.sib_head_forward(R, x, 4, 0.1, 10.0)
+
+
+def check_repeated_runs_are_bitwise_equal(backend, R, x, runs=3):
+    """Forward and backward give the same bits every time (fixed-order reductions)."""
+    results = []
+    for _ in range(runs):
+        Rg, xg = R.clone().requires_grad_(), x.clone().requires_grad_()
+        hsic, bg, mask = sib_fast.sib_terms(Rg, xg, backend=backend)
+        (hsic + 1e3 * bg + mask.mean()).backward()
+        results.append((hsic, bg, mask, Rg.grad, xg.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 non_finite_cases = pytest.mark.parametrize(
     "where,bad", [(w, b) for w in ("R", "x") for b in (float("nan"), float("inf"))])

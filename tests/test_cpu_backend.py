@@ -6,8 +6,9 @@ import sib_fast
 from sib_fast.backends.dispatch import fused_temperature_limit
 from comparison import (PIECEWISE_CASES, compare_each_output_alone, compare_head_with_reference,
                         compare_piecewise_constant_with_reference)
-from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_case_maps,
-                         random_cases, random_maps, relu_like_maps, strided_maps)
+from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, check_op_checks_its_inputs,
+                         check_repeated_runs_are_bitwise_equal, non_finite_cases, random_case_maps, random_cases,
+                         random_maps, relu_like_maps, strided_maps)
 from memory_budget import check_head_memory_budget
 
 pytestmark = pytest.mark.skipif("cpu" not in sib_fast.available_backends("cpu"),
@@ -105,17 +106,18 @@ def test_results_do_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
+def test_repeated_runs_are_bitwise_equal():
+    R, x = random_maps(6, 3, 40, 36, torch.float32, seed=10)
+    check_repeated_runs_are_bitwise_equal("cpu", R, x)
+
+
 @non_finite_cases
 def test_non_finite_inputs_give_nan(where, bad):
     check_non_finite_gives_nan("cpu", where, bad)
 
 
 def test_op_checks_its_inputs_when_called_directly():
-    R, x = random_maps(3, 2, 9, 9, torch.float32)
-    with pytest.raises(RuntimeError, match="same dtype"):
-        torch.ops.sib_fast.sib_head_forward(R, x.double(), 3, 0.1, 10.0)
-    with pytest.raises(RuntimeError, match="odd"):
-        torch.ops.sib_fast.sib_head_forward(R, x, 4, 0.1, 10.0)
+    check_op_checks_its_inputs()
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 2, 9, 11), torch.float64), ((2, 3, 16, 16), torch.float32)])

@@ -13,8 +13,9 @@ import torch
 import sib_fast
 from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_output_alone,
                         compare_head_with_reference, compare_piecewise_constant_with_reference)
-from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_maps,
-                         relu_like_maps, strided_maps)
+from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, check_op_checks_its_inputs,
+                         check_repeated_runs_are_bitwise_equal, non_finite_cases, random_maps, relu_like_maps,
+                         strided_maps)
 from memory_budget import check_head_memory_budget
 from sib_fast.backends import dispatch
 
@@ -114,15 +115,7 @@ def test_saved_tensors_are_the_cpu_kernels(dtype):
 
 def test_repeated_runs_are_bitwise_equal():
     R, x = random_maps(32, 3, 224, 224, torch.float32, seed=10, device=DEVICE)
-    results = []
-    for _ in range(3):
-        Rg, xg = R.clone().requires_grad_(), x.clone().requires_grad_()
-        hsic, bg, mask = sib_fast.sib_terms(Rg, xg, backend="cuda")
-        (hsic + 1e3 * bg + mask.mean()).backward()
-        results.append((hsic, bg, mask, Rg.grad, xg.grad))
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    check_repeated_runs_are_bitwise_equal("cuda", R, x)
 
 
 def test_runs_on_the_current_stream():
@@ -162,11 +155,7 @@ def test_non_finite_inputs_give_nan(where, bad):
 
 
 def test_op_checks_its_inputs_when_called_directly():
-    R, x = random_maps(3, 2, 9, 9, torch.float32, device=DEVICE)
-    with pytest.raises(RuntimeError, match="same dtype"):
-        torch.ops.sib_fast.sib_head_forward(R, x.double(), 3, 0.1, 10.0)
-    with pytest.raises(RuntimeError, match="odd"):
-        torch.ops.sib_fast.sib_head_forward(R, x, 4, 0.1, 10.0)
+    check_op_checks_its_inputs(DEVICE)
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 2, 9, 11), torch.float64), ((2, 3, 16, 16), torch.float32)])
