@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from sib_fast.backends.constants import RANK_WINDOW, RANKS_BELOW
+
 log = logging.getLogger("sib_fast")
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
@@ -107,7 +109,9 @@ def fused_temperature_limit(dtype: torch.dtype) -> float:
     the function (dR off by 1e-4 at T = 1, 1e-2 at T = 2), so they refuse to run there.
     """
     bits = 53 if dtype == torch.float64 else 24
-    return 9.0 / (bits * math.log(2.0))
+    # the nearest rank left out, below or above the window, is this many ranks from t at least
+    gap = min(RANKS_BELOW + 1, RANK_WINDOW - RANKS_BELOW)
+    return gap / (bits * math.log(2.0))
 
 
 def _temperature_reason(backend: str, temperature: float, dtype: torch.dtype) -> str | None:
@@ -115,7 +119,7 @@ def _temperature_reason(backend: str, temperature: float, dtype: torch.dtype) ->
         return None
     compute = "float64" if dtype == torch.float64 else "float32"
     return (f"temperature={temperature:g} is above {fused_temperature_limit(dtype):.3f}, the largest at which "
-            f"the fused backends compute the soft quantiles exactly in {compute} (they read 18 ranks around "
+            f"the fused backends compute the soft quantiles exactly in {compute} (they read {RANK_WINDOW} ranks around "
             f"each quantile; SPEC section 2)")
 
 
