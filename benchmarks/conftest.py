@@ -3,13 +3,10 @@
 Small CPU shapes by default, so CI runs it in well under a minute; larger
 shapes with ``--bench-large`` (or SIB_FAST_BENCH_LARGE=1), ``torch.compile`` of
 the reference with ``--bench-compile`` (about a minute of compilation per
-shape on a small CPU). CUDA shapes run when a GPU is present.
+shape on a small CPU). CUDA shapes are generated only when a GPU is present.
 """
 import importlib.util
 import os
-
-import pytest
-import torch
 
 if importlib.util.find_spec("pytest_benchmark") is None:
     # the suite needs the plugin (pip install -e ".[bench]"); without it, collect nothing rather than fail
@@ -23,11 +20,3 @@ def pytest_addoption(parser):
     group.addoption("--bench-compile", action="store_true",
                     default=os.environ.get("SIB_FAST_BENCH_COMPILE") == "1",
                     help="also benchmark torch.compile of the reference (slow to compile)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)

@@ -11,29 +11,21 @@ For the full report (IQR, memory, share of the copy bandwidth) use ``sib-bench``
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
 import torch
 
-import sib_fast
-from sib_fast.backends import reference
+from sib_fast.bench.lanes import UPSTREAM, lane_function, relative_error, select_lanes
 from sib_fast.bench.machine import cache_bytes
 from sib_fast.bench.measure import floor_bytes, make_head_inputs, rotation_count
 
 SMALL = {"cpu": [(4, 3, 64, 64), (3, 1, 17, 23)], "cuda": [(32, 3, 224, 224)]}
 LARGE = {"cpu": [(16, 3, 224, 224)], "cuda": [(128, 3, 224, 224)]}
 ROUNDS = {"cpu": 5, "cuda": 30}  # CPU: CI runs this suite; a smoke-sized sample, not a measurement
-COMPILE = "reference+compile"
-UPSTREAM = (0.75, -1.25)
+WINDOW = 31
 TOLERANCE = 1e-3  # relative to the largest value; the backends' own tests hold them to 1e-4 against float64
-
-
-def _lanes(device: str, with_compile: bool) -> list[str]:
-    fused = [b for b in sib_fast.available_backends(device) if b != "reference"]
-    if device == "cpu":
-        fused = [b for b in fused if b != "triton"]  # the Triton interpreter is for tests, not timing
-    return ["reference"] + ([COMPILE] if with_compile else []) + fused
 
 
 def pytest_generate_tests(metafunc):
@@ -47,24 +39,16 @@ def pytest_generate_tests(metafunc):
             continue
         shapes = SMALL[device] + (LARGE[device] if large else [])
         for shape in shapes:
-            for lane in _lanes(device, with_compile):
+            for lane in select_lanes("all", torch.device(device), no_compile=not with_compile):
                 marks = [pytest.mark.gpu] if device == "cuda" else []
                 cases.append(pytest.param((device, lane, shape), marks=marks))
                 ids.append(f"{device}-{'x'.join(map(str, shape))}-{lane}")
     metafunc.parametrize("case", cases, ids=ids)
 
 
-_FUNCTIONS: dict = {}
-
-
+@functools.cache  # one torch.compile per session, not per case
 def _function(lane: str):
-    if lane not in _FUNCTIONS:
-        if lane == COMPILE:
-            compiled = torch.compile(reference.sib_terms, dynamic=False)
-            _FUNCTIONS[lane] = lambda R, x: compiled(R, x, 31, 0.1, 10.0)
-        else:
-            _FUNCTIONS[lane] = lambda R, x: tuple(sib_fast.sib_terms(R, x, backend=lane))
-    return _FUNCTIONS[lane]
+    return lane_function(lane, WINDOW)
 
 
 class Head:
@@ -126,7 +110,7 @@ def _check_against_reference(head: Head, lane: str):
     actual = head.fn(*inp)
     dR = head.backward(inp, actual)
     for name, a, e in (("hsic", actual[0], expected[0]), ("bg", actual[1], expected[1]), ("dR", dR, dR_expected)):
-        err = ((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-300)).item()
+        err = relative_error(a, e)
         assert err <= TOLERANCE, f"{lane} {name} differs from the reference by {err:.2e} (relative)"
 
 

@@ -9,8 +9,12 @@ import torch
 
 import sib_fast
 from sib_fast.bench import cli as bench
+from sib_fast.bench.head import add_speedups
+from sib_fast.bench.lanes import COMPILE_LANE, select_lanes
 from sib_fast.bench.measure import (floor_bytes, make_head_inputs, peak_extra_memory, rotation_count,
                                     summarize)
+from sib_fast.bench.record import PARTS, SCHEMA
+from sib_fast.cli_errors import UsageError
 
 # one thread: on a loaded 2-core machine OpenMP barriers make 2 threads 10-100x slower on tiny shapes
 TINY = ["--device", "cpu", "--threads", "1", "--quick", "--copy-mib", "16", "--no-compile"]
@@ -66,11 +70,11 @@ def test_cpu_peak_memory_sees_a_known_allocation():
 
 
 def test_lane_selection():
-    lanes = bench.select_lanes("all", torch.device("cpu"), no_compile=False)
-    assert lanes[0] == "reference" and lanes[-1] == bench.COMPILE_LANE and "triton" not in lanes
-    assert bench.select_lanes("cpu,compile", torch.device("cpu"), no_compile=True) == ["reference", "cpu"]
-    with pytest.raises(bench.UsageError, match="unknown backend"):
-        bench.select_lanes("fast", torch.device("cpu"), no_compile=False)
+    lanes = select_lanes("all", torch.device("cpu"), no_compile=False)
+    assert lanes[0] == "reference" and lanes[-1] == COMPILE_LANE and "triton" not in lanes
+    assert select_lanes("cpu,compile", torch.device("cpu"), no_compile=True) == ["reference", "cpu"]
+    with pytest.raises(UsageError, match="unknown backend"):
+        select_lanes("fast", torch.device("cpu"), no_compile=False)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -93,7 +97,7 @@ def head_record(tmp_path_factory):
 
 def test_head_record_schema_and_sane_numbers(head_record):
     record, _ = head_record
-    assert record["schema"] == bench.SCHEMA and record["mode"] == "head"
+    assert record["schema"] == SCHEMA and record["mode"] == "head"
     for key in ("created", "argv", "machine", "versions", "git", "copy_bandwidth", "rows", "head_settings"):
         assert key in record
     assert record["machine"]["cpu_model"] and record["versions"]["torch"] == torch.__version__
@@ -105,7 +109,7 @@ def test_head_record_schema_and_sane_numbers(head_record):
     for row in record["rows"]:
         assert row["kind"] == "head" and row["dtype"] == "float32" and row["height"] == 24 and row["width"] == 20
         assert "error" not in row, row.get("error")
-        for part in bench.PARTS:
+        for part in PARTS:
             t = row["timings"][part]
             assert 0 < t["min"] <= t["q1"] <= t["median"] <= t["q3"] and t["n"] >= 3
             assert math.isclose(row["achieved_GBps"][part], row["floor_bytes"][part] / t["median"] / 1e9)
@@ -206,9 +210,10 @@ def test_step_mode_exact_rows_run_a_vit_on_math_attention(tmp_path):
 
 
 def test_step_models_are_the_training_commands_models():
-    from sib_fast.bench.step import build_model
-    from sib_fast.training.models import SmallCNN
+    from sib_fast.bench import step
+    from sib_fast.training.models import SmallCNN, build_model
 
+    assert step.build_model is build_model
     assert isinstance(build_model("sib_cnn", 3, 16), SmallCNN)
     assert build_model("tiny_cnn", 3, 16)(torch.rand(2, 3, 16, 16)).shape == (2, 3)
     with pytest.raises(ValueError, match="did you mean resnet50"):
@@ -229,7 +234,7 @@ def test_main_leaves_the_thread_count_as_it_found_it():
 def test_tune_rejects_bad_variants(text, message):
     from sib_fast.bench import tune
 
-    with pytest.raises(bench.UsageError, match=message):
+    with pytest.raises(UsageError, match=message):
         tune.parse_variant(text)
 
 
@@ -279,14 +284,14 @@ def test_tune_variants_compute_the_default_result(tmp_path):
 
 def test_speedups_are_against_eager_and_compiled_of_the_same_shape():
     def row(backend, ms):
-        return {"backend": backend, "timings": {p: {"median": ms / 1e3} for p in bench.PARTS}}
+        return {"backend": backend, "timings": {p: {"median": ms / 1e3} for p in PARTS}}
 
-    rows = [row("reference", 100.0), row("cpu", 4.0), row(bench.COMPILE_LANE, 20.0), {"backend": "triton"}]
-    bench._add_speedups(rows)
+    rows = [row("reference", 100.0), row("cpu", 4.0), row(COMPILE_LANE, 20.0), {"backend": "triton"}]
+    add_speedups(rows)
     assert rows[1]["speedup_vs_reference"]["fwd_bwd"] == pytest.approx(25.0)
     assert rows[1]["speedup_vs_compiled"]["fwd"] == pytest.approx(5.0)
     assert rows[2]["speedup_vs_compiled"]["bwd"] == pytest.approx(1.0)
     assert "speedup_vs_reference" not in rows[3]  # a row that did not run
     no_compile = [row("reference", 100.0), row("cpu", 4.0)]
-    bench._add_speedups(no_compile)
+    add_speedups(no_compile)
     assert "speedup_vs_compiled" not in no_compile[1]

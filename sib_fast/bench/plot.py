@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from sib_fast.bench.record import PART_LABELS, header_lines
+
 
 def plot_head(record: dict, path: str, part: str = "fwd_bwd") -> None:
+    """Draw the head rows of ``record`` into ``path``; ImportError without matplotlib."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from sib_fast.bench.cli import PART_LABELS, header_lines
 
     series = defaultdict(list)
     for row in record["rows"]:

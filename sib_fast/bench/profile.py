@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 NAME_WIDTH = 90
 # namespaces that only lengthen the demangled names of the CUDA backend's kernels
@@ -34,8 +35,6 @@ def short_name(name: str) -> str:
 def kernel_breakdown(run: Callable[[], object], device: torch.device, top: int = 10) -> dict:
     """Profiles one ``run()`` (warm it up first) and returns {"method", "total_us", "entries"};
     each entry {"name", "calls", "us", "share"}, the ``top`` largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     # a first session, thrown away, takes the profiler's start-up cost off the recorded events

@@ -10,45 +10,28 @@ ratio of each row's step time to the plain step's is the headline figure.
 The S-IB rows call ``sib_fast.sib_backward(model, x, target, criterion, vjp=...)``. The exact
 rows run ``scaled_dot_product_attention`` on its math backend: the fused (flash, memory-efficient)
 kernels have no double backward, so a ViT's exact S-IB step costs what the math attention costs,
-and its finite-difference rows keep the fused kernels. CNNs are unaffected.
+and its finite-difference rows keep the fused kernels. CNNs are unaffected. The models are
+``sib-train --arch``'s (``sib_fast.training.models.build_model``).
 """
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sib_fast import SIBLoss, sib_backward
+from sib_fast.bench.lanes import fused_backends
+from sib_fast.bench.measure import rss_peak_extra, summarize, synchronize
+from sib_fast.bench.record import error_line, format_ms, save_json, short_error
+from sib_fast.cli_errors import UsageError
+from sib_fast.training.models import build_model
 
 WARMUP_STEPS = 2
 DEFAULT_STEP_BATCH = {"cpu": 4, "cuda": 64}
-
-
-def tiny_cnn(num_classes: int) -> torch.nn.Module:
-    """Two conv-BN-ReLU blocks and a linear layer: a smoke-test model, not a benchmark."""
-    from torch import nn
-
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-
-
-def build_model(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
-    """A randomly initialised model: ``vit_s_16`` (ViT-S/16), ``tiny_cnn`` (a smoke test), or any
-    name ``sib-train --arch`` takes (torchvision, timm, built-in; ``sib_fast.training.models.build_model``)."""
-    if name == "tiny_cnn":
-        return tiny_cnn(num_classes)
-    if name in ("vit_s_16", "vit_small"):
-        import torchvision
-
-        if image_size % 16:
-            raise ValueError(f"vit_s_16 needs an image size divisible by 16, got {image_size}")
-        return torchvision.models.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12,
-                                                    num_heads=6, hidden_dim=384, mlp_dim=1536,
-                                                    num_classes=num_classes)
-    from sib_fast.training.models import build_model as build_training_model
-
-    return build_training_model(name, num_classes, image_size)
 
 
 def step_rows(fused: list[str], vjp_modes: list[str]) -> list[tuple[str, str | None, str | None]]:
@@ -64,18 +47,12 @@ def step_rows(fused: list[str], vjp_modes: list[str]) -> list[tuple[str, str | N
 
 def make_step(model, optimizer, vjp, backend):
     """A function of (x, target) doing one full training step."""
-    from sib_fast import SIBLoss, sib_backward
-
     if vjp is None:
         def step(x, target):
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), target).backward()
             optimizer.step()
         return step
-    from contextlib import nullcontext
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     criterion = SIBLoss(backend=backend)
 
     def step(x, target):
@@ -88,8 +65,6 @@ def make_step(model, optimizer, vjp, backend):
 
 
 def _time_step(step, batches, device, reps):
-    from sib_fast.bench.measure import summarize, synchronize
-
     times = []
     for i in range(reps):
         x, y = batches[i % len(batches)]
@@ -110,8 +85,6 @@ def _time_step(step, batches, device, reps):
 
 def _peak_memory(step, batch, device) -> dict:
     """Peak memory of one step: absolute and beyond what existed before (model, optimizer state, inputs)."""
-    from sib_fast.bench.measure import rss_peak_extra, synchronize
-
     if device.type == "cuda":
         synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -127,9 +100,6 @@ def _peak_memory(step, batch, device) -> dict:
 
 def step_config(args, device: torch.device) -> dict:
     """The step-mode settings from the arguments, checked before anything is measured."""
-    from sib_fast.bench.cli import UsageError
-    from sib_fast.backends.dispatch import available_backends
-
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     vjp_modes = [v.strip() for v in args.vjp.split(",") if v.strip()]
     bad = [v for v in vjp_modes if v not in ("exact", "finite_difference")]
@@ -145,18 +115,15 @@ def step_config(args, device: torch.device) -> dict:
             import torchvision  # noqa: F401
         except ImportError:
             raise UsageError("step mode needs torchvision (pip install torchvision)") from None
-    fused = [b for b in available_backends(device) if b != "reference"]
-    if device.type == "cpu":
-        fused = [b for b in fused if b != "triton"]
     return {"models": models, "batch": batch, "image_size": args.step_size, "num_classes": args.num_classes,
-            "vjp_modes": vjp_modes, "fused": fused, "reps": args.step_reps, "warmup": WARMUP_STEPS,
-            "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4)", "channels_last": args.channels_last,
+            "vjp_modes": vjp_modes, "fused": fused_backends(device), "reps": args.step_reps,
+            "warmup": WARMUP_STEPS, "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4)",
+            "channels_last": args.channels_last,
             "exact_attention": "math (scaled_dot_product_attention)"}
 
 
 def run_step(args, device: torch.device, record: dict, config: dict) -> None:
-    from sib_fast.bench.cli import UsageError, _first_line, save_json
-
+    """Every (model, row) of ``config`` into ``record``, saved after each row."""
     record["step_settings"] = config
     models, vjp_modes, fused, batch = config["models"], config["vjp_modes"], config["fused"], config["batch"]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -165,7 +132,7 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
         try:
             model = build_model(model_name, args.num_classes, args.step_size)
         except Exception as exc:
-            raise UsageError(f"--model {model_name}: {_first_line(exc)}") from None
+            raise UsageError(f"--model {model_name}: {error_line(exc)}") from None
         model = model.to(device=device, memory_format=memory_format).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
         batches = []
@@ -190,7 +157,7 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
                     base_median = median
                 row["x_plain_step"] = median / base_median if base_median else None
             except Exception as exc:  # e.g. no double backward for an op: the finding, not a crash
-                row["error"] = _first_line(exc)
+                row["error"] = error_line(exc)
             finally:
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
@@ -201,6 +168,7 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
 
 
 def step_table(record: dict) -> str:
+    """The step rows of a record, under a line saying what a step is, as Markdown."""
     s = record.get("step_settings", {})
     lines = [f"step: zero_grad, forward, loss, backward, {s.get('optimizer', 'AdamW')} step; median (IQR) of "
              f"{s.get('reps')} steps after {s.get('warmup')} warm-up; S-IB via sib_fast.sib_backward"
@@ -208,8 +176,6 @@ def step_table(record: dict) -> str:
                 if s.get("exact_attention") else ""), "",
              "| model | B | size | row | head | step ms | images/s | x plain step | peak MB | peak extra MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    from sib_fast.bench.cli import _ms, short_error
-
     for row in record["rows"]:
         if row.get("kind") != "step":
             continue
@@ -221,7 +187,7 @@ def step_table(record: dict) -> str:
         peak = row.get("peak_bytes")
         extra = row.get("peak_extra_bytes")
         ratio = row.get("x_plain_step")
-        lines.append(f"{head} {_ms(row['timing'])} | {row['images_per_s']:.1f} | "
+        lines.append(f"{head} {format_ms(row['timing'])} | {row['images_per_s']:.1f} | "
                      f"{'-' if ratio is None else format(ratio, '.2f')} | "
                      f"{'-' if peak is None else format(peak / 1e6, '.0f')} | "
                      f"{'-' if extra is None else format(extra / 1e6, '.0f')} |")

@@ -1,11 +1,12 @@
 """``python -m sib_fast.bench.tune``: the Triton backend's launch-plan constants, timed side by side.
 
-The Triton backend plans every launch from a few constants of ``sib_fast.backends.triton.ops``
-(``TUNABLE`` below). Their defaults were chosen without a GPU, from register counts and spills
-(``tests/test_triton_compile.py``); this tool times the alternatives on the GPU at hand, in one
-run. Each variant sets some constants, runs forward+backward of the head (gradient of HSIC and BG
-with respect to R, as ``sib-bench`` times it), and is checked against the default's outputs: a
-variant that changes the result is reported, not ranked.
+The Triton backend plans every launch from a few constants, set for a block with
+``sib_fast.backends.triton.plan.tunables`` (those timed here: ``TUNABLE`` below). Their defaults
+were chosen without a GPU, from register counts and spills (``tests/test_triton_compile.py``);
+this tool times the alternatives on the GPU at hand, in one run. Each variant sets some
+constants, runs forward+backward of the head (gradient of HSIC and BG with respect to R, as
+``sib-bench`` times it), and is checked against the default's outputs: a variant that changes
+the result is reported, not ranked.
 
     python -m sib_fast.bench.tune --batch 128 --variant BWD_IMAGE_BLOCK=64 --variant MAX_IMAGE_BLOCK=64
     python -m sib_fast.bench.tune --variant "SELECT_CHUNK=1024,VBOX_BLOCK=64x32" --json tune.json
@@ -22,11 +23,13 @@ from contextlib import contextmanager
 
 import torch
 
-from sib_fast.bench.cli import (UPSTREAM, UsageError, _first_line, _relative_error, lane_function, resolve_device,
-                                save_json)
-from sib_fast.cli_errors import OutputError, check_output_file
+from sib_fast.backends.dispatch import unavailable_reason
+from sib_fast.backends.reference import compute_dtype
+from sib_fast.bench.lanes import UPSTREAM, lane_function, relative_error, resolve_device
 from sib_fast.bench.machine import device_label, machine_info
 from sib_fast.bench.measure import make_head_inputs, synchronize, time_calls
+from sib_fast.bench.record import error_line, save_json
+from sib_fast.cli_errors import OutputError, UsageError, check_output_file
 
 #: constant -> what it sets; values are ints, or HxW for the two block shapes
 TUNABLE = {
@@ -87,7 +90,8 @@ def parse_variant(text: str) -> dict:
 
 @contextmanager
 def plan_constants(backend, settings: dict):
-    """Set constants of the Triton backend module for the duration of the block."""
+    """Set attributes of ``backend`` for the duration of the block (the Triton backend's own
+    constants are set with ``sib_fast.backends.triton.plan.tunables``)."""
     saved = {name: getattr(backend, name) for name in settings}
     try:
         for name, value in settings.items():
@@ -105,9 +109,7 @@ def new_record(args, device: torch.device) -> dict:
 
 
 def run(args, device: torch.device, record: dict) -> None:
-    import sib_fast.backends.triton.ops as backend
-    from sib_fast.backends.dispatch import unavailable_reason
-    from sib_fast.backends.reference import compute_dtype
+    from sib_fast.backends.triton.plan import tunable_values, tunables  # imports triton (optional): --help and the checks run without it
 
     reason = unavailable_reason("triton", device.type)
     if reason:
@@ -115,7 +117,7 @@ def run(args, device: torch.device, record: dict) -> None:
     variants = [("default", {})]
     for text in args.variant or DEFAULT_VARIANTS:
         settings = parse_variant(text)
-        if all(getattr(backend, name) == value for name, value in settings.items()):
+        if all(tunable_values()[name] == value for name, value in settings.items()):
             print(f"  {text}: skipped, the default here")
             continue
         variants.append((text, settings))
@@ -139,17 +141,17 @@ def run(args, device: torch.device, record: dict) -> None:
         row = {"variant": label, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
         print(f"  {label} ...", file=sys.stderr, flush=True)
         try:
-            with plan_constants(backend, settings):
+            with tunables(**settings):
                 out = forward_backward(inputs[0])  # compiles this variant's kernels
                 synchronize(device)
                 if expected is None:
                     expected = out
-                row["max_rel_err"] = {name: _relative_error(a, b) for name, a, b in zip(("hsic", "bg", "dR"), out, expected)}
+                row["max_rel_err"] = {name: relative_error(a, b) for name, a, b in zip(("hsic", "bg", "dR"), out, expected)}
                 del out
                 row["fwd_bwd"] = time_calls(forward_backward, None, inputs, device, min_reps=args.min_reps,
                                             max_reps=args.max_reps, min_time=args.min_time)
         except Exception as exc:  # a variant that fails to compile or run is a result, not the end of the run
-            row["error"] = _first_line(exc)
+            row["error"] = error_line(exc)
         record["rows"].append(row)
         save_json(record, args.json)  # atomic: a failed write leaves the last record intact
 
