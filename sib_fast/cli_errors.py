@@ -4,14 +4,17 @@
 ``OutputError``: writing a result failed during the work (disk full, file replaced by a folder...):
 one line saying what and where, exit status 1; what was written before stays intact.
 The helpers check output paths up front and write files so that a crash, a full disk or a
-``kill -9`` never leaves a half-written result under the final name.
+``kill -9`` never leaves a half-written result under the final name; ``run_command`` turns each
+kind of fault into its line and exit status.
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 class UsageError(Exception):
@@ -20,6 +23,30 @@ class UsageError(Exception):
 
 class OutputError(Exception):
     """A result could not be written: reported as one line, exit status 1."""
+
+
+def run_command(prog: str, validate: Callable[[], object], work: Callable[[], object], *,
+                stopped: tuple[type[Exception], ...] = (), interrupted: str = "interrupted") -> int:
+    """``validate()`` then ``work()``; returns the exit status, with one ``PROG: error: ...`` line on
+    stderr for a fault: 2 for a ``UsageError`` (or a ValueError / TypeError from ``validate``: a check
+    deeper down refused a value), 1 for an ``OutputError``, any other OSError (what and where) or one
+    of ``stopped``, 130 with ``PROG: interrupted`` on Ctrl-C."""
+    try:
+        try:
+            validate()
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        work()
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except (OutputError, OSError, *stopped) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def os_reason(exc: OSError) -> str:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sib_fast import evaluate
+from sib_fast.evaluation.inputs import load_folder
 
 TRAIN_ARGS = ["--epochs", "1", "--train-samples", "16", "--val-samples", "8", "--batch-size", "8",
               "--image-size", "32", "--num-classes", "3", "--spurious", "0.5", "--lr", "1e-3"]
@@ -69,7 +70,7 @@ def test_sib_eval_folder_dataset(runs, tmp_path):
             m = np.zeros((40, 48), dtype=np.uint8)
             m[10:30, 12:36] = 255
             Image.fromarray(m).save(data / "masks" / c / f"{i}.png")
-    xs, ys, ms, classes, names, skipped = evaluate.load_folder(data, 32, 0)
+    xs, ys, ms, classes, names, skipped = load_folder(data, 32, 0)
     assert len(names) == 6 and names[0].endswith("0.jpg") and skipped == []
     assert xs.shape == (6, 3, 32, 32) and ms.shape == (6, 1, 32, 32) and classes == ["a", "b", "c"]
     assert ys.tolist() == [0, 0, 1, 1, 2, 2] and 0 <= float(xs.min()) and float(xs.max()) <= 1

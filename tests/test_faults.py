@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from sib_fast import cli_errors, train
+from sib_fast.training.checkpoint import CHECKPOINT
+from sib_fast.training.history import METRICS
+from sib_fast.training.setup import CONFIG
 
 from cli_runs import TINY, _restore_threads  # noqa: F401  (an autouse fixture)
 
@@ -30,7 +33,7 @@ def _one_error_line(capsys, prog="sib-train"):
 
 
 def _records(out):
-    return [json.loads(line) for line in (out / train.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
 
 
 def _image_folder(root, n_train=8, n_val=4, classes=("cat", "dog")):
@@ -88,7 +91,7 @@ def test_unreadable_images_are_skipped_named_once_and_counted(tmp_path, capsys, 
     recs = _records(out)
     assert [r["bad_images"] for r in recs] == [2, 0] and recs[-1]["bad_images_total"] == 2
     assert recs[0]["bad_image_files"] == bad and recs[1]["bad_image_files"] == []
-    ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True)
     assert sorted(ckpt["bad_images"]) == bad
 
 
@@ -122,13 +125,13 @@ def test_bad_output_paths_stop_before_any_work(tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     ckpt_dir = tmp_path / "ckptdir"
-    (ckpt_dir / train.CHECKPOINT).mkdir(parents=True)
+    (ckpt_dir / CHECKPOINT).mkdir(parents=True)
     for out, words in ((a_file, ["--output", "is a file"]), (a_file / "sub", ["--output", "is a file"]),
-                       (ckpt_dir, [str(ckpt_dir / train.CHECKPOINT), "is a folder"])):
+                       (ckpt_dir, [str(ckpt_dir / CHECKPOINT), "is a folder"])):
         assert _train(out, "--epochs", "1") == 2
         line = _one_error_line(capsys)
         assert all(w in line for w in words), line
-    assert a_file.read_text() == "x" and (ckpt_dir / train.CHECKPOINT).is_dir()
+    assert a_file.read_text() == "x" and (ckpt_dir / CHECKPOINT).is_dir()
 
     # not writable / read-only file system (the tests may run as root, where chmod does not stop writes)
     def refuse(*a, **k):
@@ -144,7 +147,7 @@ def test_bad_output_paths_stop_before_any_work(tmp_path, capsys, monkeypatch):
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(trained, tmp_path, capsys, monkeypatch):
     out = _copy(trained, tmp_path / "run")
-    before = (out / train.CHECKPOINT).read_bytes()
+    before = (out / CHECKPOINT).read_bytes()
     save = torch.save
 
     def full(obj, f, *a, **k):
@@ -156,9 +159,9 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(trained, tmp_pat
     monkeypatch.setattr(torch, "save", full)
     code = _train(out, "--epochs", "2", "--resume")
     line = _one_error_line(capsys)
-    assert code == 1 and "No space left on device" in line and str(out / train.CHECKPOINT) in line, line
+    assert code == 1 and "No space left on device" in line and str(out / CHECKPOINT) in line, line
     assert "checkpoint" in line and "intact" in line
-    assert (out / train.CHECKPOINT).read_bytes() == before
+    assert (out / CHECKPOINT).read_bytes() == before
     assert not list(out.glob("*.tmp*"))
 
 
@@ -166,9 +169,9 @@ def test_a_temporary_file_of_a_killed_save_is_removed(trained, tmp_path, capsys)
     out = _copy(trained, tmp_path / "run")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = out / f"{train.CHECKPOINT}.tmp{dead}"
+    stale = out / f"{CHECKPOINT}.tmp{dead}"
     stale.write_bytes(b"")  # what kill -9 during torch.save leaves
-    live = out / f"{train.CHECKPOINT}.tmp1"  # pid 1 runs: it may be writing, so it stays
+    live = out / f"{CHECKPOINT}.tmp1"  # pid 1 runs: it may be writing, so it stays
     live.write_bytes(b"")
     assert _train(out, "--epochs", "2", "--resume") == 0
     assert not stale.exists() and live.exists()
@@ -178,19 +181,19 @@ def test_a_temporary_file_of_a_killed_save_is_removed(trained, tmp_path, capsys)
 # --------------------------------------------------------------------------- --resume
 
 def _expect_resume_error(out, capsys, *words):
-    before = (out / train.CHECKPOINT).read_bytes()
+    before = (out / CHECKPOINT).read_bytes()
     code = _train(out, "--epochs", "2", "--resume")
     line = _one_error_line(capsys)
     assert code == 2 and "Traceback" not in line, line
     for w in words:
         assert w in line, (w, line)
-    assert (out / train.CHECKPOINT).read_bytes() == before  # looked at, never rewritten
+    assert (out / CHECKPOINT).read_bytes() == before  # looked at, never rewritten
     return line
 
 
 def test_resume_on_unreadable_checkpoints_is_one_line(trained, tmp_path, capsys):
     out = _copy(trained, tmp_path / "run")
-    path = out / train.CHECKPOINT
+    path = out / CHECKPOINT
     good = path.read_bytes()
     cases = [(good[: len(good) // 2], ["damaged", "truncated"]),
              (b"", ["empty"]),
@@ -206,7 +209,7 @@ def test_resume_on_unreadable_checkpoints_is_one_line(trained, tmp_path, capsys)
 
 def test_resume_detects_flipped_bytes(trained, tmp_path, capsys):
     out = _copy(trained, tmp_path / "run")
-    path = out / train.CHECKPOINT
+    path = out / CHECKPOINT
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
     data[mid:mid + 8] = bytes(b ^ 0x5A for b in data[mid:mid + 8])
@@ -216,10 +219,10 @@ def test_resume_detects_flipped_bytes(trained, tmp_path, capsys):
 
 def test_resume_on_damaged_metrics_refuses_and_keeps_them(trained, tmp_path, capsys):
     out = _copy(trained, tmp_path / "run")
-    text = (out / train.METRICS).read_text() + "{not json\n"
-    (out / train.METRICS).write_text(text)
-    _expect_resume_error(out, capsys, str(out / train.METRICS), "line 2")
-    assert (out / train.METRICS).read_text() == text
+    text = (out / METRICS).read_text() + "{not json\n"
+    (out / METRICS).write_text(text)
+    _expect_resume_error(out, capsys, str(out / METRICS), "line 2")
+    assert (out / METRICS).read_text() == text
 
 
 def test_resume_with_a_new_learning_rate_trains_with_it(trained, tmp_path, capsys):
@@ -230,12 +233,12 @@ def test_resume_with_a_new_learning_rate_trains_with_it(trained, tmp_path, capsy
     assert _train(new, "--epochs", "2", "--resume", "--lr", "0.5", "--weight-decay", "0.01") == 0
     log = [line for line in capsys.readouterr().out.splitlines() if "resuming after epoch 1" in line]
     assert len(log) == 1 and "--lr 0.002 -> 0.5" in log[0] and "--weight-decay 0.0001 -> 0.01" in log[0], log
-    a = torch.load(same / train.CHECKPOINT, weights_only=True)
-    b = torch.load(new / train.CHECKPOINT, weights_only=True)
+    a = torch.load(same / CHECKPOINT, weights_only=True)
+    b = torch.load(new / CHECKPOINT, weights_only=True)
     assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [train.SYNTHETIC_LR]
     assert [g["lr"] for g in b["optimizer"]["param_groups"]] == [0.5]
     assert [g["weight_decay"] for g in b["optimizer"]["param_groups"]] == [0.01]
-    assert b["args"]["lr"] == 0.5 and json.loads((new / train.CONFIG).read_text())["lr"] == 0.5
+    assert b["args"]["lr"] == 0.5 and json.loads((new / CONFIG).read_text())["lr"] == 0.5
     assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -354,7 +357,7 @@ def test_sib_eval_says_what_is_wrong_with_a_checkpoint(trained, tmp_path, capsys
     text = tmp_path / "notckpt.pt"
     text.write_text("101\n")
     flipped = tmp_path / "flipped.pt"
-    data = bytearray((trained / train.CHECKPOINT).read_bytes())
+    data = bytearray((trained / CHECKPOINT).read_bytes())
     mid = len(data) // 2
     data[mid:mid + 8] = bytes(b ^ 0x5A for b in data[mid:mid + 8])
     flipped.write_bytes(bytes(data))
@@ -381,13 +384,13 @@ def test_sib_eval_bad_output_paths(trained, tmp_path, capsys):
 
 
 def test_sib_eval_a_full_disk_is_one_line(trained, tmp_path, capsys, monkeypatch):
-    from sib_fast import evaluate
+    from sib_fast.evaluation import report
     out = tmp_path / "r"
 
     def full(path, text, what="file"):
         raise cli_errors.OutputError(f"cannot write the {what} {path}: No space left on device")
 
-    monkeypatch.setattr(evaluate, "atomic_write_text", full)
+    monkeypatch.setattr(report, "atomic_write_text", full)
     assert _eval(str(trained), "--output", str(out)) == 1
     line = _one_error_line(capsys, "sib-eval")
     assert "No space left on device" in line and str(out / "results.json") in line, line

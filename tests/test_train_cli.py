@@ -14,8 +14,11 @@ import pytest
 import torch
 
 import sib_fast
-from sib_fast import train
+from sib_fast import cli_errors, train
+from sib_fast.training.checkpoint import CHECKPOINT, save_checkpoint
 from sib_fast.training.data import SyntheticObjects
+from sib_fast.training.history import CURVES, METRICS
+from sib_fast.training.setup import CONFIG
 
 from cli_runs import TINY, _restore_threads  # noqa: F401  (an autouse fixture)
 
@@ -27,11 +30,11 @@ def _run(tmp_path, *args, name="run"):
 
 
 def _records(out):
-    return [json.loads(line) for line in (out / train.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
 
 
 def _checkpoint(out):
-    return torch.load(out / train.CHECKPOINT, map_location="cpu", weights_only=True)
+    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -137,12 +140,12 @@ def test_run_writes_metrics_curves_checkpoint(tmp_path, capsys, extra):
     else:
         assert math.isfinite(r["train_hsic"]) and math.isfinite(r["train_bg"])
         assert r["vjp"] == (extra[1] if extra else "exact")
-    assert (out / train.CURVES).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / CURVES).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = _checkpoint(out)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 4
     assert {"model", "optimizer", "scaler", "rng", "args"} <= set(ckpt)
     assert not list(out.glob("*.tmp*")), "no temporary files left behind"
-    assert json.loads((out / train.CONFIG).read_text())["epochs"] == 2
+    assert json.loads((out / CONFIG).read_text())["epochs"] == 2
 
 
 def test_speed_options_smoke(tmp_path, capsys):
@@ -216,13 +219,13 @@ def test_check_vjp_reports_the_cosine_and_warns_on_kinks(tmp_path, capsys):
 def test_resume_refuses_a_different_run(tmp_path, capsys):
     code, out = _run(tmp_path, "--epochs", "1")
     assert code == 0
-    before = (out / train.CHECKPOINT).read_bytes()
+    before = (out / CHECKPOINT).read_bytes()
     for argv, name in ((["--spurious", "0.5"], "--spurious"), (["--seed", "3"], "--seed"),
                        (["--temperature", "0.2"], "--temperature"), (["--arch", "tiny_vit"], "--arch")):
         code, _ = _run(tmp_path, "--epochs", "2", "--resume", *argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and name in err[0] and "cannot change" in err[0], (argv, err)
-    assert (out / train.CHECKPOINT).read_bytes() == before
+    assert (out / CHECKPOINT).read_bytes() == before
 
 
 # --------------------------------------------------------------------------- non-finite losses
@@ -255,7 +258,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_with_the_cause(tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
     assert "2 non-finite losses in a row" in err[0] and "NaN/Inf" in err[0]
-    assert not (out / train.CHECKPOINT).exists()
+    assert not (out / CHECKPOINT).exists()
 
 
 def test_no_checkpoint_from_nonfinite_weights(tmp_path, monkeypatch, capsys):
@@ -281,15 +284,15 @@ def test_no_checkpoint_from_nonfinite_weights(tmp_path, monkeypatch, capsys):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    train.save_checkpoint(path, {"epoch": 1})
+    save_checkpoint(path, {"epoch": 1})
 
     def broken(obj, f, *a, **k):
         f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(train.OutputError, match="disk full.*previous one is intact"):
-        train.save_checkpoint(path, {"epoch": 2})
+    with pytest.raises(cli_errors.OutputError, match="disk full.*previous one is intact"):
+        save_checkpoint(path, {"epoch": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -16,6 +16,7 @@ import torch
 
 from sib_fast.cli_errors import UsageError, atomic_write
 
+CHECKPOINT = "checkpoint.pt"  # its name in a sib-train output folder
 # what sib-train writes; sib-eval needs only the first two
 TRAIN_KEYS = ("model", "args", "optimizer", "scaler", "epoch", "step", "rng")
 EVAL_KEYS = ("model", "args")

@@ -1,9 +1,11 @@
-"""``SyntheticObjects``: an embedded image-classification dataset with ground-truth foreground.
+"""The images of ``sib-train`` and ``sib-eval``: the embedded ``SyntheticObjects`` dataset, the
+normalisation statistics of each kind of data, and the skipping of unreadable image files.
 
-Every image is generated on the fly from ``(seed, split, index)``: nothing is downloaded and the
-same index always gives the same image. The class is the shape of one foreground object (disk,
-square, triangle, cross, ring, star) of random colour, scale, position and rotation, drawn on a
-cluttered background (smooth coloured texture, random strokes, pixel noise). The object's pixel
+``SyntheticObjects`` is an image-classification dataset with ground-truth foreground. Every
+image is generated on the fly from ``(seed, split, index)``: nothing is downloaded and the same
+index always gives the same image. The class is the shape of one foreground object (disk, square,
+triangle, cross, ring, star) of random colour, scale, position and rotation, drawn on a cluttered
+background (smooth coloured texture, random strokes, pixel noise). The object's pixel
 mask comes with it, so one can measure how much of a saliency map falls on the object.
 
 ``spurious=p`` adds a background grating whose orientation tells the label, in the training
@@ -22,6 +24,10 @@ CLASSES = ("disk", "square", "triangle", "cross", "ring", "star")
 SPLITS = {"train": 0, "val": 1, "test": 1}
 DEFAULT_LENGTH = {"train": 2048, "val": 512, "test": 512}
 SUPERSAMPLE = 2  # anti-aliasing of the object's edge
+# (mean, std) per channel of the input normalisation, which sib-train applies on the device and
+# sib-eval makes part of the explained model: synthetic images are in [0, 1]; ImageNet's statistics
+SYNTHETIC_STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def _shape_inside(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:

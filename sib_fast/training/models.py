@@ -1,7 +1,9 @@
-"""Models for ``sib-train``: a small built-in CNN and ViT, and the ``--arch`` lookup.
+"""The models of ``sib-train``, ``sib-eval`` and ``sib-bench --step``: the built-in ones and the
+``--arch`` lookup.
 
-``build_model(arch, num_classes, image_size)`` takes a built-in name (``sib_cnn``,
-``tiny_vit``), a torchvision classification model name (``resnet50``, ``vit_b_16``...) or a
+``build_model(arch, num_classes, image_size)`` takes a built-in name (``sib_cnn``, a small CNN;
+``tiny_vit``, a small ViT; ``tiny_cnn``, a smoke-test CNN; ``vit_s_16`` or ``vit_small``,
+ViT-S/16), a torchvision classification model name (``resnet50``, ``vit_b_16``...) or a
 timm model name (when timm is installed; ``timm/NAME`` forces timm). Weights are initialised
 at random: nothing is downloaded.
 """
@@ -96,10 +98,32 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.blocks(t)).mean(dim=1))
 
 
+def tiny_cnn(num_classes: int) -> nn.Module:
+    """Two conv-BN-ReLU blocks and a linear layer: a smoke-test model for ``sib-bench --step``."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def vit_s_16(num_classes: int, image_size: int) -> nn.Module:
+    """ViT-S/16 (12 layers, 6 heads, width 384), torchvision's implementation: the benchmarks' ViT."""
+    import torchvision
+
+    if image_size % 16:
+        raise ValueError(f"vit_s_16 needs an image size divisible by 16, got {image_size}")
+    return torchvision.models.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_heads=6,
+                                                hidden_dim=384, mlp_dim=1536, num_classes=num_classes)
+
+
+#: name -> (num_classes, image_size) -> model
 BUILTIN = {
     "sib_cnn": lambda num_classes, image_size: SmallCNN(num_classes),
     "tiny_vit": lambda num_classes, image_size: TinyViT(num_classes, image_size=image_size),
+    "tiny_cnn": lambda num_classes, image_size: tiny_cnn(num_classes),
+    "vit_s_16": vit_s_16,
 }
+#: other names of built-in models (torchvision has no ViT-S, so these clash with nothing there)
+ALIASES = {"vit_small": "vit_s_16"}
 
 
 def _torchvision_names() -> list[str]:
@@ -120,7 +144,7 @@ def _timm():
 
 def check_arch(arch: str) -> None:
     """Raise ValueError with one line (and close matches) if ``arch`` names no model."""
-    if arch in BUILTIN:
+    if arch in BUILTIN or arch in ALIASES:
         return
     timm = _timm()
     if arch.startswith("timm/"):
@@ -142,6 +166,7 @@ def check_arch(arch: str) -> None:
 def build_model(arch: str, num_classes: int, image_size: int = 224) -> nn.Module:
     """A randomly initialised classifier for ``(B, 3, image_size, image_size)`` inputs."""
     check_arch(arch)
+    arch = ALIASES.get(arch, arch)
     if arch in BUILTIN:
         return BUILTIN[arch](num_classes, image_size)
     if arch.startswith("timm/") or arch not in _torchvision_names():

@@ -94,24 +94,28 @@ def default_fd_eps(dtype: torch.dtype, autocast_dtype: torch.dtype | None = None
     return DEFAULT_FD_EPS_FLOAT64 if dtype == torch.float64 else DEFAULT_FD_EPS
 
 
-def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module DDP wraps; the perturbed passes run on it so that DDP's reducer sees one forward."""
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module DDP wraps (a compiled model stays compiled); ``model`` itself when not wrapped.
+    The perturbed passes run on it so that DDP's reducer sees one forward."""
     from torch.nn.parallel import DistributedDataParallel
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-class _RngState:
-    """The CPU (and x's CUDA device's) RNG state, so that dropout draws the same masks in every pass."""
+def rng_state(device: torch.device) -> dict:
+    """The CPU RNG state and, for a CUDA ``device``, that device's: replayed so that dropout draws the
+    same masks in every pass of a step, and saved in checkpoints so that a resumed run draws as the
+    uninterrupted one would."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
-    def __init__(self, device: torch.device):
-        self.device = device if device.type == "cuda" else None
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
 
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.device is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what ``rng_state`` returned (a CPU-only state leaves the CUDA generator as it is)."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @contextlib.contextmanager
@@ -227,7 +231,7 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
         return grad_scaler.scale(t) if scaler_on else t
 
     x = x.detach().requires_grad_(True)
-    rng = _RngState(device) if vjp == "finite_difference" else None
+    rng = rng_state(device) if vjp == "finite_difference" else None
     with _autocast(device, autocast_dtype):
         logits = model(x)
     if logits.dim() != 2:
@@ -250,7 +254,7 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
                         criterion.backend_used, vjp)
 
     # --- finite difference: R by a plain backward, keeping the first pass's graph for CE ---
-    after_first = _RngState(device)
+    after_first = rng_state(device)
     phi0 = _phi(logits)
     (R,) = torch.autograd.grad(phi0 if vjp_scale is None else phi0 * vjp_scale, x, retain_graph=True)
     if vjp_scale is not None:
@@ -271,20 +275,20 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
     g_norm = g.norm()
     eps = c * torch.where(x_norm > 0, x_norm, math.sqrt(x0.numel())) / g_norm.clamp_min(1e-20)
     delta = (eps * g).to(x0.dtype)
-    inner = _unwrap_ddp(model)
+    inner = unwrap_ddp(model)
     with frozen_norm_statistics(inner):
-        rng.restore()
+        set_rng_state(rng, device)
         with _autocast(device, autocast_dtype):
             phi_plus = _phi(inner(x0 + delta))
         if fd_scheme == "central":
-            rng.restore()
+            set_rng_state(rng, device)
             with _autocast(device, autocast_dtype):
                 phi_minus = _phi(inner(x0 - delta))
             head_term = (phi_plus - phi_minus) / (2 * eps)
         else:
             head_term = (phi_plus - phi0) / eps
         head_term = torch.where(g_norm > 0, head_term, torch.zeros_like(head_term))
-    after_first.restore()
+    set_rng_state(after_first, device)
     ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
     scaled(ce + head_term).backward()
     return SIBStats(criterion.loss, criterion.ce, criterion.hsic, criterion.bg, logits.detach(),
@@ -309,7 +313,7 @@ def vjp_agreement(model: nn.Module, x: torch.Tensor, target: torch.Tensor, crite
     """
     params = [p for p in model.parameters() if p.requires_grad]
     saved_grads = [p.grad for p in params]
-    rng = _RngState(x.device)
+    rng = rng_state(x.device)
 
     def flat_grad():
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
@@ -318,7 +322,7 @@ def vjp_agreement(model: nn.Module, x: torch.Tensor, target: torch.Tensor, crite
     def run(step):
         for p in params:
             p.grad = None
-        rng.restore()
+        set_rng_state(rng, x.device)
         step()
         return flat_grad()
 
@@ -336,5 +340,5 @@ def vjp_agreement(model: nn.Module, x: torch.Tensor, target: torch.Tensor, crite
     finally:
         for p, grad in zip(params, saved_grads):
             p.grad = grad
-        rng.restore()
+        set_rng_state(rng, x.device)
     return F.cosine_similarity(heads[0], heads[1], dim=0).item()

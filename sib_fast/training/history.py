@@ -1,0 +1,72 @@
+"""The history of a ``sib-train`` run: ``metrics.jsonl`` (one record per epoch, read back by
+``--resume``) and its plot ``curves.png``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sib_fast.cli_errors import UsageError, atomic_write, atomic_write_text
+
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a damaged line is a UsageError (resuming would drop it from the file)."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--resume: cannot read {path}: {exc}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            r = None
+        if not isinstance(r, dict) or not isinstance(r.get("epoch"), int):
+            raise UsageError(f"--resume: {path} line {n} is not a metrics record; repair or remove that line")
+        records.append(r)
+    return records
+
+
+def write_metrics(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records), what="metrics")
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """curves.png: one panel per metric, x = epoch (matplotlib without pyplot: no GUI backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [("cross-entropy", [("train_ce", "train")]),
+              ("accuracy", [("train_acc", "train"), ("val_acc", "val")]),
+              ("HSIC (higher: R follows the object)", [("train_hsic", "train"), ("val_hsic", "val")]),
+              ("background variance BG", [("train_bg", "train"), ("val_bg", "val")]),
+              ("saliency mass on the object", [("val_fg_fraction", "val"), ("val_fg_area", "object area")]),
+              ("throughput (images/s)", [("images_per_s", "train")])]
+    fig = Figure(figsize=(13, 7))  # no constrained layout: it costs seconds on a busy CPU
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=0.25, hspace=0.4)
+    FigureCanvasAgg(fig)
+    epochs = [r["epoch"] for r in records]
+    for i, (title, series) in enumerate(panels):
+        ax = fig.add_subplot(2, 3, i + 1)
+        for key, label in series:
+            pts = [(e, r[key]) for e, r in zip(epochs, records) if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        if title.startswith("background"):
+            if any(r.get("train_bg") or r.get("val_bg") for r in records):
+                ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"sib-train: {records[-1].get('run', '')}" if records else "sib-train")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), what="plot")

@@ -1,0 +1,277 @@
+"""The ``sib-train`` run: ``run`` goes through the phases, setup, resume, start (``training.setup``),
+then ``train_epoch`` and ``end_epoch`` (held-out pass, metrics.jsonl, curves.png, checkpoint) for
+each epoch, and returns the summary it prints."""
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from sib_fast.training import PROG
+from sib_fast.training.checkpoint import CHECKPOINT, save_checkpoint
+from sib_fast.training.distributed import Dist
+from sib_fast.training.faults import TrainingStopped, nonfinite_cause, weights_finite
+from sib_fast.training.held_out import evaluate
+from sib_fast.training.history import CURVES, METRICS, plot_curves, write_metrics
+from sib_fast.training.setup import RunState, read_resume_checkpoint, resume, setup, start
+from sib_fast.training.step import DoubleBackwardUnsupportedError, rng_state, sib_backward, unwrap_ddp
+
+try:
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover - tqdm is a dependency
+    tqdm = None
+
+SUMMED = ("loss", "ce", "hsic", "bg")  # the loss terms an epoch averages over its images
+
+
+def run(args, resume_state: dict | None = None) -> dict:
+    """Train; ``resume_state``: ``read_resume_checkpoint(args)`` (read here when None and --resume)."""
+    if args.resume and resume_state is None:
+        resume_state = read_resume_checkpoint(args)
+    d = Dist(args.device)
+    try:
+        r = setup(args, d)
+        if args.resume:
+            resume(r, resume_state)
+        start(r)
+        for epoch in range(r.start_epoch, args.epochs):
+            end_epoch(r, epoch, train_epoch(r, epoch))
+        return finish(r)
+    finally:
+        d.close()
+
+
+@dataclass
+class EpochTotals:
+    """One epoch's training on this rank: loss terms summed over images, steps taken and skipped."""
+    sums: dict = field(default_factory=lambda: dict.fromkeys((*SUMMED, "correct", "seen", "steps"), 0.0))
+    skipped: int = 0       # non-finite steps
+    images: int = 0        # over every rank
+    seconds: float = 0.0
+
+
+def _forward_backward(r: RunState, x, y):
+    """The loss's parts (loss, CE, HSIC, BG; 0-dim) and the logits, its gradient accumulated in the weights."""
+    args = r.args
+    try:
+        if args.no_sib:
+            autocast = torch.autocast(r.d.device.type, dtype=r.amp_dtype) if r.amp_dtype else contextlib.nullcontext()
+            with autocast:
+                logits = r.model(x)
+            ce = F.cross_entropy(logits.float(), y)
+            r.scaler.scale(ce).backward()
+            return [ce.detach(), ce.detach(), torch.full_like(ce, math.nan), torch.full_like(ce, math.nan)], \
+                logits.detach()
+        st = sib_backward(r.model, x, y, r.criterion, vjp=args.vjp, fd_eps=args.fd_eps,
+                          autocast_dtype=r.amp_dtype, grad_scaler=r.scaler)
+        return [st.loss, st.ce, st.hsic, st.bg], st.logits
+    except DoubleBackwardUnsupportedError as exc:
+        raise TrainingStopped(str(exc).replace("vjp='finite_difference' (sib-train: --vjp finite_difference)",
+                                               "--vjp finite_difference")) from None
+
+
+def train_epoch(r: RunState, epoch: int) -> EpochTotals:
+    """One pass over the training set. A step whose loss or gradient is not finite on any rank is
+    skipped on every rank (weights, statistics and grad scale as before it); ``--max-nonfinite`` of
+    them in a row stop the run."""
+    args, d, bad_images = r.args, r.d, r.bad_images
+    r.model.train()
+    r.loader_gen.manual_seed(args.seed * 100_003 + epoch)
+    if d.enabled:
+        r.sampler.set_epoch(epoch)
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    params = [p for p in r.raw_model.parameters() if p.requires_grad]
+    # a skipped step must not leave its batch in the running statistics either (NaN inputs would)
+    buffers = [b for b in r.raw_model.buffers() if b.is_floating_point() or b.dtype == torch.long]
+    t = EpochTotals()
+    bar = tqdm(total=len(r.train_loader), desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
+               disable=None if d.main else True, dynamic_ncols=True) if tqdm else None
+    t0 = time.time()
+    if bar is not None and not bar.disable:
+        bad_images.write = bar.write  # a warning line above the bar, not through it
+    for x, y, _, bad_files in r.train_loader:
+        bad_images.note(bad_files)
+        usable = x is not None and x.shape[0] >= 2  # the HSIC term needs two images
+        # every rank must agree to skip (DDP's backward is collective); one all-reduce for both counts
+        new_bad, unusable = d.sum([float(bad_images.pending), float(not usable)])
+        bad_images.total += int(new_bad)
+        bad_images.pending = 0
+        bad_images.check(args.max_bad_images)
+        if unusable:
+            r.step += 1
+            if bar is not None:
+                bar.update(1)
+            continue
+        x = r.normalize(x.to(d.device, non_blocking=True))
+        y = y.to(d.device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        r.optimizer.zero_grad(set_to_none=True)
+        saved_buffers = [b.detach().clone() for b in buffers]
+        parts, logits = _forward_backward(r, x, y)
+        grads = [p.grad for p in params if p.grad is not None]
+        gnorm = torch.nn.utils.get_total_norm(grads) if grads and not r.scaler.is_enabled() else torch.zeros(())
+        vals = torch.stack([*(p.detach().double().reshape(()).cpu() for p in parts),
+                            (logits.argmax(1) == y).sum().double().cpu(), gnorm.double().cpu(),
+                            torch.isfinite(x).all().double().cpu()]).tolist()
+        loss_v, ce_v, hsic_v, bg_v, correct, gnorm_v, input_ok = vals
+        if d.any(not (math.isfinite(loss_v) and math.isfinite(gnorm_v))):
+            r.optimizer.zero_grad(set_to_none=True)
+            for b, v in zip(buffers, saved_buffers):
+                b.data.copy_(v)
+            if r.scaler.is_enabled():
+                r.scaler.update(r.scaler.get_scale() * r.scaler.get_backoff_factor())
+            t.skipped += 1
+            r.nonfinite_total += 1
+            r.consecutive_nonfinite += 1
+            if r.consecutive_nonfinite >= args.max_nonfinite:
+                if bar is not None:
+                    bar.close()
+                last = dict(loss=loss_v, ce=ce_v, hsic=hsic_v if not args.no_sib else 0.0,
+                            bg=bg_v if not args.no_sib else 0.0, input_finite=bool(input_ok),
+                            weights_finite=weights_finite(r.raw_model))
+                raise TrainingStopped(
+                    f"stopped at epoch {epoch + 1}, step {r.step + 1}: {r.consecutive_nonfinite} non-finite losses "
+                    f"in a row ({r.nonfinite_total} in all); likely cause: {nonfinite_cause(args, last)}")
+        else:
+            r.consecutive_nonfinite = 0
+            r.scaler.step(r.optimizer)
+            r.scaler.update()
+            n = x.shape[0]
+            for k, v in zip(SUMMED, (loss_v, ce_v, hsic_v, bg_v)):
+                t.sums[k] += v * n
+            t.sums["correct"] += correct
+            t.sums["seen"] += n
+            t.sums["steps"] += 1
+        r.step += 1
+        t.images += x.shape[0] * d.world
+        if bar is not None:
+            post = {"ce": f"{ce_v:.3f}", "img/s": f"{t.images / max(time.time() - t0, 1e-9):.1f}"}
+            if not args.no_sib:
+                post.update(hsic=f"{hsic_v:.3f}", bg=f"{bg_v:.2e}")
+            if t.skipped:
+                post["skipped"] = t.skipped
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    bad_images.write = r.log
+    t.seconds = time.time() - t0
+    return t
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _epoch_record(r: RunState, epoch: int, t: EpochTotals) -> dict:
+    """The epoch's metrics.jsonl record: training sums over every rank and the held-out pass."""
+    args, d, bad_images = r.args, r.d, r.bad_images
+    agg = d.sum([t.sums[k] for k in (*SUMMED, "correct", "seen")])
+    seen = max(agg[5], 1.0)
+    evals = evaluate(unwrap_ddp(r.model), r.val_loader, d, r.normalize, r.criterion, r.amp_dtype,
+                     args.channels_last, on_bad=bad_images.note)
+    bad_before = len(bad_images.known) - len(bad_images.epoch_new)
+    new_bad_files = bad_images.merge()
+    bad_images.check(args.max_bad_images)
+    if agg[5] == 0:
+        raise TrainingStopped(f"epoch {epoch + 1} trained on no batch: the images of --data {args.data} are "
+                              f"unreadable ({bad_images.total} skipped so far)")
+    record = dict(
+        epoch=epoch + 1, step=r.step, run=r.run_name,
+        train_loss=agg[0] / seen, train_ce=agg[1] / seen,
+        train_hsic=None if args.no_sib else agg[2] / seen, train_bg=None if args.no_sib else agg[3] / seen,
+        train_acc=agg[4] / seen, **evals,
+        images_per_s=t.images / max(t.seconds, 1e-9), epoch_time_s=t.seconds,
+        peak_mem_mb=peak_memory_mb(d.device), peak_mem_kind="cuda_allocated" if d.device.type == "cuda" else "cpu_rss",
+        nonfinite_skipped=t.skipped, bad_images=len(bad_images.known) - bad_before,
+        bad_images_total=len(bad_images.known), bad_image_files=new_bad_files, world_size=d.world,
+        vjp=None if args.no_sib else args.vjp, backend=None if args.no_sib else r.backend, amp=args.amp)
+    if d.enabled:  # parameters must be identical on every rank
+        checksums = d.gather(float(sum(p.detach().double().sum() for p in r.raw_model.parameters())))
+        record["ranks_in_sync"] = all(c == checksums[0] for c in checksums)
+    return record
+
+
+def end_epoch(r: RunState, epoch: int, t: EpochTotals) -> None:
+    """The held-out pass, metrics.jsonl, curves.png and the epoch's line, then the checkpoint
+    (none when the weights are not finite: the previous one stays)."""
+    args, d = r.args, r.d
+    record = _epoch_record(r, epoch, t)
+    r.records.append(record)
+    if d.main:
+        write_metrics(r.out / METRICS, r.records)
+        plot_curves(r.records, r.out / CURVES)
+        r.log(_epoch_line(record, args))
+        if record.get("ranks_in_sync") is False:
+            r.log(f"{PROG}: warning: the parameters differ between ranks after epoch {epoch + 1}")
+    if not weights_finite(r.raw_model):
+        raise TrainingStopped(f"the weights are not finite after epoch {epoch + 1}; no checkpoint written; "
+                              f"lower --lr (now {args.lr:g})")
+    rngs = d.gather(rng_state(d.device))  # each rank's, so that a resumed rank draws what it would have
+    if d.main:
+        save_checkpoint(r.out / CHECKPOINT, dict(
+            format=1, model=r.raw_model.state_dict(), optimizer=r.optimizer.state_dict(),
+            scaler=r.scaler.state_dict(), epoch=epoch + 1, step=r.step, rng=rngs,
+            nonfinite_total=r.nonfinite_total, bad_images=r.bad_images.known, args=vars(args)))
+    r.bad_images.saved_epoch = epoch + 1
+    if d.enabled:
+        dist.barrier()
+
+
+def finish(r: RunState) -> dict:
+    """The run's summary (printed on the main process)."""
+    args = r.args
+    summary = dict(epochs=args.epochs, steps=r.step, seconds=time.time() - r.t_start, num_classes=r.num_classes,
+                   nonfinite_skipped=r.nonfinite_total, final=r.records[-1] if r.records else None,
+                   output=str(r.out))
+    r.log(_summary(summary))
+    return summary
+
+
+def _fmt(v, spec=".3f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def _epoch_line(rec: dict, args) -> str:
+    s = (f"epoch {rec['epoch']}/{args.epochs}: train CE {_fmt(rec['train_ce'])} acc {_fmt(rec['train_acc'])} | "
+         f"val acc {_fmt(rec['val_acc'])}")
+    if rec.get("train_hsic") is not None:
+        s += f" | HSIC {_fmt(rec['train_hsic'])} BG {_fmt(rec['train_bg'], '.2e')}"
+    if rec.get("val_fg_fraction") is not None:
+        s += f" | saliency on object {_fmt(rec['val_fg_fraction'])}"
+    s += f" | {rec['images_per_s']:.1f} img/s, {rec['epoch_time_s']:.0f}s"
+    if rec["nonfinite_skipped"]:
+        s += f" | {rec['nonfinite_skipped']} non-finite step(s) skipped"
+    if rec.get("bad_images"):
+        s += f" | {rec['bad_images']} unreadable image(s) skipped"
+    return s
+
+
+def _summary(s: dict) -> str:
+    rec = s["final"] or {}
+    m, sec = divmod(int(round(s["seconds"])), 60)
+    lines = [f"{PROG}: done in {m}m{sec:02d}s, {s['epochs']} epoch(s), {s['steps']} steps"]
+    if rec:
+        lines.append(f"  val accuracy {_fmt(rec.get('val_acc'))} (train {_fmt(rec.get('train_acc'))}, chance "
+                     f"{1 / s['num_classes']:.3f}), "
+                     f"train CE {_fmt(rec.get('train_ce'))}, {rec.get('images_per_s', 0):.1f} images/s")
+        if rec.get("val_hsic") is not None:
+            lines.append(f"  val HSIC {_fmt(rec.get('val_hsic'))}, BG {_fmt(rec.get('val_bg'), '.2e')}"
+                         + (f", saliency mass on the object {_fmt(rec.get('val_fg_fraction'))} "
+                            f"(object area {_fmt(rec.get('val_fg_area'))})"
+                            if rec.get("val_fg_fraction") is not None else ""))
+    lines.append(f"  non-finite steps skipped: {s['nonfinite_skipped']}")
+    out = Path(s["output"])
+    lines.append(f"  wrote {out / METRICS}, {out / CURVES}, {out / CHECKPOINT}")
+    return "\n".join(lines)
