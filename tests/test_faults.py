@@ -438,10 +438,10 @@ def test_sib_bench_checks_its_outputs_before_measuring(tmp_path, capsys, monkeyp
 
 
 def test_sib_bench_a_full_disk_while_recording_keeps_the_rows(tmp_path, capsys, monkeypatch):
-    from sib_fast.bench import cli as bench
+    from sib_fast.bench import record as bench_record
     record = tmp_path / "head.json"
     calls = {"n": 0}
-    write = bench.atomic_write_text
+    write = bench_record.atomic_write_text
 
     def full(path, text, what="file"):
         calls["n"] += 1
@@ -450,7 +450,7 @@ def test_sib_bench_a_full_disk_while_recording_keeps_the_rows(tmp_path, capsys, 
                                          "(the previous one is intact)")
         write(path, text, what)
 
-    monkeypatch.setattr(bench, "atomic_write_text", full)
+    monkeypatch.setattr(bench_record, "atomic_write_text", full)
     code = _bench("--device", "cpu", "--threads", "1", "--quick", "--copy-mib", "16", "--no-compile",
                   "--no-memory", "--backends", "reference", "--batch", "2,3", "--size", "12", "--json", str(record))
     captured = capsys.readouterr()
