@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args) -> None:
+    """Fill in the preset's defaults and check every argument before any work; UsageError with one line."""
     preset = QUICK if args.quick else FULL
     for k, v in preset.items():
         if getattr(args, k, None) is None:

@@ -17,7 +17,7 @@ import torch
 from sib_fast import cli_errors, train
 from sib_fast.training.checkpoint import CHECKPOINT
 from sib_fast.training.history import METRICS
-from sib_fast.training.setup import CONFIG
+from sib_fast.training.prepare import CONFIG
 
 from cli_runs import TINY, _restore_threads  # noqa: F401  (an autouse fixture)
 
@@ -394,6 +394,22 @@ def test_sib_eval_a_full_disk_is_one_line(trained, tmp_path, capsys, monkeypatch
     assert _eval(str(trained), "--output", str(out)) == 1
     line = _one_error_line(capsys, "sib-eval")
     assert "No space left on device" in line and str(out / "results.json") in line, line
+
+
+def test_ctrl_c_is_one_line_and_status_130(trained, tmp_path, capsys, monkeypatch):
+    from sib_fast.evaluation import report
+    from sib_fast.training import loop
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_epoch", interrupt)
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", "1") == 130
+    assert _one_error_line(capsys) == f"sib-train: interrupted; the last checkpoint (if any) is {out / CHECKPOINT}"
+    monkeypatch.setattr(report, "evaluate_model", interrupt)
+    assert _eval(str(trained), "--output", str(tmp_path / "r")) == 130
+    assert _one_error_line(capsys, "sib-eval") == "sib-eval: interrupted"
 
 
 # --------------------------------------------------------------------------- sib-bench

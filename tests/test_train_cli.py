@@ -18,7 +18,7 @@ from sib_fast import cli_errors, train
 from sib_fast.training.checkpoint import CHECKPOINT, save_checkpoint
 from sib_fast.training.data import SyntheticObjects
 from sib_fast.training.history import CURVES, METRICS
-from sib_fast.training.setup import CONFIG
+from sib_fast.training.prepare import CONFIG
 
 from cli_runs import TINY, _restore_threads  # noqa: F401  (an autouse fixture)
 
@@ -323,6 +323,14 @@ def test_arch_lookup():
     assert build_model("resnet18", 7, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(ValueError, match="did you mean resnet18"):
         check_arch("resnet1")
+    # the benchmarks' models are built-ins too: sib-bench --step builds them with this function
+    assert build_model("tiny_cnn", 3, 16)(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+    vit = build_model("vit_small", 4, 32)
+    assert type(vit) is type(build_model("vit_s_16", 4, 32)) and vit.hidden_dim == 384 and len(vit.encoder.layers) == 12
+    with pytest.raises(ValueError, match="divisible by 16"):
+        build_model("vit_s_16", 4, 40)
+    with pytest.raises(ValueError, match=r"built-in model \(sib_cnn, tiny_vit, tiny_cnn, vit_s_16\)"):
+        check_arch("no_such_net")
 
 
 def test_timm_models_train(tmp_path):

@@ -1,4 +1,4 @@
-"""The ``sib-train`` run: ``run`` goes through the phases, setup, resume, start (``training.setup``),
+"""The ``sib-train`` run: ``run`` goes through the phases, setup, resume, start (``training.prepare``),
 then ``train_epoch`` and ``end_epoch`` (held-out pass, metrics.jsonl, curves.png, checkpoint) for
 each epoch, and returns the summary it prints."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sib_fast.training.distributed import Dist
 from sib_fast.training.faults import TrainingStopped, nonfinite_cause, weights_finite
 from sib_fast.training.held_out import evaluate
 from sib_fast.training.history import CURVES, METRICS, plot_curves, write_metrics
-from sib_fast.training.setup import RunState, read_resume_checkpoint, resume, setup, start
+from sib_fast.training.prepare import RunState, read_resume_checkpoint, resume, setup, start
 from sib_fast.training.step import DoubleBackwardUnsupportedError, rng_state, sib_backward, unwrap_ddp
 
 try:

@@ -88,12 +88,12 @@ def _subset(dataset, n: int, seed: int):
 
 
 def make_datasets(args, cache: bool = False):
-    """(train, val, num_classes, normalisation stats, has_masks)."""
+    """(train, val, num_classes, normalisation stats) of ``--data``."""
     if args.data == "synthetic":
         kw = dict(image_size=args.image_size, num_classes=args.num_classes, seed=args.seed, cache=cache)
         train = SyntheticObjects("train", length=args.train_samples, spurious=args.spurious, **kw)
         val = SyntheticObjects("val", length=args.val_samples, **kw)
-        return train, val, args.num_classes, SYNTHETIC_STATS, True
+        return train, val, args.num_classes, SYNTHETIC_STATS
     try:
         from torchvision import datasets, transforms
     except ImportError:
@@ -113,7 +113,7 @@ def make_datasets(args, cache: bool = False):
     if train.classes != val.classes:
         raise UsageError(f"--data {args.data!r}: train/ and val/ have different class folders")
     return (SkipBadImages(_subset(train, args.train_samples, args.seed)),
-            SkipBadImages(_subset(val, args.val_samples, args.seed + 1)), len(train.classes), IMAGENET_STATS, False)
+            SkipBadImages(_subset(val, args.val_samples, args.seed + 1)), len(train.classes), IMAGENET_STATS)
 
 
 def cpu_threads(requested: int | None, world: int) -> tuple[int, str]:
@@ -192,7 +192,7 @@ def setup(args, d: Dist) -> RunState:
     if workers is None:
         workers = 0 if args.data == "synthetic" else min(8, max(1, (os.cpu_count() or 1) // max(1, d.world)))
     # synthetic images are rendered once and kept (about 50 KB each at 64px) when loading in-process
-    train_set, val_set, num_classes, stats, _ = make_datasets(args, cache=workers == 0)
+    train_set, val_set, num_classes, stats = make_datasets(args, cache=workers == 0)
     loader_gen = torch.Generator()
     if d.enabled:
         from torch.utils.data.distributed import DistributedSampler
