@@ -28,7 +28,7 @@ from sib_fast.training.data import CLASSES, DEFAULT_MAX_BAD_IMAGES
 from sib_fast.training.faults import TrainingStopped
 from sib_fast.training.loop import run
 from sib_fast.training.models import BUILTIN, check_arch
-from sib_fast.training.setup import AMP_DTYPES, OUTPUT_FILES
+from sib_fast.training.prepare import AMP_DTYPES, OUTPUT_FILES
 from sib_fast.training.step import VJP_MODES
 
 PAPER_LR = 1e-4       # AdamW, the paper's ResNet-50 setting
