@@ -56,7 +56,17 @@ try:
 except ImportError as exc:  # no Triton
     pytest.skip(f"the Triton backend cannot be imported: {exc}", allow_module_level=True)
 
-if not HAS_GPU and type(tb._select_kernel).__name__ != "InterpretedFunction":
+# the stage modules, imported by tb (with the interpreter where there is no GPU) and reached here
+# through their public seams: tunables, planned_for, record_launches
+import triton.language as tl  # noqa: E402
+from sib_fast.backends.triton.buffers import (N_WINDOWS, SLOTS, STATS, rank_table, rank_table_values,  # noqa: E402
+                                              rank_windows)
+from sib_fast.backends.triton.launch import record_launches  # noqa: E402
+from sib_fast.backends.triton.plan import (DEFAULT_TUNABLES, Plan, make_plan, planned_device, planned_for,  # noqa: E402
+                                           tunable_values, tunables)
+from sib_fast.backends.triton.select import _select_kernel  # noqa: E402
+
+if not HAS_GPU and type(_select_kernel).__name__ != "InterpretedFunction":
     pytest.skip("sib_fast.backends.triton.ops was imported before this module without TRITON_INTERPRET=1, "
                 "so its kernels cannot run on CPU tensors", allow_module_level=True)
 
@@ -184,99 +194,117 @@ def test_extra_memory_within_budget(layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("gpu", [(108, (8, 0)), (132, (9, 0))], ids=["A100", "H100"])
-def test_allocations_at_the_target_shape_within_budget(monkeypatch, gpu, layout):
+def test_allocations_at_the_target_shape_within_budget(gpu, layout):
     # The target's own shape (B = 128, 3x224x224, float32), too large for the interpreter:
     # the launches are recorded instead of run, so what is measured is everything the
     # launchers allocate, with the plan (pixel splits, partial Grams) of a GPU of this many
     # multiprocessors and this capability.
-    monkeypatch.setattr(tb, "_launch_hook", lambda kernel, grid, args, meta: launched.append(kernel))
-    monkeypatch.setattr(tb, "_device_info", lambda *_: gpu)
-    launched = []
     R, x = (_layout(t, layout) for t in (torch.empty(128, 3, 224, 224, device=DEVICE) for _ in range(2)))
-    ratio = check_head_memory_budget("triton", R, x)
-    assert "_bwd_dr_kernel" in {k.fn.__name__ for k in launched}, "the backward did not reach its launches"
+    with record_launches(execute=False, keep_args=False) as launched, planned_for(*gpu):  # args: R-sized planes
+        ratio = check_head_memory_budget("triton", R, x)
+    assert "_bwd_dr_kernel" in {call.kernel.fn.__name__ for call in launched}, "the backward did not reach its launches"
     # dR alone is the size of R: a measurement below that did not see the allocations
     assert ratio >= 1.0, f"measured {ratio:.2f}x R, less than dR itself"
     print(f"triton {layout} at B = 128, 3x224x224: {ratio:.2f}x R")
 
 
-def test_loops_over_several_chunks(monkeypatch):
+def test_loops_over_several_chunks():
     # Small blocks, so that every kernel's loops carry state across iterations: the select's
     # radix passes and collection, the row and column running sums, the Gram and backward pixel
-    # loops (several pixel splits).
-    monkeypatch.setattr(tb, "SELECT_CHUNK", 32)
-    # and the select's digits as wide as the other Triton versions' default (4 bits for 3.6/3.7's
-    # ballot histograms, 8 for 3.8's atomics)
-    monkeypatch.setattr(tb, "SELECT_DIGIT_BITS", 12 - tb.SELECT_DIGIT_BITS)
-    monkeypatch.setattr(tb, "HBOX_BLOCK", (4, 16))
-    monkeypatch.setattr(tb, "VBOX_BLOCK", (4, 16))
-    R, x = _maps(3, 2, 11, 21, seed=3)
-    compare_head_with_reference("triton", R, x, 9, 0.1, 10.0)
+    # loops (several pixel splits); and the select's digits as wide as the other Triton
+    # versions' default (4 bits for 3.6/3.7's ballot histograms, 8 for 3.8's atomics)
+    other_digits = 12 - tunable_values()["SELECT_DIGIT_BITS"]
+    with tunables(SELECT_CHUNK=32, SELECT_DIGIT_BITS=other_digits, HBOX_BLOCK=(4, 16), VBOX_BLOCK=(4, 16)):
+        R, x = _maps(3, 2, 11, 21, seed=3)
+        compare_head_with_reference("triton", R, x, 9, 0.1, 10.0)
 
 
-def test_several_image_blocks(monkeypatch):
+def test_several_image_blocks():
     # B > the image block: the Gram tiles over image-block pairs I <= J (a diagonal block in
     # halves, an off-diagonal one whole, the lower one mirrored), the backward loops over column
     # blocks of A (the paths of B > 128 and B > 32 at full size).
-    monkeypatch.setattr(tb, "MAX_IMAGE_BLOCK", 32)
-    monkeypatch.setattr(tb, "BWD_SINGLE_MAX", 16)
-    monkeypatch.setattr(tb, "BWD_IMAGE_BLOCK", 16)
-    plan = tb._Plan(70, 1, 4, 5, torch.float32, 2, (9, 0))
-    assert plan.nbb == 3 and plan.gram_tiles == 6 and not plan.single and plan.bwd_nbb == 5 and not plan.bwd_single
-    R, x = _maps(70, 1, 4, 5, seed=4)
-    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+    with tunables(MAX_IMAGE_BLOCK=32, BWD_SINGLE_MAX=16, BWD_IMAGE_BLOCK=16):
+        plan = Plan(70, 1, 4, 5, torch.float32, 2, (9, 0))
+        assert plan.nbb == 3 and plan.gram_tiles == 6 and not plan.single and plan.bwd_nbb == 5 and not plan.bwd_single
+        R, x = _maps(70, 1, 4, 5, seed=4)
+        compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
 
 
-def test_a100_launch_plan(monkeypatch):
+def test_a100_launch_plan():
     # The plan of an sm_80 GPU (the interpreter otherwise plans as sm_90): the backward keeps A
     # whole, 3xTF32 split by each product rather than once beforehand; channels_last pixels
     # take 64-image Gram tiles, so B = 70 makes two, with a tile pair off the diagonal.
-    monkeypatch.setattr(tb, "_device_info", lambda *_: (2, (8, 0)))
-    R, x = (_layout(t, "channels_last") for t in _maps(70, 2, 4, 5, seed=8))
-    plan = tb._plan(R, torch.float32, x)
-    assert plan.bb == 64 and plan.nbb == 2 and not plan.bwd_presplit and plan.dot_prec == "tf32x3"
-    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+    with planned_for(multiprocessors=2, capability=(8, 0)):
+        R, x = (_layout(t, "channels_last") for t in _maps(70, 2, 4, 5, seed=8))
+        plan = make_plan(R, torch.float32, x)
+        assert plan.bb == 64 and plan.nbb == 2 and not plan.bwd_presplit and plan.dot_prec == "tf32x3"
+        compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
 
 
 @pytest.mark.parametrize("grad_x", [False, True], ids=["x-no-grad", "x-grad"])
-def test_first_backward_pass_in_two_launches(monkeypatch, grad_x):
+def test_first_backward_pass_in_two_launches(grad_x):
     # pass 1 with the whole batch, R's share of dM then x's in two launches, each with one mixing
     # matrix on chip: the tune variant BWD_SINGLE_MAX=128 at full size
-    monkeypatch.setattr(tb, "BWD_SINGLE_MAX", 64)
-    monkeypatch.setattr(tb, "BWD_PAIR_MAX", 16)
-    plan = tb._Plan(33, 2, 5, 4, torch.float32, 2, (9, 0))
-    assert plan.bwd_single and plan.bwd_bb == 64 and plan.bwd_shares == (1, 2)
-    R, x = _maps(33, 2, 5, 4, seed=9)
-    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0, x_grad=grad_x)
+    with tunables(BWD_SINGLE_MAX=64, BWD_PAIR_MAX=16):
+        plan = Plan(33, 2, 5, 4, torch.float32, 2, (9, 0))
+        assert plan.bwd_single and plan.bwd_bb == 64 and plan.bwd_shares == (1, 2)
+        R, x = _maps(33, 2, 5, 4, seed=9)
+        compare_head_with_reference("triton", R, x, 3, 0.1, 10.0, x_grad=grad_x)
 
 
-def test_second_backward_pass_keeps_a_larger_batch_whole(monkeypatch):
+def test_second_backward_pass_keeps_a_larger_batch_whole():
     # pass 1 over image row blocks, pass 2 (dR) with the whole batch per program: the tune
     # variant BWD_DR_SINGLE_MAX=128 at full size
-    monkeypatch.setattr(tb, "BWD_SINGLE_MAX", 16)
-    monkeypatch.setattr(tb, "BWD_IMAGE_BLOCK", 16)
-    monkeypatch.setattr(tb, "BWD_DR_SINGLE_MAX", 64)
-    plan = tb._Plan(33, 2, 5, 4, torch.float32, 2, (9, 0))
-    assert plan.bwd_nbb == 3 and not plan.bwd_single and plan.dr_nbb == 1 and plan.dr_single and plan.dr_bb == 64
-    R, x = _maps(33, 2, 5, 4, seed=7)
-    compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
+    with tunables(BWD_SINGLE_MAX=16, BWD_IMAGE_BLOCK=16, BWD_DR_SINGLE_MAX=64):
+        plan = Plan(33, 2, 5, 4, torch.float32, 2, (9, 0))
+        assert plan.bwd_nbb == 3 and not plan.bwd_single and plan.dr_nbb == 1 and plan.dr_single and plan.dr_bb == 64
+        R, x = _maps(33, 2, 5, 4, seed=7)
+        compare_head_with_reference("triton", R, x, 3, 0.1, 10.0)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the interpreter's emulated tensor-core rounding")
-def test_plain_tf32_fails_the_tolerance(monkeypatch):
+def test_plain_tf32_fails_the_tolerance():
     # the control of _tensor_core_rounding: every dot in plain tf32 puts the head outside the
     # tolerance, so the emulated rounding is strong enough to tell 3xTF32 from tf32
-    plan = tb._Plan
-
-    class Tf32Plan(plan):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.dot_prec = "tf32"
-
-    monkeypatch.setattr(tb, "_Plan", Tf32Plan)
     R, x = _maps(5, 3, 24, 20, seed=5)
-    with pytest.raises(AssertionError, match="relative error"):
+    with tunables(DOT_PRECISION="tf32"), pytest.raises(AssertionError, match="relative error"):
         compare_head_with_reference("triton", R, x, 9, 0.1, 10.0)
+
+
+def test_tunables_restore_and_refuse_unknown_names():
+    before = tunable_values()
+    with tunables(SELECT_CHUNK=64, VBOX_BLOCK=(8, 8)) as inside:
+        assert inside["SELECT_CHUNK"] == 64 and tunable_values()["VBOX_BLOCK"] == (8, 8)
+        assert Plan(3, 1, 4, 5, torch.float32, 2, (9, 0)).select_chunk == 64
+    assert tunable_values() == before == dict(DEFAULT_TUNABLES)
+    with pytest.raises(ValueError, match="SELECT_CHUNKS"):
+        with tunables(SELECT_CHUNK=64, SELECT_CHUNKS=64):
+            pass
+    assert tunable_values() == before
+
+
+def test_planned_for_overrides_the_device_description():
+    own = planned_device(DEVICE)
+    with planned_for(multiprocessors=108, capability=(8, 0)):
+        assert planned_device(DEVICE) == (108, (8, 0))
+        assert not make_plan(torch.empty(3, 1, 4, 5), torch.float32).bwd_presplit  # sm_80's plan
+    assert planned_device(DEVICE) == own
+
+
+def test_recorded_launches_run_only_when_asked():
+    # every launch in order; with execute=False none runs (stats, zeroed by the launcher, stays
+    # zero), with execute=True the same launches run
+    R, _ = _maps(2, 1, 5, 4)
+    with record_launches() as dry:
+        _, stats, _, _ = tb.mask_forward(R, 3, 0.1, 10.0)
+    names = [call.kernel.fn.__name__ for call in dry]
+    assert names == ["_channel_mean_kernel", "_select_kernel", "_hbox_kernel", "_vbox_kernel", "_select_kernel",
+                     "_mask_kernel"]
+    assert not stats.any()
+    with record_launches(execute=True) as run:
+        mask, stats, _, _ = tb.mask_forward(R, 3, 0.1, 10.0)
+    assert [call.kernel.fn.__name__ for call in run] == names and run[-1].args[3] is mask
+    assert stats[:, :4].all()
 
 
 def test_spatial_mask_and_its_gradient():
@@ -312,19 +340,19 @@ def _select(plane, quantiles, chunk, digit):
     B, N = plane.shape
     ct = plane.dtype
     wide = ct == torch.float64
-    stats = torch.zeros(B, tb.STATS, dtype=ct, device=plane.device)
-    sel_idx = torch.empty(B, tb.N_WINDOWS, tb.SLOTS, dtype=torch.int32, device=plane.device)
-    sel_w = torch.empty(B, tb.N_WINDOWS, tb.SLOTS, dtype=ct, device=plane.device)
+    stats = torch.zeros(B, STATS, dtype=ct, device=plane.device)
+    sel_idx = torch.empty(B, N_WINDOWS, SLOTS, dtype=torch.int32, device=plane.device)
+    sel_w = torch.empty(B, N_WINDOWS, SLOTS, dtype=ct, device=plane.device)
     scratch = torch.empty_like(sel_w)
     lists = torch.full((B, N), -7, dtype=torch.int32, device=plane.device)  # -7: never written
-    win = tb._windows(N)
+    win = rank_windows(N)
     first = 0 if quantiles == "a" else 3
     chosen = win[0:3] if quantiles == "a" else (win[3], (0, 1, 0.0), (0, 1, 0.0))
-    tb._select_kernel[(B,)](plane, lists, N, tb._table(N, 0.1, 10.0, 3, ct, plane.device), stats, sel_idx, sel_w,
-                            scratch, N, *[v for r0, length, _ in chosen for v in (r0, length)],
-                            WIN0=first, NQ=3 if quantiles == "a" else 1, CT=tb.tl.float64 if wide else tb.tl.float32,
-                            KT=tb.tl.int64 if wide else tb.tl.int32, CHUNK=chunk, DIGIT=digit, NSLOT=tb.SLOTS, N_WIN=tb.N_WINDOWS,
-                            N_STATS=tb.STATS, num_warps=4)
+    _select_kernel[(B,)](plane, lists, N, rank_table(N, 0.1, 10.0, 3, ct, plane.device), stats, sel_idx, sel_w,
+                         scratch, N, *[v for r0, length, _ in chosen for v in (r0, length)],
+                         WIN0=first, NQ=3 if quantiles == "a" else 1, CT=tl.float64 if wide else tl.float32,
+                         KT=tl.int64 if wide else tl.int32, CHUNK=chunk, DIGIT=digit, NSLOT=SLOTS, N_WIN=N_WINDOWS,
+                         N_STATS=STATS, num_warps=4)
     return stats, sel_idx, lists
 
 
@@ -342,7 +370,8 @@ def _plane(kind, B, N, dtype):
 
 
 @pytest.mark.parametrize("kind, N, dtype, chunk, digit, lists_expected", [
-    ("normal", 224 * 224, torch.float32, 2048, tb.SELECT_DIGIT_BITS, True),  # the benchmark's planes, defaults
+    # the benchmark's planes, defaults
+    ("normal", 224 * 224, torch.float32, 2048, DEFAULT_TUNABLES["SELECT_DIGIT_BITS"], True),
     ("normal", 899, torch.float32, 128, 8, True),
     ("normal", 899, torch.float32, 128, 4, True),
     ("normal", 899, torch.float32, 128, 3, True),  # digits that do not divide the key
@@ -362,14 +391,14 @@ def test_select_matches_a_stable_sort(kind, N, dtype, chunk, digit, lists_expect
     plane = _plane(kind, 3, N, dtype)
     stats, sel_idx, lists = _select(plane, quantiles, chunk, digit)
     order = torch.sort(plane.abs().cpu(), dim=1, stable=True).indices
-    table = tb._table_values(N, 0.1, 10.0, 3, dtype)
+    table = rank_table_values(N, 0.1, 10.0, 3, dtype)
     windows = range(3) if quantiles == "a" else [3]
     for q in windows:
-        r0, length, _ = tb._windows(N)[q]
+        r0, length, _ = rank_windows(N)[q]
         got = sel_idx[:, q].cpu()
         assert torch.equal(got[:, :length], order[:, r0:r0 + length].to(torch.int32)), f"window {q}"
         assert (got[:, length:] == -1).all(), f"window {q}: slots past the window"
-        weights = torch.tensor(table[q * tb.SLOTS:q * tb.SLOTS + length], dtype=torch.float64)
+        weights = torch.tensor(table[q * SLOTS:q * SLOTS + length], dtype=torch.float64)
         expected = (plane.abs().cpu().double().gather(1, order[:, r0:r0 + length]) * weights).sum(1)
         torch.testing.assert_close(stats[:, q].cpu().double(), expected, rtol=1e-6, atol=0, msg=f"window {q}")
     listed = (lists != -7).any(dim=1).cpu()
@@ -453,7 +482,7 @@ def test_gpu_repeated_runs_are_bitwise_equal():
 @property_settings(examples_ci=8, examples_wide=100)
 @given(case=cases(max_side=6, dtypes=(torch.float64, torch.float32, torch.bfloat16)))
 def test_odd_inputs(case):
-    """tests/odd_inputs.py: the SPEC section 8 rule, and the float64 reference where well-conditioned."""
+    """tests/odd_inputs.py: the docs/loss.md section 8 rule, and the float64 reference where well-conditioned."""
     check_backend("triton", case, DEVICE)
 
 

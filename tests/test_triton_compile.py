@@ -1,8 +1,8 @@
 """Every Triton kernel of the backend compiles to a cubin for sm_80 and sm_90 (no GPU needed).
 
-The launchers of ``sib_fast.backends.triton.ops`` run on CPU tensors with their launches
-recorded instead of executed (``_launch_hook``), planned as for each target's GPU (its
-capability and multiprocessor count), at 224x224 (B=128 and B=256) and at small shapes,
+The launchers of ``sib_fast.backends.triton.launch`` run on CPU tensors with their launches
+recorded instead of executed (``record_launches``), planned as for each target's GPU (its
+capability and multiprocessor count: ``planned_for``), at 224x224 (B=128 and B=256) and at small shapes,
 contiguous and channels_last (whose backward planes are strided channels of dR),
 for the head's forward and backward (with and without dx) and the mask alone. Each
 recorded launch is specialised exactly as Triton's JIT would (its binder and
@@ -51,30 +51,25 @@ VARIANT_SHAPE = "224x224"  # tune times its variants at B = 128, 3x224x224, floa
 MULTIPROCESSORS = {80: 108, 90: 132}
 
 
-def record_launches(shape, channels_last, dtype_name, capability):
+def recorded_launches(shape, channels_last, dtype_name, capability):
     import torch
-    import sib_fast.backends.triton.ops as tb
+    from sib_fast.backends.triton import launch
+    from sib_fast.backends.triton.plan import planned_for
 
     dtype = getattr(torch, dtype_name)
-    calls = []
-    tb._launch_hook = lambda kernel, grid, args, meta: calls.append((kernel, grid, args, meta))
-    device_info = tb._device_info
-    tb._device_info = lambda *_: (MULTIPROCESSORS[capability], divmod(capability, 10))
     B, C, H, W = shape
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    try:
+    with launch.record_launches(execute=False) as calls, \
+            planned_for(MULTIPROCESSORS[capability], divmod(capability, 10)):
         R, x = (torch.empty(B, C, H, W, dtype=dtype, memory_format=layout) for _ in range(2))
-        hsic, bg, mask, stats, sel_idx, sel_w, gram = tb._head_forward_impl(R, x, 31, 0.1, 10.0)
+        hsic, bg, mask, stats, sel_idx, sel_w, gram = launch.launch_head_forward(R, x, 31, 0.1, 10.0)
         gm = torch.empty(B, H, W, dtype=mask.dtype)
         for want_dx in (True, False):
-            tb._head_backward_impl(hsic, bg, gm, R, x, mask, stats, sel_idx, sel_w, gram, 31, 0.1, 10.0,
-                                   True, want_dx)
-        mask, stats, sel_idx, sel_w = tb._mask_forward_impl(R, 31, 0.1, 10.0)
-        tb._head_backward_impl(None, None, gm, R, R, mask, stats, sel_idx, sel_w, R.new_empty(0),
-                               31, 0.1, 10.0, False, False)
-    finally:
-        tb._launch_hook = None
-        tb._device_info = device_info
+            launch.launch_head_backward(hsic, bg, gm, R, x, mask, stats, sel_idx, sel_w, gram, 31, 0.1, 10.0,
+                                        True, want_dx)
+        mask, stats, sel_idx, sel_w = launch.launch_mask_forward(R, 31, 0.1, 10.0)
+        launch.launch_head_backward(None, None, gm, R, R, mask, stats, sel_idx, sel_w, R.new_empty(0),
+                                    31, 0.1, 10.0, False, False)
     return calls
 
 
@@ -112,16 +107,16 @@ def compile_all(shape_name: str, capability: int, variant: str = ""):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    import sib_fast.backends.triton.ops as tb
+    from sib_fast.backends.triton.plan import tunables
     from sib_fast.bench import tune
 
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     seen = set()
     if variant:
-        seen = {_specialise(k, a, m, backend)[0] for k, _, a, m in record_launches(*SHAPES[shape_name], capability)}
-    with tune.plan_constants(tb, tune.parse_variant(variant) if variant else {}):
-        launches = record_launches(*SHAPES[shape_name], capability)
+        seen = {_specialise(k, a, m, backend)[0] for k, _, a, m in recorded_launches(*SHAPES[shape_name], capability)}
+    with tunables(**(tune.parse_variant(variant) if variant else {})):
+        launches = recorded_launches(*SHAPES[shape_name], capability)
     rows = []
     for kernel, grid, args, meta in launches:
         if grid[0] >= 2**31 or any(g > 65535 for g in grid[1:]):
@@ -174,6 +169,21 @@ def _table(rows):
     return "\n".join(lines)
 
 
+def _defined_kernels():
+    """The names of the kernels (``_*_kernel``) the modules of sib_fast.backends.triton define."""
+    import importlib
+    import pkgutil
+
+    import sib_fast.backends.triton as package
+
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        names.update(name for name, obj in vars(module).items() if name.startswith("_") and name.endswith("_kernel")
+                     and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__)
+    return names
+
+
 # Another Triton to compile with as well, installed apart (pip install --no-deps --target DIR
 # triton==3.6.0): the oldest supported one, whose front end rejects code that 3.8 accepts.
 OTHER_TRITON = os.environ.get("SIB_FAST_OTHER_TRITON")
@@ -203,9 +213,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(triton_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     table = _table(rows)
     print("\n" + table)
-    import sib_fast.backends.triton.ops as tb
-
-    kernels = {name for name in vars(tb) if name.endswith("_kernel") and name.startswith("_")}
+    kernels = _defined_kernels()
     for shape in SHAPES:
         for cap in TARGETS:
             compiled = {r["kernel"] for r in rows if r["shape"] == shape and r["sm"] == cap and not r["variant"]}
