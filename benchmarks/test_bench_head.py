@@ -5,7 +5,7 @@ table puts the backends of a group side by side in the same run. Before a
 fused backend is timed it is compared with the eager reference on the same
 inputs. Inputs rotate over several sets (see sib_fast.bench.measure); CUDA
 work is synchronised inside the timed call. ``extra_info`` holds the floor
-bytes of SPEC section 7 and the achieved GB/s.
+bytes of docs/loss.md section 7 and the achieved GB/s.
 
 For the full report (IQR, memory, share of the copy bandwidth) use ``sib-bench``.
 """

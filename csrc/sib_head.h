@@ -1,4 +1,4 @@
-// Math of the S-IB head shared by the CPU and CUDA kernels (SPEC sections 2-5),
+// Math of the S-IB head shared by the CPU and CUDA kernels (docs/loss.md sections 2-5),
 // and the layout of the tensors the forward op saves for the backward op.
 #pragma once
 
@@ -29,7 +29,7 @@ enum ImageStat : int {
 enum Quantile : int { kQuantLow = 0, kQuantMaskLevel, kQuantHigh, kQuantT2, kQuantiles };
 
 constexpr double kQuantileLevel[kQuantiles] = {0.05, 0.80, 0.95, 0.80};
-constexpr int kRankWindow = 18;   // ranks floor(t) - 8 .. floor(t) + 9 (SPEC section 2)
+constexpr int kRankWindow = 18;   // ranks floor(t) - 8 .. floor(t) + 9 (docs/loss.md section 2)
 constexpr int kRanksBelow = 8;
 constexpr double kRangeEps = 1e-8;   // hi - lo + 1e-8
 constexpr double kNormEps = 1e-12;   // max(||u||, 1e-12)
@@ -50,7 +50,7 @@ SIB_HOST_DEVICE RankWindow rank_window(int64_t n, double q) {
 }
 
 // Softmax weights of the ranks in the window: w_k ~ exp(-|rank_k - t| / T),
-// normalised over the window (the truncation SPEC section 2 allows).
+// normalised over the window (the truncation docs/loss.md section 2 allows).
 SIB_HOST_DEVICE void rank_weights(int64_t n, double q, double temperature, RankWindow win,
                                   double* w) {
   const double t = q * static_cast<double>(n - 1);
@@ -67,7 +67,7 @@ SIB_HOST_DEVICE void rank_weights(int64_t n, double q, double temperature, RankW
   for (int k = 0; k < win.count; ++k) w[k] /= total;
 }
 
-// Unbiased variance of D values from their sum s1 and sum of squares s2 (SPEC section 5).
+// Unbiased variance of D values from their sum s1 and sum of squares s2 (docs/loss.md section 5).
 // A sum of squares past the range (values of 1e19 in float32) is a variance past it too:
 // +inf, where s2 - s1^2 / D would be inf - inf = NaN.
 SIB_HOST_DEVICE double unbiased_variance(double s1, double s2, double D) {
@@ -78,7 +78,7 @@ SIB_HOST_DEVICE double unbiased_variance(double s1, double s2, double D) {
   return v < 0.0 ? 0.0 : v;
 }
 
-// SPEC section 8 for the soft quantile: a plane holding NaN or +-Inf has Q = NaN, as the
+// docs/loss.md section 8 for the soft quantile: a plane holding NaN or +-Inf has Q = NaN, as the
 // full-rank weighted sum of the reference is (far ranks weigh 0, and 0 * inf is NaN).
 template <typename T>
 SIB_HOST_DEVICE bool is_finite_value(T v) {
@@ -127,7 +127,7 @@ SIB_HOST_DEVICE uint32_t order_bits(float v) {
   return (bits >> 31) ? ~bits : (bits | (uint32_t(1) << 31));
 }
 
-// The HSIC of SPEC section 4 from the raw (symmetric) Gram matrices of
+// The HSIC of docs/loss.md section 4 from the raw (symmetric) Gram matrices of
 // u = R*M and v = x*M, and the factors of its backward. With G = dHSIC/dK
 // (times the upstream gradient), the gradient of u_i is sum_j A_ij u_j where
 //   A_ij = 2 G_ij / (n_i n_j) - [i == j] alpha_i / n_i^2,   alpha_i = 2 sum_j G_ij K_ij,

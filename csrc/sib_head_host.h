@@ -1,5 +1,5 @@
 // Host-side parts of the head ops that the CPU and CUDA kernels share: the input
-// checks of SPEC section 8 that do not depend on the device (each kernel adds its
+// checks of docs/loss.md section 8 that do not depend on the device (each kernel adds its
 // own device checks) and the compute dtype of the outputs. Uses ATen, so only .cpp
 // files include it (sib_head.h is the math shared with device code).
 #pragma once
@@ -31,7 +31,7 @@ inline int64_t check_head_inputs(const at::Tensor& R, const at::Tensor& x, int64
   return std::min(window, 2 * std::max(R.size(2), R.size(3)) - 1);
 }
 
-// float64 if R (and so x) is float64, else float32 (SPEC section 6: reductions in float32 or better).
+// float64 if R (and so x) is float64, else float32 (docs/loss.md section 6: reductions in float32 or better).
 inline at::ScalarType compute_type(const at::Tensor& R) {
   return R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

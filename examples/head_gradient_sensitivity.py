@@ -1,8 +1,8 @@
-"""How much does the S-IB head's gradient move when R carries rounding noise? (README, "Precision")
+"""How much does the S-IB head's gradient move when R carries rounding noise? (docs/vjp_modes.md, "Precision")
 
     python examples/head_gradient_sensitivity.py            # about 10 s on a CPU
 
-At temperature 0.1 the soft quantiles of SPEC section 2 are nearly order statistics: their
+At temperature 0.1 the soft quantiles of docs/loss.md section 2 are nearly order statistics: their
 gradient falls on one or two pixels per quantile and image, and noise that reorders neighbouring
 values of R moves it to other pixels. This script measures that on the float64 reference: the
 share of |dR|^2 in each image's largest pixels, and the cosine between dR at R and at
@@ -27,7 +27,7 @@ def blob_maps(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:
 
 
 def head_gradient(R: torch.Tensor, x: torch.Tensor, window: int) -> torch.Tensor:
-    """dR of lambda_bg exp(BG) + lambda_fg exp(-HSIC) with the SPEC's default weights."""
+    """dR of lambda_bg exp(BG) + lambda_fg exp(-HSIC) with the default weights of docs/loss.md section 6."""
     R = R.detach().requires_grad_()
     hsic, bg, _ = reference.sib_terms(R, x, window)
     (dR,) = torch.autograd.grad(1000.0 * torch.exp(bg) + 0.01 * torch.exp(-hsic), R)

@@ -11,7 +11,7 @@ from sib_fast.validation import check_head_inputs, check_mask_inputs
 
 
 class SIBTerms(NamedTuple):
-    """The S-IB head's outputs (SPEC sections 3-5).
+    """The S-IB head's outputs (docs/loss.md sections 3-5).
 
     ``hsic`` and ``bg`` are 0-dim, ``mask`` is (B, H, W); all in float32, or
     float64 when an input is float64.
@@ -33,7 +33,7 @@ def _window_for(R: torch.Tensor, window_size: int) -> int:
 
 def spatial_mask(R: torch.Tensor, *, window_size: int = 31, temperature: float = 0.1,
                  slope: float = 10.0, backend: str = "auto") -> torch.Tensor:
-    """The soft foreground mask M (B, H, W) of the VJP map R (SPEC section 3)."""
+    """The soft foreground mask M (B, H, W) of the VJP map R (docs/loss.md section 3)."""
     check_mask_inputs(R, window_size, temperature, slope)
     module = _backend_for(R, backend, temperature)
     return module.spatial_mask(R, _window_for(R, window_size), float(temperature), float(slope))
@@ -41,7 +41,7 @@ def spatial_mask(R: torch.Tensor, *, window_size: int = 31, temperature: float =
 
 def sib_terms(R: torch.Tensor, x: torch.Tensor, *, window_size: int = 31, temperature: float = 0.1,
               slope: float = 10.0, backend: str = "auto") -> SIBTerms:
-    """HSIC, background variance and mask of R and x (SPEC sections 3-5).
+    """HSIC, background variance and mask of R and x (docs/loss.md sections 3-5).
 
     Differentiable with respect to R, and to x when it requires grad.
     """

@@ -14,7 +14,7 @@ from sib_fast.vjp import input_vjp
 
 
 class SIBLoss(nn.Module):
-    """loss = CE(logits, target) + lambda_bg * exp(BG) + lambda_fg * exp(-HSIC)  (SPEC section 6).
+    """loss = CE(logits, target) + lambda_bg * exp(BG) + lambda_fg * exp(-HSIC)  (docs/loss.md section 6).
 
     ``forward(logits, target, x)`` computes R = d phi/dx itself (double
     backward, the paper's exact mode), so ``x`` must require grad and

@@ -1,4 +1,4 @@
-"""Argument checks of SPEC section 8, run before any work.
+"""Argument checks of docs/loss.md section 8, run before any work.
 
 Every message names the argument and says what was expected, so a user can
 fix the call without reading the source.

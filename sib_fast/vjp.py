@@ -1,4 +1,4 @@
-"""SPEC section 1: the VJP map R = d/dx of 0.5 * sum(softmax(logits)**2)."""
+"""docs/loss.md section 1: the VJP map R = d/dx of 0.5 * sum(softmax(logits)**2)."""
 from __future__ import annotations
 
 import torch

@@ -7,7 +7,7 @@ constant, nearly constant, huge (1e30: the Gram overflows float32), enormous (1e
 overflows float64), tiny, or hold NaN / +-Inf at random positions, in R or in x.
 
 ``check_backend`` holds every backend to two rules:
-- the SPEC section 8 rule, on every case: hsic, bg and each mask value are finite, NaN or
+- the docs/loss.md section 8 rule, on every case: hsic, bg and each mask value are finite, NaN or
   +-Inf exactly where the reference run in the backend's compute dtype has them (NaN or Inf
   in, NaN out; a sum of squares past the dtype's range gives NaN for hsic, +inf for bg);
 - on the cases that are well-conditioned in the backend's dtype, values and gradients
@@ -44,7 +44,7 @@ SCALE = {"huge": 1e30, "enormous": 1e200, "tiny": 1e-30}
 WELL_CONDITIONED = {torch.float64: {"normal", "relu", "huge", "tiny"},
                     torch.float32: {"normal", "constant"}}
 # R kinds compared in the forward only: where hi - lo is 0 or far below 1e-8 (flat or tiny maps)
-# u's denominator is the 1e-8 of SPEC section 3, and the mask chain's backward amplifies
+# u's denominator is the 1e-8 of docs/loss.md section 3, and the mask chain's backward amplifies
 # rounding by 1e8 / (R's scale): dR is ill-conditioned in any precision.
 FORWARD_ONLY = {"constant", "nearly_constant", "tiny"}
 

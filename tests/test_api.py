@@ -96,7 +96,7 @@ def test_auto_falls_back_to_reference_only_with_one_warning(monkeypatch):
 
 @pytest.mark.parametrize("dtype, bits", [(torch.float32, 24), (torch.bfloat16, 24), (torch.float64, 53)])
 def test_temperature_limit_is_where_the_rank_window_stops_being_exact(dtype, bits):
-    # SPEC section 2's weights over all ranks: the largest one the fused backends' window
+    # docs/loss.md section 2's weights over all ranks: the largest one the fused backends' window
     # floor(t) - 8 .. floor(t) + 9 leaves out, relative to the largest one it keeps, is within
     # the dtype's rounding up to the limit, and beyond it just above (t = 80 exactly: rank 71
     # lies 9 ranks off)
@@ -164,7 +164,7 @@ def test_input_vjp_matches_the_analytic_gradient():
 
 
 def _hand_written_sib_loss(logits, target, x, window, temperature, slope, lambda_fg, lambda_bg):
-    """The loss written out from SPEC sections 1-6 with no sib_fast code."""
+    """The loss written out from docs/loss.md sections 1-6 with no sib_fast code."""
     p = torch.softmax(logits, dim=1)
     (R,) = torch.autograd.grad(0.5 * (p ** 2).sum(), x, create_graph=True)
     B, C, H, W = R.shape

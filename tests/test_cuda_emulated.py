@@ -247,7 +247,7 @@ def test_piecewise_constant_maps_tie_windows_exactly(case):
 @property_settings(examples_ci=12, examples_wide=300)
 @given(case=cases(max_side=8, dtypes=(torch.float64, torch.float32, torch.bfloat16)))
 def test_odd_inputs(case):
-    """tests/odd_inputs.py: the SPEC section 8 rule, and the float64 reference where well-conditioned."""
+    """tests/odd_inputs.py: the docs/loss.md section 8 rule, and the float64 reference where well-conditioned."""
     check_backend(BACKEND, case)
 
 

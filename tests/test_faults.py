@@ -245,7 +245,7 @@ def test_resume_with_a_new_learning_rate_trains_with_it(trained, tmp_path, capsy
 # --------------------------------------------------------------------------- arguments checked deeper down
 
 def test_a_huge_window_trains_and_an_even_one_is_one_line(tmp_path, capsys):
-    """SPEC allows any positive odd window: one past the whole image computes that image's window
+    """docs/loss.md allows any positive odd window: one past the whole image computes that image's window
     (the same mask) instead of overflowing a C int (it ended in a traceback); an even one is a
     usage error naming the option."""
     out = tmp_path / "out"

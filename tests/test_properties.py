@@ -1,4 +1,4 @@
-"""Odd inputs (tests/odd_inputs.py) on the cpu backend: a property-based test (the SPEC section 8
+"""Odd inputs (tests/odd_inputs.py) on the cpu backend: a property-based test (the docs/loss.md section 8
 rule on every drawn case, values and gradients against the float64 reference where the case is
 well-conditioned) and the bad inputs of the reliability review; the reference's own behaviour on
 them. The Triton backend (interpreter) and the CUDA emulation run the same checks in their own
@@ -67,7 +67,7 @@ def test_reference_window_wider_than_the_whole_image_window(window):
     torch.testing.assert_close(huge[2], torch.full_like(huge[2], 0.5), rtol=0, atol=1e-12)
     for a, b in zip(huge, exact):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
-    # and the box mean keeps SPEC's divisor k * k
+    # and the box mean keeps the divisor of docs/loss.md section 3, k * k
     h = torch.rand(1, 5, 7, dtype=torch.float64)
     torch.testing.assert_close(reference.box_mean(h, window), torch.full_like(h, h.sum().item() / window ** 2))
 

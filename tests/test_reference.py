@@ -1,4 +1,4 @@
-"""The reference path against the SPEC's definitions and torch.autograd.gradcheck."""
+"""The reference path against the definitions of docs/loss.md and torch.autograd.gradcheck."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ from sib_fast.backends import reference
 
 
 def window_quantile(v, q, temperature):
-    """SPEC section 2's window rule: only ranks floor(t)-8 .. floor(t)+9, renormalised."""
+    """docs/loss.md section 2's window rule: only ranks floor(t)-8 .. floor(t)+9, renormalised."""
     n = v.shape[1]
     t = q * (n - 1)
     lo, hi = max(0, math.floor(t) - 8), min(n - 1, math.floor(t) + 9)

@@ -1,4 +1,4 @@
-// CPU kernels of sib_fast::sib_head_forward / sib_head_backward (SPEC sections 2-5, 7).
+// CPU kernels of sib_fast::sib_head_forward / sib_head_backward (docs/loss.md sections 2-5, 7).
 //
 // Forward: one pass over R for the channel-mean plane, plane work per image
 // (rank selection instead of sorting, prefix-sum box mean), then one pass over
@@ -59,7 +59,7 @@ struct RowBlocks {
   int64_t end(int64_t blk) const { return std::min(H, (blk + 1) * rows_per_block); }
 };
 
-// k x k box sums with zero padding (SPEC section 3): prefix sums along rows, then
+// k x k box sums with zero padding (docs/loss.md section 3): prefix sums along rows, then
 // along columns; O(1) per pixel for any k. out = (window sum) * out_scale.
 // `load` maps an input value to sum_t.
 template <typename sum_t, typename acc_t, typename Load>
@@ -212,7 +212,7 @@ void select_ranks(const acc_t* plane, int64_t n, RankWindow win, SelectionScratc
   for (int64_t k = 0; k < win.count; ++k) index[k] = Keys::index(keys[first + k]);
 }
 
-// Soft quantiles of one plane (SPEC section 2): selects the ranks of each
+// Soft quantiles of one plane (docs/loss.md section 2): selects the ranks of each
 // quantile's window, records their indices and returns the weighted sums.
 template <typename acc_t>
 void soft_quantiles(const acc_t* plane, int64_t n, const int* quantiles, int count, double temperature,
@@ -249,7 +249,7 @@ struct MaskScalars {
   acc_t u(acc_t a) const { return (a - lo) / range; }
 };
 
-// g = mean over channels of R for image b (SPEC section 3); `row` holds W values.
+// g = mean over channels of R for image b (docs/loss.md section 3); `row` holds W values.
 // The forward and the backward sum the channels in the same order, so both see the same g.
 template <typename scalar_t, typename acc_t>
 void channel_mean_plane(const Strided4d<const scalar_t>& Rs, int64_t b, const Shape& sh, acc_t* g, acc_t* row) {
@@ -384,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {hsic, bg, mask, gram, stats, ranks};
 }
 
-// Adjoint of the mask chain of one image (SPEC section 3 backwards): from dM to
+// Adjoint of the mask chain of one image (docs/loss.md section 3 backwards): from dM to
 // dg, the gradient of the channel-mean plane. Nothing is detached, so the
 // quantiles pass gradient to the elements at their ranks. dM and dg may be the
 // same buffer: dM is read in full before dg is written.

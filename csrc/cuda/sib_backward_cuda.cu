@@ -1,4 +1,4 @@
-// The backward's passes over R, x and M (SPEC section 7): the HSIC term's gradient is
+// The backward's passes over R, x and M (docs/loss.md section 7): the HSIC term's gradient is
 // d/du_i = sum_j A_u[i, j] u_j (u = R*M), likewise for v = x*M (the B x B factors
 // A_u, A_v come from hsic_and_adjoint's math, see sib_head_cuda.cu). With T_u = A_u U:
 //   pass 1   dM_u = sum_c (R T_u - R g_bg)    g_bg = bg_scale (R (1 - M) - bg_mean)

@@ -275,7 +275,7 @@ __device__ __forceinline__ acc_t sigmoid_of(acc_t f, acc_t shift, acc_t range, a
   return acc_t(1) / (acc_t(1) + fast_exp(-slope * ((f - shift) / range - offset)));
 }
 
-// The per-image scalars of the mask chain (SPEC section 3) from image_stats.
+// The per-image scalars of the mask chain (docs/loss.md section 3) from image_stats.
 template <typename acc_t>
 struct MaskScalars {
   acc_t lo, range, t1;

@@ -1,4 +1,4 @@
-// Forward pass over R, x and M (SPEC sections 4, 5): partial raw Gram matrices of
+// Forward pass over R, x and M (docs/loss.md sections 4, 5): partial raw Gram matrices of
 // u = R*M and v = x*M, and the background sums of R*(1-M), without writing any of
 // those products.
 //

@@ -1,4 +1,4 @@
-// CUDA kernels of sib_fast::sib_head_forward / sib_head_backward (SPEC sections 2-5, 7).
+// CUDA kernels of sib_fast::sib_head_forward / sib_head_backward (docs/loss.md sections 2-5, 7).
 // They compute what the CPU kernels (csrc/cpu/sib_head_cpu.cpp) compute and save the
 // same tensors for the backward (mask, raw Gram matrices, image_stats, rank_index).
 //
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     // a window that did not collect exactly its ranks would be a bug: make it loud
     if (n != win.len[w] || coll_n[w] != win.len[w]) value = nan("");
-    // SPEC section 8: NaN or +-Inf anywhere in the plane makes Q NaN (is_finite_value); a
+    // docs/loss.md section 8: NaN or +-Inf anywhere in the plane makes Q NaN (is_finite_value); a
     // one-element plane takes no pass, but then its element is in the window
     if (nonfinite || !is_finite_value(value)) value = nan("");
     stats[b * kImageStats + win.quantile[w]] = static_cast<acc_t>(value);
@@ -396,7 +396,7 @@ __global__ void __launch_bounds__(kSelectThreads)
 // ---------------------------------------------------------------------------------
 
 // out[b, y, w] = sum of f(in[b, y, w']) over |w' - w| <= r inside the row, summed in
-// double. With kFromG, f = sigmoid(s (u - t1)) of g (the plane h of SPEC section 3),
+// double. With kFromG, f = sigmoid(s (u - t1)) of g (the plane h of docs/loss.md section 3),
 // rounded to the grid of box_grid_bits (sib_head.h), so that the sliding sums are exact
 // and tied windows tie exactly. `scale` is 2^F.
 // Otherwise f is the identity (the backward's box of dd, a linear map: no rounding).
@@ -507,7 +507,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// HSIC of SPEC section 4 from the raw Gram matrices, by one block; with A non-null also
+// HSIC of docs/loss.md section 4 from the raw Gram matrices, by one block; with A non-null also
 // the backward's factors (written into the padded (2, Bp, Bp) A; hsic_and_adjoint in
 // sib_head.h is the serial statement of the same math). work holds 6 B doubles.
 template <typename G, typename acc_t>
@@ -627,7 +627,7 @@ __global__ void __launch_bounds__(kSmallThreads)
 }
 
 // ---------------------------------------------------------------------------------
-// The mask chain's adjoint (SPEC section 3 backwards), one block per image
+// The mask chain's adjoint (docs/loss.md section 3 backwards), one block per image
 // ---------------------------------------------------------------------------------
 
 // Adds w_k * grad to the elements at the ranks of window k of this image (serially:

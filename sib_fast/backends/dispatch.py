@@ -102,7 +102,7 @@ def fused_temperature_limit(dtype: torch.dtype) -> float:
     """The largest soft-quantile temperature at which the fused backends are exact in ``dtype``.
 
     They read only the 18 ranks floor(t) - 8 .. floor(t) + 9 around each quantile's position t
-    (SPEC section 2 allows it for T = 0.1). The nearest rank left out lies at least 9 ranks
+    (docs/loss.md section 2 allows it for T = 0.1). The nearest rank left out lies at least 9 ranks
     beyond the nearest one kept, so it weighs at most exp(-9 / T) of it: below the rounding of
     the compute dtype (2^-24 in float32, which half-precision inputs use too; 2^-53 in
     float64) while T <= 9 / (p ln 2), 0.541 and 0.245. Beyond, the fused result drifts from
@@ -120,7 +120,7 @@ def _temperature_reason(backend: str, temperature: float, dtype: torch.dtype) ->
     compute = "float64" if dtype == torch.float64 else "float32"
     return (f"temperature={temperature:g} is above {fused_temperature_limit(dtype):.3f}, the largest at which "
             f"the fused backends compute the soft quantiles exactly in {compute} (they read {RANK_WINDOW} ranks around "
-            f"each quantile; SPEC section 2)")
+            f"each quantile; docs/loss.md section 2)")
 
 
 def available_backends(device=None) -> list[str]:

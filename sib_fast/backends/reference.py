@@ -1,9 +1,9 @@
-"""The S-IB head in plain PyTorch, written straight from SPEC sections 2-6.
+"""The S-IB head in plain PyTorch, written straight from docs/loss.md sections 2-6.
 
 This is the ground truth every fused backend is tested against. It favours
 clarity over speed: full sorts, softmax weights over every rank, an
 ``avg_pool2d`` box mean and materialised masked tensors. Inputs of lower
-precision than float32 are computed in float32 (SPEC section 6, scale note);
+precision than float32 are computed in float32 (docs/loss.md section 6, scale note);
 float64 stays float64.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def soft_quantile(v: torch.Tensor, q: float, temperature: float) -> torch.Tensor:
-    """SPEC section 2: Q(v, q) per row of ``v`` (shape (B, n)), by a full sort.
+    """docs/loss.md section 2: Q(v, q) per row of ``v`` (shape (B, n)), by a full sort.
 
     The sort is stable, so tied values take their ranks in index order; the
     fused backends select ranks with the same tie-breaking. A row holding NaN or +-Inf has
-    Q = NaN (SPEC section 8): the full-rank sum gives that wherever a far rank's weight
+    Q = NaN (docs/loss.md section 8): the full-rank sum gives that wherever a far rank's weight
     underflows to 0 (0 * inf), and every backend makes it the rule.
     """
     n = v.shape[1]
@@ -34,7 +34,7 @@ def soft_quantile(v: torch.Tensor, q: float, temperature: float) -> torch.Tensor
 
 
 def rank_weights(n: int, q: float, temperature: float, like: torch.Tensor) -> torch.Tensor:
-    """SPEC section 2's softmax weights over the n ranks, in ``like``'s dtype and device.
+    """docs/loss.md section 2's softmax weights over the n ranks, in ``like``'s dtype and device.
 
     Computed in float64 from the distances less the smallest: the same softmax, but at a tiny
     temperature (1e-40 in float32) the nearest rank keeps weight 1 instead of every logit
@@ -45,7 +45,7 @@ def rank_weights(n: int, q: float, temperature: float, like: torch.Tensor) -> to
 
 
 def box_mean(h: torch.Tensor, window_size: int) -> torch.Tensor:
-    """SPEC section 3: k x k mean, stride 1, zero padding k//2, divided by k*k.
+    """docs/loss.md section 3: k x k mean, stride 1, zero padding k//2, divided by k*k.
 
     A window wider than ``whole_image_window`` sums the whole image at every pixel, as that one
     does; avg_pool2d takes the smaller (its kernel is a C int) and the sum is divided by k*k.
@@ -57,7 +57,7 @@ def box_mean(h: torch.Tensor, window_size: int) -> torch.Tensor:
 
 def spatial_mask(R: torch.Tensor, window_size: int = 31, temperature: float = 0.1,
                  slope: float = 10.0) -> torch.Tensor:
-    """SPEC section 3: the soft mask M of shape (B, H, W)."""
+    """docs/loss.md section 3: the soft mask M of shape (B, H, W)."""
     R = R.to(compute_dtype(R))
     B, _, H, W = R.shape
     a = R.mean(dim=1).abs().reshape(B, H * W)
@@ -81,7 +81,7 @@ def whole_image_window(H: int, W: int) -> int:
 
 
 def _unit_rows(u: torch.Tensor) -> torch.Tensor:
-    """u / max(||u||, 1e-12) per row (SPEC section 4), NaN for a row whose norm overflows.
+    """u / max(||u||, 1e-12) per row (docs/loss.md section 4), NaN for a row whose norm overflows.
 
     HSIC does not depend on the scale of R or x, but a norm past the dtype's range (about 1e19
     per value in float32) is inf and u / inf = 0 would give a finite, wrong HSIC. Every backend
@@ -92,7 +92,7 @@ def _unit_rows(u: torch.Tensor) -> torch.Tensor:
 
 
 def hsic(R: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SPEC section 4: linear-kernel HSIC between R*M and x*M over the batch."""
+    """docs/loss.md section 4: linear-kernel HSIC between R*M and x*M over the batch."""
     B = R.shape[0]
     m = mask.unsqueeze(1)
     U = _unit_rows((R * m).flatten(1))
@@ -104,14 +104,14 @@ def hsic(R: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def background_variance(R: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SPEC section 5: mean over images of the unbiased variance of R*(1-M)."""
+    """docs/loss.md section 5: mean over images of the unbiased variance of R*(1-M)."""
     r = (R * (1 - mask).unsqueeze(1)).flatten(1)
     return r.var(dim=1, unbiased=True).mean()
 
 
 def sib_terms(R: torch.Tensor, x: torch.Tensor, window_size: int = 31,
               temperature: float = 0.1, slope: float = 10.0):
-    """(hsic, bg, mask) of SPEC sections 3-5, in the compute dtype."""
+    """(hsic, bg, mask) of docs/loss.md sections 3-5, in the compute dtype."""
     dtype = compute_dtype(R, x)
     R, x = R.to(dtype), x.to(dtype)
     mask = spatial_mask(R, window_size, temperature, slope)
@@ -120,6 +120,6 @@ def sib_terms(R: torch.Tensor, x: torch.Tensor, window_size: int = 31,
 
 def sib_loss(logits: torch.Tensor, target: torch.Tensor, hsic_value: torch.Tensor,
              bg_value: torch.Tensor, lambda_fg: float = 0.01, lambda_bg: float = 1000.0):
-    """SPEC section 6: CE + lambda_bg * exp(BG) + lambda_fg * exp(-HSIC)."""
+    """docs/loss.md section 6: CE + lambda_bg * exp(BG) + lambda_fg * exp(-HSIC)."""
     ce = F.cross_entropy(logits, target)
     return ce + lambda_bg * torch.exp(bg_value) + lambda_fg * torch.exp(-hsic_value)

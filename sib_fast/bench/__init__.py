@@ -7,7 +7,7 @@
 - ``record``: the JSON record (made, saved, loaded) and the text its tables and plot share.
 - ``report``: the printed report of a record and its RESULTS.md section.
 - ``plot``: time vs batch and roofline position (matplotlib).
-- ``measure``: timing with warm-up and rotating inputs, peak memory, floor bytes (SPEC section 7).
+- ``measure``: timing with warm-up and rotating inputs, peak memory, floor bytes (docs/loss.md section 7).
 - ``machine``: what the run ran on (CPU/GPU, caches, copy bandwidth, versions, git commit).
 - ``profile``: the largest kernels of one forward+backward (``--profile``).
 - ``tune``: ``python -m sib_fast.bench.tune``, the Triton backend's plan constants timed side by side.

@@ -5,7 +5,7 @@ and ``torch.compile`` of the reference, the forward, the backward and the
 forward+backward of the head (``sib_terms`` and the gradient of HSIC and BG
 with respect to R) over batches and dtypes; it reports medians and
 interquartile ranges, the peak extra memory, the achieved bandwidth over the
-floor bytes of SPEC section 7 and its share of the machine's copy bandwidth
+floor bytes of docs/loss.md section 7 and its share of the machine's copy bandwidth
 measured in the same run, and the error against the eager reference.
 
 Step mode (``--step``) times a full training step (forward, loss, backward,

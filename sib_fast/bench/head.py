@@ -2,7 +2,7 @@
 
 For each lane (the eager reference, each available fused backend, ``torch.compile`` of the
 reference), batch and dtype: medians and interquartile ranges of the three parts, the peak
-extra memory, the achieved bandwidth over the floor bytes of SPEC section 7 and its share of
+extra memory, the achieved bandwidth over the floor bytes of docs/loss.md section 7 and its share of
 the copy bandwidth measured in the same run, and the error against the eager reference.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Everything a benchmark record needs to be comparable later: the CPU model or
 GPU name and driver, library versions, the git commit of the code that ran,
 and the machine's own memory bandwidth measured in the same run (a large
 tensor copy, counted as bytes read plus bytes written, the same convention as
-the floor bytes of SPEC section 7).
+the floor bytes of docs/loss.md section 7).
 """
 from __future__ import annotations
 

@@ -29,11 +29,11 @@ import torch
 
 
 def floor_bytes(shape, dtype: torch.dtype, *, grad_x: bool = False) -> dict:
-    """Bytes the head must move at least (SPEC section 7), per measured part.
+    """Bytes the head must move at least (docs/loss.md section 7), per measured part.
 
     forward:  read R and x once;
     backward: read R and x once, write dR once (and dx when x requires grad);
-    fwd_bwd:  the SPEC floor of the whole head, read R and x once and write dR
+    fwd_bwd:  the floor (docs/loss.md section 7) of the whole head, read R and x once and write dR
               once (and dx): the forward's reads are not counted twice.
     The mask (B x H x W) and per-image scalars are left out: the floor is a
     lower bound.

@@ -2,7 +2,7 @@
 
 Left: forward+backward median time against batch (log-log), one line per
 backend and dtype, the bars spanning the interquartile range. Right: the
-achieved bandwidth over the floor bytes (SPEC section 7) against batch, under
+achieved bandwidth over the floor bytes (docs/loss.md section 7) against batch, under
 the roof of the copy bandwidth measured in the same run (and the datasheet
 bandwidth on GPU): how far each backend is from the memory limit.
 """

@@ -16,7 +16,7 @@ def render(record: dict) -> str:
         s = record.get("head_settings", {})
         method = next((r.get("memory_method") for r in record["rows"] if r.get("memory_method")), None)
         text += (f"head: window {s.get('window')}; times in ms, median (IQR); floor = R and x read once, dR "
-                 f"written once (SPEC 7); peak extra memory by {method or '-'}; error vs the eager reference "
+                 f"written once (docs/loss.md section 7); peak extra memory by {method or '-'}; error vs the eager reference "
                  f"(max of hsic, bg, dR)\n\n")
         text += head_table(record)
         if any(r.get("profile") for r in record["rows"]):

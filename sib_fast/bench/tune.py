@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
 
 import torch
 
@@ -88,20 +87,6 @@ def parse_variant(text: str) -> dict:
     return settings
 
 
-@contextmanager
-def plan_constants(backend, settings: dict):
-    """Set attributes of ``backend`` for the duration of the block (the Triton backend's own
-    constants are set with ``sib_fast.backends.triton.plan.tunables``)."""
-    saved = {name: getattr(backend, name) for name in settings}
-    try:
-        for name, value in settings.items():
-            setattr(backend, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(backend, name, value)
-
-
 def new_record(args, device: torch.device) -> dict:
     return {"tool": "sib_fast.bench.tune", "machine": machine_info(device),
             "shape": [args.batch, args.channels, args.size, args.size], "dtype": args.dtype,
@@ -109,7 +94,8 @@ def new_record(args, device: torch.device) -> dict:
 
 
 def run(args, device: torch.device, record: dict) -> None:
-    from sib_fast.backends.triton.plan import tunable_values, tunables  # imports triton (optional): --help and the checks run without it
+    # triton is optional: --help and the argument checks run without it
+    from sib_fast.backends.triton.plan import tunable_values, tunables
 
     reason = unavailable_reason("triton", device.type)
     if reason:

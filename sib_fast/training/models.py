@@ -24,7 +24,7 @@ class SmallCNN(nn.Module):
     object covers a small part of the image, and averaging its features with the background's
     (``pool="mean"``) makes a small CNN learn far more slowly, while a hard maximum
     (``pool="max"``) has kinks where the argmax switches, which finite differences pick up and
-    the double backward does not (README, "The two VJP modes"). With a smooth activation the
+    the double backward does not (docs/vjp_modes.md). With a smooth activation the
     network is smooth and the two VJP modes agree. Every op has a double backward.
     """
 

@@ -167,11 +167,11 @@ def _model_notes(args, model: nn.Module) -> list[str]:
     kinks = non_smooth_layers(model) if args.vjp == "finite_difference" and not args.no_sib else []
     if kinks:
         notes.append(f"{args.arch} has {', '.join(kinks)} layers: finite differences do not follow the exact "
-                     "gradient across their kinks (README, 'The two VJP modes'); --check-vjp measures how far")
+                     "gradient across their kinks (docs/vjp_modes.md); --check-vjp measures how far")
     if args.amp != "off" and not args.no_sib:
         notes.append(f"--amp {args.amp}: R carries half-precision rounding, and the S-IB gradient falls on the few "
                      "pixels of R's quantile ranks, which that noise reorders: the head's gradient direction is "
-                     "largely noise (README, 'Precision'); use --amp off where it matters")
+                     "largely noise (docs/vjp_modes.md, 'Precision'); use --amp off where it matters")
     return notes
 
 

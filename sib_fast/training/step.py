@@ -1,6 +1,6 @@
 """One S-IB training step: ``sib_backward``, with the exact and the finite-difference VJP modes.
 
-The S-IB head depends on the weights only through R = d phi/dx (SPEC section 1), so its
+The S-IB head depends on the weights only through R = d phi/dx (docs/loss.md section 1), so its
 weight gradient is the derivative of the head *through* R:
 
     dL_head/dtheta = sum_i g_i dR_i/dtheta = d/dtheta [ g . grad_x phi(x, theta) ],   g = dL_head/dR.
@@ -82,7 +82,7 @@ class SIBStats:
 
 
 def _phi(logits: torch.Tensor) -> torch.Tensor:
-    """phi = 0.5 * sum of softmax(logits)**2 over the batch, in float32 at least (SPEC section 1)."""
+    """phi = 0.5 * sum of softmax(logits)**2 over the batch, in float32 at least (docs/loss.md section 1)."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return 0.5 * torch.softmax(z, dim=1).pow(2).sum()
 
