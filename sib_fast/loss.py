@@ -56,11 +56,18 @@ class SIBLoss(nn.Module):
     def loss_from_vjp(self, logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
                       R: torch.Tensor) -> torch.Tensor:
         """The loss for an R computed elsewhere (the finite-difference training mode uses this)."""
+        head = self.head_loss(R, x)
+        ce = F.cross_entropy(logits, target)
+        loss = ce + head
+        self.ce, self.loss = ce.detach(), loss.detach()
+        return loss
+
+    def head_loss(self, R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The S-IB terms alone, lambda_bg * exp(BG) + lambda_fg * exp(-HSIC), of R and x; keeps
+        ``hsic``, ``bg`` and ``backend_used`` (training steps that take CE on other images use this)."""
         self.backend_used = resolve_backend(R.device, self.backend, self.temperature,
                                             torch.promote_types(R.dtype, x.dtype))
         terms = sib_terms(R, x.detach(), window_size=self.window_size, temperature=self.temperature,
                           slope=self.slope, backend=self.backend_used)
-        ce = F.cross_entropy(logits, target)
-        loss = ce + self.lambda_bg * torch.exp(terms.bg) + self.lambda_fg * torch.exp(-terms.hsic)
-        self.ce, self.hsic, self.bg, self.loss = ce.detach(), terms.hsic.detach(), terms.bg.detach(), loss.detach()
-        return loss
+        self.hsic, self.bg = terms.hsic.detach(), terms.bg.detach()
+        return self.lambda_bg * torch.exp(terms.bg) + self.lambda_fg * torch.exp(-terms.hsic)

@@ -28,6 +28,7 @@ from sib_fast.training.data import CLASSES, DEFAULT_MAX_BAD_IMAGES
 from sib_fast.training.faults import TrainingStopped
 from sib_fast.training.loop import run
 from sib_fast.training.models import BUILTIN, check_arch
+from sib_fast.training.norms import SUB_BATCH_NORMS
 from sib_fast.training.prepare import AMP_DTYPES, OUTPUT_FILES
 from sib_fast.training.step import VJP_MODES
 
@@ -91,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(works with --compile and fused attention, less memory)")
     g.add_argument("--fd-eps", type=float, default=None,
                    help="finite_difference: relative step, ||eps*g|| = FD_EPS*||x|| (default 1e-3; 1e-4 in float64; 1e-2 with --amp)")
+    g.add_argument("--sib-every", type=int, default=1, metavar="K",
+                   help="lazy regularization: the S-IB terms every K-th step, weighted by K; plain cross-entropy "
+                        "steps between (default 1: every step)")
+    g.add_argument("--sib-batch", type=int, default=None, metavar="N",
+                   help="R and the S-IB terms on the first N images of each batch, by a separate forward pass; "
+                        "cross-entropy on all of them (default: the whole batch)")
+    g.add_argument("--sib-bn", default="frozen", choices=SUB_BATCH_NORMS,
+                   help="--sib-batch: the BatchNorm statistics of that pass: the whole batch's of the step "
+                        "(frozen), its own (batch) or the running ones (running); it never updates them")
     g.add_argument("--check-vjp", action="store_true",
                    help="before training, compare the head's gradient of --vjp finite_difference with the exact "
                         "one on the first batch (cosine; warns below 0.9, e.g. for ReLU or max-pool networks)")
@@ -151,6 +161,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be >= 2 (the HSIC term needs two images), got {args.batch_size}")
+    if args.sib_every < 1:
+        raise UsageError(f"--sib-every must be >= 1, got {args.sib_every}")
+    if args.sib_batch is not None and args.sib_batch < 2:
+        raise UsageError(f"--sib-batch must be >= 2 (the HSIC term needs two images), got {args.sib_batch}")
+    if args.no_sib and (args.sib_every != 1 or args.sib_batch is not None):
+        raise UsageError("--sib-every and --sib-batch make the S-IB terms cheaper; they have no use with --no-sib")
     if args.train_samples < 0 or args.val_samples < 0:
         raise UsageError("--train-samples and --val-samples must be >= 0")
     if synthetic and (args.train_samples < args.batch_size or args.val_samples < 1):

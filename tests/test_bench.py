@@ -189,6 +189,48 @@ def test_step_mode_tiny_run(tmp_path):
         assert "timing" in row or row["error"]
 
 
+def test_step_mode_times_the_cheaper_sib_steps(tmp_path, monkeypatch):
+    from sib_fast.bench import step
+
+    calls = []
+    real = step.sib_backward
+    monkeypatch.setattr(step, "sib_backward", lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1])
+    path = tmp_path / "step.json"
+    argv = ["--device", "cpu", "--threads", "1", "--copy-mib", "16", "--step", "--model", "tiny_cnn", "--step-size", "16",
+            "--step-batch", "8", "--step-reps", "1", "--num-classes", "3", "--vjp", "exact",
+            "--sib-modes", "every=3,batch=B/4+bn=running,every=2+batch=4", "--json", str(path)]
+    assert bench.main(argv) == 0
+    rows = {r["row"]: r for r in json.loads(path.read_text())["rows"]}
+    lazy = rows["S-IB exact, every 3"]
+    assert (lazy["sib_every"], lazy["sib_batch"]) == (3, None) and lazy["timing"]["median"] > 0
+    assert rows["S-IB exact, batch 2 (running)"]["sib_bn"] == "running"
+    assert "S-IB exact, every 2, batch 4 (frozen)" in rows
+    # a lazy row's timed call is a whole cycle: the S-IB step and K - 1 plain ones
+    cycle = [kw["step"] for kw in calls if kw.get("sib_every") == 3]
+    assert cycle[:6] == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize("modes,words", [("every=0", "every >= 1"), ("batch=1", "2 <= batch"),
+                                         ("batch=B/0", "batch=B/n"), ("bn=mean", "bn=frozen|batch|running"),
+                                         ("often=2", "every=K")])
+def test_step_mode_refuses_a_bad_sib_mode(modes, words, capsys):
+    argv = ["--device", "cpu", "--step", "--model", "tiny_cnn", "--step-batch", "8", "--sib-modes", modes]
+    assert bench.main(argv) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_agreement_of_the_cheaper_steps(tmp_path):
+    from sib_fast.bench import agreement
+
+    path = tmp_path / "agreement.json"
+    assert agreement.main(["--model", "tiny_cnn", "--size", "16", "--batch", "4", "--batches", "2", "--window", "3",
+                           "--threads", "1", "--json", str(path)]) == 0
+    rows = {r["mode"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {f"--sib-batch 2 --sib-bn {bn}" for bn in ("frozen", "batch", "running")} | {"--sib-every 2"}
+    for row in rows.values():
+        assert -1.0 <= row["averaged"] <= 1.0
+
+
 def test_step_mode_exact_rows_run_a_vit_on_math_attention(tmp_path):
     # tiny_vit's fused attention has no double backward: sib_backward alone raises for it, the
     # step benchmark's exact rows run it on the math backend and time it

@@ -74,6 +74,9 @@ def _bad_cases(tmp_path):
         (["--epochs", "0"], ["--epochs"]),
         (["--threads", "0"], ["--threads"]),
         (["--check-vjp", "--no-sib"], ["--check-vjp", "--no-sib"]),
+        (["--sib-every", "0"], ["--sib-every", ">= 1"]),
+        (["--sib-batch", "1"], ["--sib-batch", ">= 2"]),
+        (["--sib-every", "2", "--no-sib"], ["--sib-every", "--no-sib"]),
     ]
 
 
@@ -176,6 +179,23 @@ def test_resume_gives_the_same_weights(tmp_path, vjp):
             assert torch.equal(pa[k], pb[k]), k
     assert [r["epoch"] for r in _records(resumed)] == [1, 2]
     assert _records(resumed)[-1]["train_ce"] == _records(straight)[-1]["train_ce"]
+
+
+def test_lazy_schedule_continues_across_resume(tmp_path):
+    """--sib-every 3 with 2 steps per epoch: S-IB steps 0 and 3, whether or not the run resumes."""
+    cheap = ["--sib-every", "3", "--sib-batch", "4"]
+    code, straight = _run(tmp_path, "--epochs", "2", *cheap, name="straight")
+    assert code == 0
+    code, resumed = _run(tmp_path, "--epochs", "1", *cheap, name="resumed")
+    assert code == 0
+    code, _ = _run(tmp_path, "--epochs", "2", "--resume", *cheap, name="resumed")
+    assert code == 0
+    assert [r["sib_steps"] for r in _records(straight)] == [r["sib_steps"] for r in _records(resumed)] == [1, 1]
+    a, b = _checkpoint(straight), _checkpoint(resumed)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    every = _records(_run(tmp_path, "--epochs", "1", name="every")[1])
+    assert every[0]["sib_steps"] == 2
 
 
 def test_exact_mode_on_a_model_without_double_backward_is_one_line(tmp_path, capsys):

@@ -14,7 +14,8 @@ from torch import nn
 import sib_fast
 from sib_fast import SIBLoss, sib_backward
 from sib_fast.training.models import SmallCNN, TinyViT
-from sib_fast.training.step import DoubleBackwardUnsupportedError, frozen_norm_statistics
+from sib_fast.training.norms import frozen_norm_statistics
+from sib_fast.training.step import DoubleBackwardUnsupportedError
 
 # the head on the reference backend: these tests are about the training step, not the kernels
 HEAD = dict(window_size=5, backend="reference")

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--step-size", type=int, default=224)
     step.add_argument("--num-classes", type=int, default=1000)
     step.add_argument("--vjp", default="exact,finite_difference", help="S-IB modes to time")
+    step.add_argument("--sib-modes", default=None, metavar="LIST",
+                      help="cheaper S-IB steps to time too, e.g. every=4,batch=B/8,every=4+batch=B/4+bn=batch")
     step.add_argument("--step-reps", type=int, default=5, help="timed steps per row (after 2 warm-up steps)")
     step.add_argument("--channels-last", action="store_true")
     return p

@@ -7,6 +7,11 @@ is zero_grad, forward, loss, backward into the parameters, AdamW step; its
 time is the median over ``--step-reps`` steps after 2 warm-up steps. The
 ratio of each row's step time to the plain step's is the headline figure.
 
+``--sib-modes`` adds the cheaper S-IB steps of ``sib_backward``: ``every=K`` (lazy: the S-IB
+terms every K-th step, timed over whole cycles of K steps, so a row's step time is the amortized
+one), ``batch=N`` or ``batch=B/n`` (R and the head on N images; ``bn=frozen|batch|running``) and
+their combinations joined by ``+``, e.g. ``--sib-modes every=4,batch=B/8,every=4+batch=B/4``.
+
 The S-IB rows call ``sib_fast.sib_backward(model, x, target, criterion, vjp=...)``. The exact
 rows run ``scaled_dot_product_attention`` on its math backend: the fused (flash, memory-efficient)
 kernels have no double backward, so a ViT's exact S-IB step costs what the math attention costs,
@@ -29,42 +34,82 @@ from sib_fast.bench.measure import rss_peak_extra, summarize, synchronize
 from sib_fast.bench.record import error_line, format_ms, save_json, short_error
 from sib_fast.cli_errors import UsageError
 from sib_fast.training.models import build_model
+from sib_fast.training.norms import SUB_BATCH_NORMS
 
 WARMUP_STEPS = 2
 DEFAULT_STEP_BATCH = {"cpu": 4, "cuda": 64}
 
 
-def step_rows(fused: list[str], vjp_modes: list[str]) -> list[tuple[str, str | None, str | None]]:
-    """(row name, vjp mode, head backend) of the rows of one model."""
-    rows = [("plain CE", None, None)]
+def parse_sib_mode(text: str, batch: int) -> dict:
+    """``every=K+batch=N|B/n+bn=MODE`` -> the ``sib_backward`` keywords ``sib_every``, ``sib_batch``, ``sib_bn``."""
+    mode = {"sib_every": 1, "sib_batch": None, "sib_bn": "frozen"}
+    for part in text.split("+"):
+        key, _, value = part.strip().partition("=")
+        try:
+            if key == "every":
+                mode["sib_every"] = int(value)
+            elif key == "batch":
+                mode["sib_batch"] = batch // int(value[2:]) if value.startswith("B/") else int(value)
+            elif key == "bn" and value in SUB_BATCH_NORMS:
+                mode["sib_bn"] = value
+            else:
+                raise ValueError
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"--sib-modes: {part.strip()!r} is not every=K, batch=N, batch=B/n or "
+                             f"bn={'|'.join(SUB_BATCH_NORMS)}") from None
+    if mode["sib_every"] < 1 or (mode["sib_batch"] is not None and not 2 <= mode["sib_batch"] <= batch):
+        raise UsageError(f"--sib-modes {text!r}: needs every >= 1 and 2 <= batch <= --step-batch ({batch})")
+    return mode
+
+
+def mode_label(mode: dict) -> str:
+    parts = [f"every {mode['sib_every']}"] if mode["sib_every"] > 1 else []
+    if mode["sib_batch"] is not None:
+        parts.append(f"batch {mode['sib_batch']} ({mode['sib_bn']})")
+    return ", ".join(parts)
+
+
+def step_rows(fused: list[str], vjp_modes: list[str], sib_modes: list[dict] = ()) -> list[tuple]:
+    """(row name, vjp mode, head backend, cheaper-step keywords) of the rows of one model."""
+    rows = [("plain CE", None, None, {})]
     if "exact" in vjp_modes:
-        rows.append(("S-IB exact", "exact", "reference"))
-        rows += [("S-IB exact", "exact", b) for b in fused]
+        rows.append(("S-IB exact", "exact", "reference", {}))
+        rows += [("S-IB exact", "exact", b, {}) for b in fused]
     if "finite_difference" in vjp_modes:
-        rows += [("S-IB finite-difference", "finite_difference", b) for b in (fused or ["reference"])]
+        rows += [("S-IB finite-difference", "finite_difference", b, {}) for b in (fused or ["reference"])]
+    head = (fused or ["reference"])[0]
+    names = {"exact": "S-IB exact", "finite_difference": "S-IB finite-difference"}
+    rows += [(f"{names[vjp]}, {mode_label(mode)}", vjp, head, mode) for vjp in vjp_modes for mode in sib_modes]
     return rows
 
 
-def make_step(model, optimizer, vjp, backend):
-    """A function of (x, target) doing one full training step."""
+def make_step(model, optimizer, vjp, backend, mode=None):
+    """A function of (x, target) doing one full training step, or with ``mode["sib_every"]`` = K a
+    cycle of K steps (the S-IB step and K - 1 plain ones): ``cycle_length`` steps per call."""
     if vjp is None:
         def step(x, target):
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), target).backward()
             optimizer.step()
+        step.cycle_length = 1
         return step
     criterion = SIBLoss(backend=backend)
+    mode = mode or {}
+    every = mode.get("sib_every", 1)
 
     def step(x, target):
-        optimizer.zero_grad(set_to_none=True)
-        # only the math attention has a double backward
-        with sdpa_kernel(SDPBackend.MATH) if vjp == "exact" else nullcontext():
-            sib_backward(model, x, target, criterion, vjp=vjp)
-        optimizer.step()
+        for i in range(every):
+            optimizer.zero_grad(set_to_none=True)
+            # only the math attention has a double backward
+            with sdpa_kernel(SDPBackend.MATH) if vjp == "exact" else nullcontext():
+                sib_backward(model, x, target, criterion, vjp=vjp, step=i, **mode)
+            optimizer.step()
+    step.cycle_length = every
     return step
 
 
 def _time_step(step, batches, device, reps):
+    """Per-step times: each call's time over the steps it takes."""
     times = []
     for i in range(reps):
         x, y = batches[i % len(batches)]
@@ -75,11 +120,11 @@ def _time_step(step, batches, device, reps):
             step(x, y)
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / step.cycle_length)
         else:
             t0 = time.perf_counter()
             step(x, y)
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0) / step.cycle_length)
     return summarize(times)
 
 
@@ -115,7 +160,8 @@ def step_config(args, device: torch.device) -> dict:
             import torchvision  # noqa: F401
         except ImportError:
             raise UsageError("step mode needs torchvision (pip install torchvision)") from None
-    return {"models": models, "batch": batch, "image_size": args.step_size, "num_classes": args.num_classes,
+    sib_modes = [parse_sib_mode(m, batch) for m in (args.sib_modes or "").split(",") if m.strip()]
+    return {"models": models, "batch": batch, "sib_modes": sib_modes, "image_size": args.step_size, "num_classes": args.num_classes,
             "vjp_modes": vjp_modes, "fused": fused_backends(device), "reps": args.step_reps,
             "warmup": WARMUP_STEPS, "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4)",
             "channels_last": args.channels_last,
@@ -141,12 +187,12 @@ def run_step(args, device: torch.device, record: dict, config: dict) -> None:
             y = torch.randint(0, args.num_classes, (batch,), generator=gen)
             batches.append((x.to(device=device, memory_format=memory_format), y.to(device)))
         base_median = None
-        for name, vjp, backend in step_rows(fused, vjp_modes):
+        for name, vjp, backend, mode in step_rows(fused, vjp_modes, config.get("sib_modes", [])):
             row = {"kind": "step", "model": model_name, "row": name, "vjp": vjp, "head_backend": backend,
-                   "batch": batch, "image_size": args.step_size, "device": device.type}
+                   "batch": batch, "image_size": args.step_size, "device": device.type, **mode}
             print(f"  {model_name} B={batch} {name} {backend or ''} ...", file=sys.stderr, flush=True)
             try:
-                step = make_step(model, optimizer, vjp, backend)
+                step = make_step(model, optimizer, vjp, backend, mode)
                 for i in range(WARMUP_STEPS):
                     step(*batches[i % 2])
                 row["timing"] = _time_step(step, batches, device, args.step_reps)

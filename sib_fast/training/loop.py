@@ -51,14 +51,16 @@ def run(args, resume_state: dict | None = None) -> dict:
 @dataclass
 class EpochTotals:
     """One epoch's training on this rank: loss terms summed over images, steps taken and skipped."""
-    sums: dict = field(default_factory=lambda: dict.fromkeys((*SUMMED, "correct", "seen", "steps"), 0.0))
+    sums: dict = field(default_factory=lambda: dict.fromkeys((*SUMMED, "correct", "seen", "steps", "sib_seen",
+                                                               "sib_steps"), 0.0))
     skipped: int = 0       # non-finite steps
     images: int = 0        # over every rank
     seconds: float = 0.0
 
 
 def _forward_backward(r: RunState, x, y):
-    """The loss's parts (loss, CE, HSIC, BG; 0-dim) and the logits, its gradient accumulated in the weights."""
+    """The loss's parts (loss, CE, HSIC, BG; 0-dim), the logits and whether the S-IB terms were taken
+    (``--sib-every``), the gradient accumulated in the weights."""
     args = r.args
     try:
         if args.no_sib:
@@ -68,10 +70,12 @@ def _forward_backward(r: RunState, x, y):
             ce = F.cross_entropy(logits.float(), y)
             r.scaler.scale(ce).backward()
             return [ce.detach(), ce.detach(), torch.full_like(ce, math.nan), torch.full_like(ce, math.nan)], \
-                logits.detach()
+                logits.detach(), False
+        # every rank counts the same steps, so every rank takes the same steps as S-IB steps
         st = sib_backward(r.model, x, y, r.criterion, vjp=args.vjp, fd_eps=args.fd_eps,
-                          autocast_dtype=r.amp_dtype, grad_scaler=r.scaler)
-        return [st.loss, st.ce, st.hsic, st.bg], st.logits
+                          autocast_dtype=r.amp_dtype, grad_scaler=r.scaler, sib_batch=args.sib_batch,
+                          sib_bn=args.sib_bn, sib_every=args.sib_every, step=r.step)
+        return [st.loss, st.ce, st.hsic, st.bg], st.logits, st.sib_step
     except DoubleBackwardUnsupportedError as exc:
         raise TrainingStopped(str(exc).replace("vjp='finite_difference' (sib-train: --vjp finite_difference)",
                                                "--vjp finite_difference")) from None
@@ -116,7 +120,7 @@ def train_epoch(r: RunState, epoch: int) -> EpochTotals:
             x = x.contiguous(memory_format=torch.channels_last)
         r.optimizer.zero_grad(set_to_none=True)
         saved_buffers = [b.detach().clone() for b in buffers]
-        parts, logits = _forward_backward(r, x, y)
+        parts, logits, sib_step = _forward_backward(r, x, y)
         grads = [p.grad for p in params if p.grad is not None]
         gnorm = torch.nn.utils.get_total_norm(grads) if grads and not r.scaler.is_enabled() else torch.zeros(())
         vals = torch.stack([*(p.detach().double().reshape(()).cpu() for p in parts),
@@ -135,8 +139,8 @@ def train_epoch(r: RunState, epoch: int) -> EpochTotals:
             if r.consecutive_nonfinite >= args.max_nonfinite:
                 if bar is not None:
                     bar.close()
-                last = dict(loss=loss_v, ce=ce_v, hsic=hsic_v if not args.no_sib else 0.0,
-                            bg=bg_v if not args.no_sib else 0.0, input_finite=bool(input_ok),
+                last = dict(loss=loss_v, ce=ce_v, hsic=hsic_v if sib_step else 0.0,
+                            bg=bg_v if sib_step else 0.0, input_finite=bool(input_ok),
                             weights_finite=weights_finite(r.raw_model))
                 raise TrainingStopped(
                     f"stopped at epoch {epoch + 1}, step {r.step + 1}: {r.consecutive_nonfinite} non-finite losses "
@@ -146,8 +150,13 @@ def train_epoch(r: RunState, epoch: int) -> EpochTotals:
             r.scaler.step(r.optimizer)
             r.scaler.update()
             n = x.shape[0]
-            for k, v in zip(SUMMED, (loss_v, ce_v, hsic_v, bg_v)):
+            for k, v in zip(SUMMED[:2], (loss_v, ce_v)):
                 t.sums[k] += v * n
+            if sib_step:  # HSIC and BG of the steps that took them
+                t.sums["hsic"] += hsic_v * n
+                t.sums["bg"] += bg_v * n
+                t.sums["sib_seen"] += n
+                t.sums["sib_steps"] += 1
             t.sums["correct"] += correct
             t.sums["seen"] += n
             t.sums["steps"] += 1
@@ -155,7 +164,7 @@ def train_epoch(r: RunState, epoch: int) -> EpochTotals:
         t.images += x.shape[0] * d.world
         if bar is not None:
             post = {"ce": f"{ce_v:.3f}", "img/s": f"{t.images / max(time.time() - t0, 1e-9):.1f}"}
-            if not args.no_sib:
+            if sib_step:
                 post.update(hsic=f"{hsic_v:.3f}", bg=f"{bg_v:.2e}")
             if t.skipped:
                 post["skipped"] = t.skipped
@@ -177,8 +186,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def _epoch_record(r: RunState, epoch: int, t: EpochTotals) -> dict:
     """The epoch's metrics.jsonl record: training sums over every rank and the held-out pass."""
     args, d, bad_images = r.args, r.d, r.bad_images
-    agg = d.sum([t.sums[k] for k in (*SUMMED, "correct", "seen")])
+    agg = d.sum([t.sums[k] for k in (*SUMMED, "correct", "seen", "sib_seen", "sib_steps")])
     seen = max(agg[5], 1.0)
+    sib_seen = agg[6]
     evals = evaluate(unwrap_ddp(r.model), r.val_loader, d, r.normalize, r.criterion, r.amp_dtype,
                      args.channels_last, on_bad=bad_images.note)
     bad_before = len(bad_images.known) - len(bad_images.epoch_new)
@@ -190,7 +200,8 @@ def _epoch_record(r: RunState, epoch: int, t: EpochTotals) -> dict:
     record = dict(
         epoch=epoch + 1, step=r.step, run=r.run_name,
         train_loss=agg[0] / seen, train_ce=agg[1] / seen,
-        train_hsic=None if args.no_sib else agg[2] / seen, train_bg=None if args.no_sib else agg[3] / seen,
+        train_hsic=agg[2] / sib_seen if sib_seen else None, train_bg=agg[3] / sib_seen if sib_seen else None,
+        sib_steps=int(agg[7]) // d.world,
         train_acc=agg[4] / seen, **evals,
         images_per_s=t.images / max(t.seconds, 1e-9), epoch_time_s=t.seconds,
         peak_mem_mb=peak_memory_mb(d.device), peak_mem_kind="cuda_allocated" if d.device.type == "cuda" else "cpu_rss",

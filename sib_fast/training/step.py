@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
-
 from sib_fast.loss import SIBLoss
+from sib_fast.training.norms import (SUB_BATCH_NORMS, frozen_norm_statistics, recorded_batch_statistics,
+                                      sub_batch_norm)
 
 VJP_MODES = ("exact", "finite_difference")
 FD_SCHEMES = ("central", "forward")
@@ -74,6 +74,7 @@ class SIBStats:
     backend: str            #: the S-IB head backend that ran
     vjp: str                #: "exact" or "finite_difference"
     fd_eps: torch.Tensor | None = None  #: the absolute step eps (finite-difference mode), 0-dim
+    sib_step: bool = True   #: False for a plain cross-entropy step of ``sib_every`` (hsic, bg NaN)
 
     def as_floats(self) -> dict:
         """Loss terms as Python floats (one device sync)."""
@@ -118,28 +119,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-@contextlib.contextmanager
-def frozen_norm_statistics(model: nn.Module):
-    """Forward passes inside leave the running statistics of BatchNorm-like layers as they were.
-
-    The values are written back through ``.data`` so that the graphs of earlier passes, which
-    saved these buffers, stay valid (no version-counter bump) and a compiled model keeps its
-    buffers' identity.
-    """
-    saved = []
-    for module in model.modules():
-        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                buf = getattr(module, name, None)
-                if buf is not None:
-                    saved.append((buf, buf.detach().clone()))
-    try:
-        yield
-    finally:
-        for buf, value in saved:
-            buf.data.copy_(value)
-
-
 def _is_double_backward_error(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return False
@@ -164,7 +143,13 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype) -> None:
+def _check_positive_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype,
+                     sib_batch, sib_bn, sib_every, step) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(criterion, SIBLoss):
@@ -186,12 +171,20 @@ def _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autoca
         raise ValueError(f"fd_eps must be a finite number > 0 (relative step), got {fd_eps!r}")
     if autocast_dtype not in (None, torch.float16, torch.bfloat16):
         raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {autocast_dtype!r}")
+    if sib_batch is not None:
+        _check_positive_int("sib_batch", sib_batch, 2)  # HSIC needs two images
+    if sib_bn not in SUB_BATCH_NORMS:
+        raise ValueError(f"sib_bn must be one of {SUB_BATCH_NORMS}, got {sib_bn!r}")
+    _check_positive_int("sib_every", sib_every, 1)
+    _check_positive_int("step", step, 0)
 
 
 def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: SIBLoss, *,
                  vjp: str = "exact", fd_eps: float | None = None, fd_scheme: str = "central",
                  autocast_dtype: torch.dtype | None = None,
-                 grad_scaler: torch.amp.GradScaler | None = None) -> SIBStats:
+                 grad_scaler: torch.amp.GradScaler | None = None,
+                 sib_batch: int | None = None, sib_bn: str = "frozen",
+                 sib_every: int = 1, step: int = 0) -> SIBStats:
     """Compute the S-IB loss of ``criterion`` on ``(x, target)`` and back-propagate it.
 
     The gradient is *accumulated* into the ``.grad`` of ``model``'s parameters (zero them before,
@@ -212,16 +205,27 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
             R, the head and the finite difference stay in float32.
         grad_scaler: a ``torch.amp.GradScaler`` for float16: the backward passes (including the
             one computing R) are scaled by it. The caller calls ``scaler.step`` / ``update``.
+        sib_batch: take R and the S-IB terms on the batch's first ``sib_batch`` images only (at
+            least 2), by a separate forward pass of them; cross-entropy stays on the whole batch.
+            None (or the batch size or more): the whole batch.
+        sib_bn: what BatchNorm normalises that sub-batch pass with: ``"frozen"``, the whole
+            batch's statistics of this step; ``"batch"``, the sub-batch's own; ``"running"``, the
+            running statistics. The pass never updates them.
+        sib_every, step: lazy regularization. Only a step with ``step % sib_every == 0`` is an
+            S-IB step, with the S-IB terms weighted by ``sib_every``; the others are one plain
+            cross-entropy forward and backward (``SIBStats.sib_step`` False, hsic and bg NaN).
 
-    In the finite-difference mode the perturbed passes draw the same dropout masks as the first
-    pass (the RNG state is replayed), do not update BatchNorm running statistics, and, under DDP,
-    run on the wrapped module so that DDP's reducer sees a single forward and a single backward.
+    The extra passes (the finite-difference mode's perturbed passes, the sub-batch pass) draw the
+    same dropout masks as the first pass (the RNG state is replayed), do not update BatchNorm
+    running statistics, and, under DDP, run on the wrapped module so that DDP's reducer sees a
+    single forward and a single backward.
 
     Raises:
         DoubleBackwardUnsupportedError: ``vjp="exact"`` on a model with an op that has no double
             backward; the message suggests ``vjp="finite_difference"``.
     """
-    _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype)
+    _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype,
+                     sib_batch, sib_bn, sib_every, step)
     device = x.device
     scaler_on = grad_scaler is not None and grad_scaler.is_enabled()
     # R in fp16 underflows (it is often 1e-6..1e-2): differentiate scale * phi, then divide.
@@ -230,41 +234,78 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
     def scaled(t: torch.Tensor) -> torch.Tensor:
         return grad_scaler.scale(t) if scaler_on else t
 
-    x = x.detach().requires_grad_(True)
-    rng = rng_state(device) if vjp == "finite_difference" else None
-    with _autocast(device, autocast_dtype):
-        logits = model(x)
-    if logits.dim() != 2:
-        raise ValueError(f"model must return (B, K) logits, got shape {tuple(logits.shape)}")
+    def forward(net, inputs):
+        with _autocast(device, autocast_dtype):
+            logits = net(inputs)
+        if logits.dim() != 2:
+            raise ValueError(f"model must return (B, K) logits, got shape {tuple(logits.shape)}")
+        return logits
+
+    if step % sib_every:
+        logits = forward(model, x.detach())
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+        scaled(ce).backward()
+        nan = torch.full_like(ce.detach(), math.nan)
+        return SIBStats(ce.detach(), ce.detach(), nan, nan, logits.detach(), criterion.backend_used, vjp,
+                        sib_step=False)
+
+    weight = float(sib_every)  # a lazy S-IB step stands for sib_every steps
+    sub = sib_batch is not None and sib_batch < x.shape[0]
+    inner = unwrap_ddp(model)
+    x = x.detach().requires_grad_(not sub)
+    rng = rng_state(device) if vjp == "finite_difference" or sub else None
+    with recorded_batch_statistics(inner, enabled=sub and sib_bn == "frozen") as full_batch_stats:
+        logits = forward(model, x)
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+    after_first = rng_state(device) if rng is not None else None
+
+    # the images R and the head see, and how the passes beyond the first normalise
+    if sub:
+        head_x = x.detach()[:sib_batch].requires_grad_(True)
+
+        def extra_pass_norm():
+            return sub_batch_norm(inner, sib_bn, full_batch_stats)
+
+        with extra_pass_norm():
+            set_rng_state(rng, device)
+            head_logits = forward(inner, head_x)
+        set_rng_state(after_first, device)
+    else:
+        head_x, head_logits = x, logits
+
+        def extra_pass_norm():
+            return frozen_norm_statistics(inner)
+
+    def finish(head: torch.Tensor, head_value: torch.Tensor, fd_step=None) -> SIBStats:
+        scaled(ce + weight * head).backward()
+        criterion.ce, criterion.loss = ce.detach(), (ce + head_value).detach()
+        return SIBStats(criterion.loss, criterion.ce, criterion.hsic, criterion.bg, logits.detach(),
+                        criterion.backend_used, vjp, fd_step)
 
     if vjp == "exact":
         try:
-            phi = _phi(logits)
-            (R,) = torch.autograd.grad(phi if vjp_scale is None else phi * vjp_scale, x, create_graph=True)
+            phi = _phi(head_logits)
+            (R,) = torch.autograd.grad(phi if vjp_scale is None else phi * vjp_scale, head_x, create_graph=True)
             if vjp_scale is not None:
                 R = R / vjp_scale
-            loss = criterion.loss_from_vjp(logits.to(torch.promote_types(logits.dtype, torch.float32)),
-                                           target, x, R)
-            scaled(loss).backward()
+            head = criterion.head_loss(R, head_x)
+            return finish(head, head)
         except RuntimeError as exc:
             if _is_double_backward_error(exc):
                 raise _double_backward_error(exc) from exc
             raise
-        return SIBStats(criterion.loss, criterion.ce, criterion.hsic, criterion.bg, logits.detach(),
-                        criterion.backend_used, vjp)
 
     # --- finite difference: R by a plain backward, keeping the first pass's graph for CE ---
-    after_first = rng_state(device)
-    phi0 = _phi(logits)
-    (R,) = torch.autograd.grad(phi0 if vjp_scale is None else phi0 * vjp_scale, x, retain_graph=True)
+    phi0 = _phi(head_logits)
+    (R,) = torch.autograd.grad(phi0 if vjp_scale is None else phi0 * vjp_scale, head_x, retain_graph=True)
     if vjp_scale is not None:
         R = R / vjp_scale
     R = R.detach().requires_grad_(True)
-    x0 = x.detach()
-    # the head on a detached R: its loss (logged) and g = dL_head/dR (CE does not depend on R here)
+    x0 = head_x.detach()
+    # the head on a detached R: its loss (logged) and g = dL_head/dR
     with torch.enable_grad():
-        head_loss = criterion.loss_from_vjp(logits.detach(), target, x0, R)
-        (g,) = torch.autograd.grad(head_loss, R)
+        head_value = criterion.head_loss(R, x0)
+        (g,) = torch.autograd.grad(head_value, R)
     c = fd_eps if fd_eps is not None else default_fd_eps(x0.dtype, autocast_dtype)
     work = torch.promote_types(x0.dtype, torch.float32)
     g = g.to(work)
@@ -275,24 +316,18 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
     g_norm = g.norm()
     eps = c * torch.where(x_norm > 0, x_norm, math.sqrt(x0.numel())) / g_norm.clamp_min(1e-20)
     delta = (eps * g).to(x0.dtype)
-    inner = unwrap_ddp(model)
-    with frozen_norm_statistics(inner):
+    with extra_pass_norm():
         set_rng_state(rng, device)
-        with _autocast(device, autocast_dtype):
-            phi_plus = _phi(inner(x0 + delta))
+        phi_plus = _phi(forward(inner, x0 + delta))
         if fd_scheme == "central":
             set_rng_state(rng, device)
-            with _autocast(device, autocast_dtype):
-                phi_minus = _phi(inner(x0 - delta))
+            phi_minus = _phi(forward(inner, x0 - delta))
             head_term = (phi_plus - phi_minus) / (2 * eps)
         else:
             head_term = (phi_plus - phi0) / eps
         head_term = torch.where(g_norm > 0, head_term, torch.zeros_like(head_term))
     set_rng_state(after_first, device)
-    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
-    scaled(ce + head_term).backward()
-    return SIBStats(criterion.loss, criterion.ce, criterion.hsic, criterion.bg, logits.detach(),
-                    criterion.backend_used, vjp, eps.detach())
+    return finish(head_term, head_value.detach(), eps.detach())
 
 
 def vjp_agreement(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: SIBLoss, *,
