@@ -3,7 +3,8 @@
     python examples/cheap_sib_experiment.py --output runs/cheap_sib
     python examples/cheap_sib_experiment.py --seeds 0 --epochs 1 --train-samples 256   # smoke test
 
-Each mode (exact every step; ``--sib-every 4``; ``--sib-batch B/4``; both) trains the default model
+Each mode (exact every step; ``--sib-every 4``; ``--sib-batch B/4``; both; and plain cross-entropy,
+the baseline that says what S-IB itself changes) trains the default model
 from the same seed on the same data, in subprocesses as a user would run ``sib-train``
 (``--jobs`` at a time, one thread each). ``OUTPUT/summary.md`` gives, per mode, the mean over seeds
 of the end-of-training val accuracy, val HSIC, val BG, the saliency mass on the object
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     args = p.parse_args(argv)
     quarter = str(max(2, args.batch_size // 4))
-    modes = {"exact every step": [], "--sib-every 4": ["--sib-every", "4"],
+    modes = {"exact every step": [], "plain cross-entropy (--no-sib)": ["--no-sib"], "--sib-every 4": ["--sib-every", "4"],
              f"--sib-batch {quarter}": ["--sib-batch", quarter],
              f"--sib-every 4 --sib-batch {quarter}": ["--sib-every", "4", "--sib-batch", quarter]}
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     todo, results = [], {}
     for name, extra in modes.items():
         for seed in seeds:
-            out = root / f"{name.replace('--', '').replace(' ', '_')}_seed{seed}"
+            out = root / f"{name.split(' (')[0].replace('--', '').replace(' ', '_')}_seed{seed}"
             results[name, seed] = out
             if last_record(out, args.epochs) is None:
                 todo.append([sys.executable, "-m", "sib_fast.train", "--seed", str(seed), "--epochs", str(args.epochs),

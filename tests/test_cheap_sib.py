@@ -146,3 +146,22 @@ def test_bad_arguments_are_named(kwargs, words):
     model, (x, y) = _smooth_model(), _batch()
     with pytest.raises(ValueError, match=words):
         sib_backward(model, x, y, SIBLoss(**HEAD), **kwargs)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=None), dict(track_running_stats=False)],
+                         ids=["momentum", "cumulative", "no-running-stats"])
+def test_recorded_batch_statistics_are_the_batchs(kwargs, dtype, tol):
+    from sib_fast.training.norms import recorded_batch_statistics
+
+    bn = nn.BatchNorm2d(5, **kwargs).to(dtype).train()
+    if bn.track_running_stats:
+        bn.running_mean.uniform_(-3.0, 3.0)
+        bn.running_var.uniform_(0.5, 4.0)
+    for step in range(3):  # the cumulative average's factor changes with every batch
+        x = torch.randn(6, 5, 7, 9, dtype=dtype) * 2 + 0.5
+        with recorded_batch_statistics(bn) as stats:
+            bn(x)
+        mean, var = stats[bn]
+        assert torch.allclose(mean, x.mean((0, 2, 3)), rtol=tol, atol=tol), step
+        assert torch.allclose(var, x.var((0, 2, 3), unbiased=False), rtol=tol, atol=tol), step

@@ -42,20 +42,43 @@ def _batch_norms(model: nn.Module) -> list[_BatchNorm]:
 @contextlib.contextmanager
 def recorded_batch_statistics(model: nn.Module, enabled: bool = True):
     """Yields a dict that the forward passes inside fill with each train-mode BatchNorm layer's
-    batch mean and (biased, as BatchNorm normalises) variance, detached."""
+    batch mean and (biased, as BatchNorm normalises) variance, detached; the last call's for a
+    layer called more than once.
+
+    A layer that keeps running statistics has just folded the batch's into them, so they are read
+    back from that update, r' = (1 - f) r + f s (f: the momentum, or 1 / batches tracked; the
+    variance unbiased), at the cost of a few per-channel operations instead of a pass over the
+    activations; a layer without running statistics is measured.
+    """
     stats: dict = {}
+    before: dict = {}
     handles = []
 
-    def record(module, args):
+    def keep(module, args):
+        if module.track_running_stats:
+            before[module] = (module.running_mean.detach().clone(), module.running_var.detach().clone())
+            return
         x = args[0].detach()
-        dims = [d for d in range(x.dim()) if d != 1]
-        dtype = module.weight.dtype if module.weight is not None else torch.float32
+        with torch.no_grad():  # one pass over the activations
+            var, mean = torch.var_mean(x.to(torch.promote_types(x.dtype, torch.float32)),
+                                       [d for d in range(x.dim()) if d != 1], unbiased=False)
+            stats[module] = (mean.to(module.running_mean.dtype if module.running_mean is not None else x.dtype),
+                             var.to(mean.dtype))
+
+    def read_back(module, args, output):
+        if not module.track_running_stats:
+            return
+        old_mean, old_var = before.pop(module)
+        f = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+        n = args[0].numel() // args[0].shape[1]
         with torch.no_grad():
-            v = x.to(torch.promote_types(x.dtype, torch.float32))
-            stats[module] = (v.mean(dims).to(dtype), v.var(dims, unbiased=False).to(dtype))
+            mean = (module.running_mean - (1 - f) * old_mean) / f
+            unbiased = (module.running_var - (1 - f) * old_var) / f
+            stats[module] = (mean, unbiased * ((n - 1) / n))
 
     if enabled:
-        handles = [m.register_forward_pre_hook(record) for m in _batch_norms(model)]
+        for m in _batch_norms(model):
+            handles += [m.register_forward_pre_hook(keep), m.register_forward_hook(read_back)]
     try:
         yield stats
     finally:
