@@ -45,21 +45,23 @@ def _worker(rank: int, port: int) -> None:
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
         x = torch.rand(4, 3, 16, 16, generator=g)
         y = torch.randint(0, 3, (4,), generator=g)
-        for vjp in ("exact", "finite_difference"):
+        # the whole batch every step, and a lazy step with the head on a sub-batch
+        for vjp, cheap in [(v, c) for v in ("exact", "finite_difference")
+                           for c in ({}, dict(sib_every=2, step=0, sib_batch=2))]:
             torch.manual_seed(0)
             model = SmallCNN(num_classes=3, width=4)  # BatchNorm in train mode
             local = copy.deepcopy(model)
             ddp = DistributedDataParallel(model)
             # the DDP gradient is the mean over ranks of each rank's own gradient
             torch.manual_seed(1)
-            sib_backward(ddp, x, y, crit, vjp=vjp)
+            sib_backward(ddp, x, y, crit, vjp=vjp, **cheap)
             torch.manual_seed(1)
-            sib_backward(local, x, y, crit, vjp=vjp)
+            sib_backward(local, x, y, crit, vjp=vjp, **cheap)
             mean = _flat(p.grad for p in local.parameters())
             dist.all_reduce(mean)
             mean /= WORLD
             torch.testing.assert_close(_flat(p.grad for p in model.parameters()), mean, rtol=1e-5, atol=1e-8,
-                                       msg=lambda m: f"{vjp}: {m}")
+                                       msg=lambda m: f"{vjp} {cheap}: {m}")
             # a few steps: the parameters stay identical on every rank
             opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
             for _ in range(3):
@@ -94,7 +96,7 @@ def test_sib_train_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            "-m", "sib_fast.train", "--image-size", "16", "--train-samples", "32", "--val-samples", "8",
            "--batch-size", "8", "--num-classes", "3", "--threads", "1", "--epochs", "2",
-           "--vjp", "finite_difference", "--output", str(out)]
+           "--vjp", "finite_difference", "--sib-every", "2", "--sib-batch", "4", "--output", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -103,5 +105,6 @@ def test_sib_train_under_torchrun(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(r["world_size"] == WORLD and r["ranks_in_sync"] is True for r in records)
     assert records[-1]["step"] == 4  # 32 images / (2 ranks x 8) = 2 steps per epoch
+    assert [r["sib_steps"] for r in records] == [1, 1]  # steps 0 and 2, on both ranks
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["rng"]) == WORLD
