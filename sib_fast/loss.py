@@ -65,9 +65,15 @@ class SIBLoss(nn.Module):
     def head_loss(self, R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The S-IB terms alone, lambda_bg * exp(BG) + lambda_fg * exp(-HSIC), of R and x; keeps
         ``hsic``, ``bg`` and ``backend_used`` (training steps that take CE on other images use this)."""
+        fg, bg = self.weighted_terms(R, x)
+        return bg + fg
+
+    def weighted_terms(self, R: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lambda_fg * exp(-HSIC), lambda_bg * exp(BG))`` of R and x, each 0-dim; keeps ``hsic``,
+        ``bg`` and ``backend_used``."""
         self.backend_used = resolve_backend(R.device, self.backend, self.temperature,
                                             torch.promote_types(R.dtype, x.dtype))
         terms = sib_terms(R, x.detach(), window_size=self.window_size, temperature=self.temperature,
                           slope=self.slope, backend=self.backend_used)
         self.hsic, self.bg = terms.hsic.detach(), terms.bg.detach()
-        return self.lambda_bg * torch.exp(terms.bg) + self.lambda_fg * torch.exp(-terms.hsic)
+        return self.lambda_fg * torch.exp(-terms.hsic), self.lambda_bg * torch.exp(terms.bg)

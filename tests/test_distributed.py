@@ -34,7 +34,7 @@ def _worker(rank: int, port: int) -> None:
     warnings.simplefilter("ignore", RuntimeWarning)
     from torch.nn.parallel import DistributedDataParallel
 
-    from sib_fast import SIBLoss, sib_backward
+    from sib_fast import SIBLoss, gradient_shares, sib_backward
     from sib_fast.training.models import SmallCNN
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -52,6 +52,11 @@ def _worker(rank: int, port: int) -> None:
             model = SmallCNN(num_classes=3, width=4)  # BatchNorm in train mode
             local = copy.deepcopy(model)
             ddp = DistributedDataParallel(model)
+            # the meter runs the wrapped module on this rank's batch alone: as on an unwrapped copy
+            torch.manual_seed(2)
+            shares = gradient_shares(ddp, x, y, crit, vjp=vjp)
+            torch.manual_seed(2)
+            assert shares == gradient_shares(local, x, y, crit, vjp=vjp), vjp
             # the DDP gradient is the mean over ranks of each rank's own gradient
             torch.manual_seed(1)
             sib_backward(ddp, x, y, crit, vjp=vjp, **cheap)

@@ -181,6 +181,23 @@ def test_resume_gives_the_same_weights(tmp_path, vjp):
     assert _records(resumed)[-1]["train_ce"] == _records(straight)[-1]["train_ce"]
 
 
+def test_gradient_shares_are_measured_logged_and_plotted(tmp_path, capsys):
+    code, out = _run(tmp_path, "--epochs", "2", "--lambda-bg", "10")  # weak: 2e-4 of cross-entropy here
+    assert code == 0
+    log = capsys.readouterr().out
+    assert "S-IB gradient shares at the start" in log
+    assert "less than 1% of cross-entropy" in log and "Choosing lambda" in log
+    first, second = _records(out)
+    for rec in (first, second):
+        assert 0 < rec["grad_ratio_fg"] < 1 and 0 < rec["grad_ratio_bg"] < 1
+    assert first["grad_ratio_fg_start"] > 0 and "grad_ratio_fg_start" not in second
+    # strong weights: no note
+    code, _ = _run(tmp_path, "--epochs", "1", "--lambda-fg", "1000", "--lambda-bg", "1e9", name="strong")
+    assert code == 0 and "less than 1%" not in capsys.readouterr().out
+    code, base = _run(tmp_path, "--epochs", "1", "--no-sib", name="base")
+    assert code == 0 and _records(base)[0]["grad_ratio_fg"] is None
+
+
 def test_lazy_schedule_continues_across_resume(tmp_path):
     """--sib-every 3 with 2 steps per epoch: S-IB steps 0 and 3, whether or not the run resumes."""
     cheap = ["--sib-every", "3", "--sib-batch", "4"]

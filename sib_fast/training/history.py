@@ -48,19 +48,23 @@ def plot_curves(records: list[dict], path: Path) -> None:
               ("HSIC (higher: R follows the object)", [("train_hsic", "train"), ("val_hsic", "val")]),
               ("background variance BG", [("train_bg", "train"), ("val_bg", "val")]),
               ("saliency mass on the object", [("val_fg_fraction", "val"), ("val_fg_area", "object area")]),
+              ("S-IB weight gradient / cross-entropy's", [("grad_ratio_fg", "lambda_fg exp(-HSIC)"),
+                                                           ("grad_ratio_bg", "lambda_bg exp(BG)")]),
               ("throughput (images/s)", [("images_per_s", "train")])]
-    fig = Figure(figsize=(13, 7))  # no constrained layout: it costs seconds on a busy CPU
+    fig = Figure(figsize=(17, 7))  # no constrained layout: it costs seconds on a busy CPU
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=0.25, hspace=0.4)
     FigureCanvasAgg(fig)
     epochs = [r["epoch"] for r in records]
     for i, (title, series) in enumerate(panels):
-        ax = fig.add_subplot(2, 3, i + 1)
+        ax = fig.add_subplot(2, 4, i + 1)
         for key, label in series:
             pts = [(e, r[key]) for e, r in zip(epochs, records) if r.get(key) is not None]
+            if key.startswith("grad_ratio") and records and records[0].get(f"{key}_start") is not None:
+                pts.insert(0, (records[0]["epoch"] - 1, records[0][f"{key}_start"]))  # before the first epoch
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
-        if title.startswith("background"):
-            if any(r.get("train_bg") or r.get("val_bg") for r in records):
+        if title.startswith("background") or title.startswith("S-IB weight"):
+            if any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in ax.lines):
                 ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")

@@ -21,6 +21,7 @@ from sib_fast.training.faults import TrainingStopped, nonfinite_cause, weights_f
 from sib_fast.training.held_out import evaluate
 from sib_fast.training.history import CURVES, METRICS, plot_curves, write_metrics
 from sib_fast.training.prepare import RunState, read_resume_checkpoint, resume, setup, start
+from sib_fast.training.shares import gradient_shares
 from sib_fast.training.step import DoubleBackwardUnsupportedError, rng_state, sib_backward, unwrap_ddp
 
 try:
@@ -41,6 +42,9 @@ def run(args, resume_state: dict | None = None) -> dict:
         if args.resume:
             resume(r, resume_state)
         start(r)
+        if not args.no_sib:
+            r.shares_start = measure_shares(r)
+            _log_shares(r, r.shares_start)
         for epoch in range(r.start_epoch, args.epochs):
             end_epoch(r, epoch, train_epoch(r, epoch))
         return finish(r)
@@ -77,8 +81,48 @@ def _forward_backward(r: RunState, x, y):
                           sib_bn=args.sib_bn, sib_every=args.sib_every, step=r.step)
         return [st.loss, st.ce, st.hsic, st.bg], st.logits, st.sib_step
     except DoubleBackwardUnsupportedError as exc:
-        raise TrainingStopped(str(exc).replace("vjp='finite_difference' (sib-train: --vjp finite_difference)",
-                                               "--vjp finite_difference")) from None
+        raise _no_double_backward(exc) from None
+
+
+def _no_double_backward(exc: DoubleBackwardUnsupportedError) -> TrainingStopped:
+    return TrainingStopped(str(exc).replace("vjp='finite_difference' (sib-train: --vjp finite_difference)",
+                                            "--vjp finite_difference"))
+
+
+def measure_shares(r: RunState) -> dict:
+    """``grad_ratio_fg`` and ``grad_ratio_bg`` of ``gradient_shares`` on a fixed batch (the first of
+    the validation set), each rank on its own; None where not finite or no batch is readable."""
+    if r.meter_batch is None:
+        x, y, _, _ = next(iter(r.val_loader))
+        if x is None or x.shape[0] < 2:
+            return {"grad_ratio_fg": None, "grad_ratio_bg": None}
+        x = r.normalize(x.to(r.d.device))
+        if r.args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        r.meter_batch = (x, y.to(r.d.device))
+    was_training = r.raw_model.training
+    r.raw_model.train()  # as the steps run it, whatever the held-out pass left
+    try:
+        shares = gradient_shares(r.raw_model, *r.meter_batch, r.criterion, vjp=r.args.vjp, fd_eps=r.args.fd_eps,
+                                 autocast_dtype=r.amp_dtype)
+    except DoubleBackwardUnsupportedError as exc:
+        raise _no_double_backward(exc) from None
+    finally:
+        r.raw_model.train(was_training)
+    return {k: v if math.isfinite(v) else None
+            for k, v in (("grad_ratio_fg", shares.ratio_fg), ("grad_ratio_bg", shares.ratio_bg))}
+
+
+def _log_shares(r: RunState, shares: dict) -> None:
+    fg, bg = shares["grad_ratio_fg"], shares["grad_ratio_bg"]
+    if fg is None or bg is None:
+        return
+    r.log(f"{PROG}: S-IB gradient shares at the start: lambda_fg exp(-HSIC) {fg:.2e}, lambda_bg exp(BG) {bg:.2e} "
+          f"of cross-entropy's weight gradient")
+    if fg < 0.01 and bg < 0.01:
+        r.log(f"{PROG}: note: the S-IB terms move the weights by less than 1% of cross-entropy (--lambda-fg "
+              f"{r.args.lambda_fg:g}, --lambda-bg {r.args.lambda_bg:g}): at these weights S-IB barely changes "
+              f"training; see 'Choosing lambda' in docs/training.md")
 
 
 def train_epoch(r: RunState, epoch: int) -> EpochTotals:
@@ -207,7 +251,11 @@ def _epoch_record(r: RunState, epoch: int, t: EpochTotals) -> dict:
         peak_mem_mb=peak_memory_mb(d.device), peak_mem_kind="cuda_allocated" if d.device.type == "cuda" else "cpu_rss",
         nonfinite_skipped=t.skipped, bad_images=len(bad_images.known) - bad_before,
         bad_images_total=len(bad_images.known), bad_image_files=new_bad_files, world_size=d.world,
-        vjp=None if args.no_sib else args.vjp, backend=None if args.no_sib else r.backend, amp=args.amp)
+        vjp=None if args.no_sib else args.vjp, backend=None if args.no_sib else r.backend, amp=args.amp,
+        **(dict.fromkeys(("grad_ratio_fg", "grad_ratio_bg")) if args.no_sib else measure_shares(r)))
+    if r.shares_start is not None and epoch == r.start_epoch:
+        record.update(grad_ratio_fg_start=r.shares_start["grad_ratio_fg"],
+                      grad_ratio_bg_start=r.shares_start["grad_ratio_bg"])
     if d.enabled:  # parameters must be identical on every rank
         checksums = d.gather(float(sum(p.detach().double().sum() for p in r.raw_model.parameters())))
         record["ranks_in_sync"] = all(c == checksums[0] for c in checksums)

@@ -74,6 +74,8 @@ class RunState:
     nonfinite_total: int = 0
     consecutive_nonfinite: int = 0  # across epoch boundaries: a run of them stops the run
     changed_line: str = ""        # --resume: the arguments that changed, for the log
+    meter_batch: tuple | None = None  # the fixed batch gradient_shares measures on (loop.measure_shares)
+    shares_start: dict | None = None  # its reading before the first epoch of this process
 
     @property
     def out(self) -> Path:
