@@ -31,6 +31,11 @@ def test_sib_eval_end_to_end(runs, tmp_path, capsys):
     for text in ("Energy pointing game", "Pointing game", "Top-k IoU", "Deletion AUC", "Insertion AUC",
                  "| baseline s0 |", "S-IB s0", "| gradcam_pp |", "accuracy", "training_curves.png"):
         assert text in report, text
+    # each run's S-IB gradient shares from its metrics.jsonl: a number for S-IB, n/a for the baseline
+    models = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if "s0 | `" in line}
+    assert models["baseline s0"].endswith("| n/a / n/a |")
+    fg, bg = models["S-IB s0"].rsplit("|", 2)[1].split(" / ")
+    assert float(fg) > 0 and float(bg) > 0
     for m in ("integrated_gradients", "smoothgrad", "gradcam_pp"):
         assert (out / f"grid_{m}.png").stat().st_size > 0
     assert (out / "training_curves.png").stat().st_size > 0

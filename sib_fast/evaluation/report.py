@@ -157,14 +157,23 @@ def write_report(out: Path, runs, results, desc, args, elapsed, left_out=None) -
                      f"{len(left_out.get('unreadable', []))} unreadable file(s) (listed in results.json)")
     lines += ["",
              "## Models", "",
-             "| model | checkpoint | arch | training | seed | epochs | spurious | accuracy here [95%] | val acc (log) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | checkpoint | arch | training | seed | epochs | spurious | accuracy here [95%] | val acc (log) "
+             "| S-IB gradient share fg / bg (log) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def logged(r, key, spec):  # the last epoch's value in metrics.jsonl
+        value = r["records"][-1].get(key) if r["records"] else None
+        return "n/a" if value is None else format(value, spec)
+
     for r in runs:
         a = r["args"]
-        val = r["records"][-1].get("val_acc") if r["records"] else None
         lines.append(f"| {r['name']} | `{r['path'].parent.name}/{r['path'].name}` | {a.get('arch')} | {r['mode']} | "
                      f"{a.get('seed')} | {r['epoch']} | {a.get('spurious', 0):g} | {_cell(*r['acc'])} | "
-                     f"{'n/a' if val is None else f'{val:.3f}'} |")
+                     f"{logged(r, 'val_acc', '.3f')} | {logged(r, 'grad_ratio_fg', '.1e')} / "
+                     f"{logged(r, 'grad_ratio_bg', '.1e')} |")
+    lines.append("")
+    lines.append("The gradient shares are each S-IB term's weight-gradient norm over cross-entropy's at the end of "
+                 "training (`sib_fast.gradient_shares`; docs/training.md, 'Choosing lambda').")
     for key, title, better in METRICS:
         lines += ["", f"## {title} ({better} is better)", "", "| method | " + " | ".join(labels) + " |",
                   "|---|" + "---|" * len(labels),
