@@ -16,39 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from experiment_runs import history, interval, last_record, run_all
+
 METRICS = ("val_acc", "val_hsic", "val_bg", "val_fg_fraction", "wall_s")
-# two-sided 95% quantiles of Student's t by degrees of freedom (1 .. 9), beyond: the normal's
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
-
-
-def _t95(n: int) -> float:
-    return T95[n - 2] if n - 1 <= len(T95) else 1.96
-
-
-def interval(values: list[float]) -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "n/a"
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{m:.4g}"
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    half = _t95(len(values)) * sd / math.sqrt(len(values))
-    return f"{m:.4g} [{m - half:.4g}, {m + half:.4g}]"
-
-
-def last_record(out: Path, epochs: int) -> dict | None:
-    metrics = out / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    lines = [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()]
-    return lines[-1] if lines and lines[-1].get("epoch") == epochs else None
 
 
 def main(argv=None) -> int:
@@ -76,24 +49,11 @@ def main(argv=None) -> int:
                 todo.append([sys.executable, "-m", "sib_fast.train", "--seed", str(seed), "--epochs", str(args.epochs),
                              "--train-samples", str(args.train_samples), "--batch-size", str(args.batch_size),
                              "--threads", "1", "--output", str(out), *extra])
-    running = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            cmd = todo.pop(0)
-            print("+", " ".join(cmd[1:]), flush=True)
-            running.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL), time.time()))
-        time.sleep(1)
-        for proc, t0 in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, t0))
-                if proc.returncode:
-                    print(f"a run failed with status {proc.returncode}", file=sys.stderr)
-                    return 1
+    run_all(todo, args.jobs)
     rows = {}
     for (name, seed), out in results.items():
         rec = last_record(out, args.epochs)
-        history = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if s.strip()]
-        rec["wall_s"] = sum(r["epoch_time_s"] for r in history)
+        rec["wall_s"] = sum(r["epoch_time_s"] for r in history(out))
         rows.setdefault(name, {})[seed] = rec
     exact = rows["exact every step"]
     lines = [f"sib-train on SyntheticObjects, default model, {args.epochs} epochs of {args.train_samples} images, "
