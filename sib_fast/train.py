@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="synthetic",
                    help="'synthetic' (embedded SyntheticObjects, nothing to download) or an ImageFolder root "
                         "with train/ and val/ subfolders (the ImageNet layout)")
+    g.add_argument("--data-format", default="auto", choices=("auto", "folder", "cub", "dogs", "imagenet"),
+                   dest="data_format",
+                   help="the --data folder's layout (default: detected from its files; docs/reproducing.md)")
     g.add_argument("--arch", default="sib_cnn",
                    help=f"built-in ({', '.join(BUILTIN)}), a torchvision or a timm model name; random init")
     g.add_argument("--image-size", type=int, default=None, help="input side (default 64 synthetic, 224 folder)")
