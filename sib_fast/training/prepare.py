@@ -90,32 +90,15 @@ def _subset(dataset, n: int, seed: int):
 
 
 def make_datasets(args, cache: bool = False):
-    """(train, val, num_classes, normalisation stats) of ``--data``."""
+    """(train, val, num_classes, normalisation stats) of ``--data``: synthetic, or a folder in one of the
+    layouts of ``sib_fast.datasets`` (detected, or ``--data-format``)."""
     if args.data == "synthetic":
         kw = dict(image_size=args.image_size, num_classes=args.num_classes, seed=args.seed, cache=cache)
         train = SyntheticObjects("train", length=args.train_samples, spurious=args.spurious, **kw)
         val = SyntheticObjects("val", length=args.val_samples, **kw)
         return train, val, args.num_classes, SYNTHETIC_STATS
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:
-        raise TrainingStopped("--data PATH needs torchvision: pip install torchvision") from None
-    size = args.image_size
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor()])
-    val_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
-                                 transforms.ToTensor()])
-    root = Path(args.data)
-    try:
-        # read_image names the file it cannot decode; SkipBadImages skips it (in the workers too)
-        train = datasets.ImageFolder(str(root / "train"), train_tf, loader=read_image)
-        val = datasets.ImageFolder(str(root / "val"), val_tf, loader=read_image)
-    except (FileNotFoundError, RuntimeError, OSError) as exc:
-        raise UsageError(f"--data {args.data!r}: {exc}") from None
-    if train.classes != val.classes:
-        raise UsageError(f"--data {args.data!r}: train/ and val/ have different class folders")
-    return (SkipBadImages(_subset(train, args.train_samples, args.seed)),
-            SkipBadImages(_subset(val, args.val_samples, args.seed + 1)), len(train.classes), IMAGENET_STATS)
+    from sib_fast.datasets import training_sets
+    return training_sets(args)
 
 
 def cpu_threads(requested: int | None, world: int) -> tuple[int, str]:
