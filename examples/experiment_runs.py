@@ -9,22 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-# two-sided 95% quantiles of Student's t by degrees of freedom (1 .. 9), beyond: the normal's
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+from sib_fast.evaluation.localization import mean_t_interval
 
 
 def interval(values: list) -> str:
     """``mean [low, high]``, the 95% t-interval over the finite values ("n/a" if none)."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
+    m, lo, hi = mean_t_interval(values)
+    if math.isnan(m):
         return "n/a"
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{m:.4g}"
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
-    half = t * sd / math.sqrt(len(values))
-    return f"{m:.4g} [{m - half:.4g}, {m + half:.4g}]"
+    return f"{m:.4g}" if lo == hi else f"{m:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
 def history(out: Path) -> list[dict]:

@@ -57,7 +57,7 @@ def test_sib_eval_groups_and_labels(runs, tmp_path):
                         "--grid-images", "0"] + FAST[:8])
     assert rc == 0
     report = (out / "report.md").read_text()
-    assert "Over checkpoints of the same group" in report and "A: 2" in report
+    assert "Over the checkpoints of each group" in report and "A: 2" in report
     assert not list(out.glob("grid_*.png"))
 
 

@@ -269,3 +269,24 @@ def mean_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> t
     a = (1 - level) / 2
     lo, hi = torch.quantile(means, torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
     return mean, lo, hi
+
+
+# two-sided 95% quantiles of Student's t for 1 .. 30 degrees of freedom
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_t_interval(values) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval of the mean of a few values (seeds, checkpoints); NaNs and
+    Nones dropped; one value gives (v, v, v), none (nan, nan, nan)."""
+    v = [float(a) for a in values if a is not None and math.isfinite(float(a))]
+    if not v:
+        return math.nan, math.nan, math.nan
+    mean = sum(v) / len(v)
+    if len(v) == 1:
+        return mean, mean, mean
+    df = len(v) - 1
+    z = 1.959964
+    t = T95[df - 1] if df <= len(T95) else z + (z ** 3 + z) / (4 * df)  # Cornish-Fisher beyond the table
+    half = t * math.sqrt(sum((a - mean) ** 2 for a in v) / df / len(v))
+    return mean, mean - half, mean + half

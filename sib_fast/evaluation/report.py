@@ -75,8 +75,10 @@ def run(args, log=print) -> dict:
         del r["state"]
     g = min(args.grid_images, len(xs))
     if g:
+        # with seeds of one arm grouped, one column per group (its first checkpoint) keeps a grid readable
+        shown = [members[0]["name"] for members in _groups(runs).values()]
         for m in args.methods:
-            plot_grid(out / f"grid_{m}.png", m, xs[:g], ms[:g], {n: grids[n][m] for n in grids}, ys[:g], classes)
+            plot_grid(out / f"grid_{m}.png", m, xs[:g], ms[:g], {n: grids[n][m] for n in shown}, ys[:g], classes)
     plot_curves(out / "training_curves.png", runs)
     settings = {k: getattr(args, k) for k in ("data", "methods", "num_images", "target", "tolerance", "topk",
                                                "steps", "baseline", "ig_steps", "smoothgrad_samples",
@@ -180,26 +182,7 @@ def write_report(out: Path, runs, results, desc, args, elapsed, left_out=None) -
                   "| *accuracy* | " + " | ".join(_cell(*r["acc"]) for r in runs) + " |"]
         for m in args.methods:
             lines.append(f"| {m} | " + " | ".join(_cell(*results[r["name"]]["summary"][m][key]) for r in runs) + " |")
-    groups = {}
-    for r in runs:
-        groups.setdefault(r["group"], []).append(r)
-    if any(len(g) > 1 for g in groups.values()):
-        gnames = list(groups)
-        lines += ["", "## Over checkpoints of the same group", "",
-                  "Mean over checkpoints of each checkpoint's image mean, +- standard deviation over checkpoints "
-                  f"(n = {', '.join(f'{g}: {len(v)}' for g, v in groups.items())}).", ""]
-        lines += ["| metric | method | " + " | ".join(gnames) + " |", "|---|---|" + "---|" * len(gnames)]
-
-        def agg(vals):
-            t = torch.tensor(vals, dtype=torch.float64)
-            sd = float(t.std()) if len(vals) > 1 else 0.0
-            return f"{float(t.mean()):.3f} +- {sd:.3f}"
-
-        lines.append("| accuracy | | " + " | ".join(agg([r["acc"][0] for r in groups[g]]) for g in gnames) + " |")
-        for key, title, _ in METRICS:
-            for m in args.methods:
-                lines.append(f"| {title} | {m} | " + " | ".join(
-                    agg([results[r["name"]]["summary"][m][key][0] for r in groups[g]]) for g in gnames) + " |")
+    lines += _group_sections(runs, results, args.methods)
     lines += ["", "## Definitions", "",
               "- Energy pointing game: share of the map's positive energy on the object mask (chance: the "
               "object's area fraction, here %.3f on average)." % args.mask_area,
@@ -214,6 +197,50 @@ def write_report(out: Path, runs, results, desc, args, elapsed, left_out=None) -
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "report.md", text, what="report")
     return text
+
+
+def _groups(runs) -> dict:
+    groups = {}
+    for r in runs:
+        groups.setdefault(r["group"], []).append(r)
+    return groups
+
+
+def _group_sections(runs, results, methods) -> list[str]:
+    """With several checkpoints per group (seeds of one arm): each metric's mean over the group's
+    checkpoints with its 95% t-interval, and the per-seed paired difference from the first group."""
+    groups = _groups(runs)
+    if not any(len(g) > 1 for g in groups.values()):
+        return []
+    names = list(groups)
+
+    def value(r, key, method):
+        return r["acc"][0] if key is None else results[r["name"]]["summary"][method][key][0]
+
+    def cell(vals):
+        m, lo, hi = L.mean_t_interval(vals)
+        return "n/a" if math.isnan(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    rows = [("accuracy", "", None, None)] + [(title, m, key, m) for key, title, _ in METRICS for m in methods]
+    lines = ["", "## Over the checkpoints of each group", "",
+             "Mean over a group's checkpoints of each checkpoint's image mean, [95% t-interval over checkpoints] "
+             f"(n = {', '.join(f'{g}: {len(v)}' for g, v in groups.items())}).", "",
+             "| metric | method | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for title, method, key, m in rows:
+        lines.append(f"| {title} | {method} | " + " | ".join(cell([value(r, key, m) for r in groups[g]])
+                                                            for g in names) + " |")
+    first = {r["args"].get("seed"): r for r in groups[names[0]]}
+    paired = [g for g in names[1:] if any(r["args"].get("seed") in first for r in groups[g])]
+    if paired and len(first) == len(groups[names[0]]):
+        lines += ["", f"### Paired difference from {names[0]}", "",
+                  f"Per seed, the checkpoint's mean minus that of the {names[0]} checkpoint with the same seed; "
+                  "mean [95% t-interval] over seeds. An interval that excludes 0 is a difference the seeds agree on.",
+                  "", "| metric | method | " + " | ".join(paired) + " |", "|---|---|" + "---|" * len(paired)]
+        for title, method, key, m in rows:
+            lines.append(f"| {title} | {method} | " + " | ".join(
+                cell([value(r, key, m) - value(first[r["args"].get("seed")], key, m)
+                      for r in groups[g] if r["args"].get("seed") in first]) for g in paired) + " |")
+    return lines
 
 
 def _figure(w, h):
