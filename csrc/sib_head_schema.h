@@ -16,6 +16,16 @@
 // sib_head_backward takes the upstream gradients of hsic, bg and (optionally)
 // mask, with the saved tensors, and returns grad_R and grad_x (an empty
 // tensor unless compute_grad_x).
+//
+// masked_projection_forward / _backward: the random-feature HSIC's projections (docs/loss.md
+// section 4b). With u = R*M, v = x*M (M broadcast over C), flattened over the logical index
+// d = c*H*W + h*W + w, and W = the (C*H*W) x features Gaussian matrix of the seed
+// (sib_fast/backends/random_features.py; never stored, each entry computed where it is used):
+//   proj (2, B, features)   proj[0] = u @ W, proj[1] = v @ W      compute dtype
+//   sq   (2, B)             sq[0] = ||u_b||^2, sq[1] = ||v_b||^2  compute dtype
+// The backward, with du = grad_proj[0] @ W^T + 2 grad_sq[0] u and dv likewise (grad_sq None:
+// zeros), returns grad_R = M du, grad_x = M dv (an empty tensor unless compute_grad_x) and
+// grad_mask = sum over c of (R du + x dv), each in its input's dtype.
 #pragma once
 
 #include <torch/library.h>
@@ -30,6 +40,12 @@ inline void define_head_ops(torch::Library& m) {
       "sib_head_backward(Tensor grad_hsic, Tensor grad_bg, Tensor? grad_mask, Tensor R, Tensor x, "
       "Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index, int window_size, "
       "float temperature, float slope, bool compute_grad_x) -> (Tensor grad_R, Tensor grad_x)");
+  m.def(
+      "masked_projection_forward(Tensor R, Tensor x, Tensor mask, int features, int seed) "
+      "-> (Tensor proj, Tensor sq)");
+  m.def(
+      "masked_projection_backward(Tensor grad_proj, Tensor? grad_sq, Tensor R, Tensor x, Tensor mask, "
+      "int features, int seed, bool compute_grad_x) -> (Tensor grad_R, Tensor grad_x, Tensor grad_mask)");
 }
 
 }  // namespace sib_fast
