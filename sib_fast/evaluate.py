@@ -9,7 +9,9 @@ holding it, optionally ``LABEL=PATH``. The dataset is ``synthetic`` (the embedde
 ``SyntheticObjects`` validation split at the checkpoints' image size, classes and spurious-cue
 setting; it never overlaps a training split) or a folder ``DIR`` with ``DIR/images/CLASS/NAME.EXT``
 (class folders as in the ImageFolder the model was trained on) and ``DIR/masks/CLASS/NAME.png``
-(non-zero = object). Every model is explained on the same images, in pixel space ([0, 1] values;
+(non-zero = object), or a benchmark as it ships (CUB-200-2011's test split with its segmentations
+or boxes, Stanford Dogs' test list, ImageNet's validation split with its boxes: boxes become the
+mask of their union; ``--data-format`` forces the layout, docs/reproducing.md). Every model is explained on the same images, in pixel space ([0, 1] values;
 the training normalisation is part of the explained model), for the true class by default.
 
 The report folder gets ``report.md`` (one table per metric: method x model, mean and 95%
@@ -30,6 +32,7 @@ import sys
 import torch
 
 from sib_fast.cli_errors import UsageError, check_output_dir, run_command
+from sib_fast.datasets import DATA_FORMATS
 from sib_fast.evaluation import PROG
 from sib_fast.evaluation import localization as L
 from sib_fast.evaluation.explain import CAPTUM_METHODS, METHODS, canonical_method
@@ -46,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CKPT",
                    help="sib-train checkpoint.pt files or their output folders")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or DIR with images/CLASS/* and masks/CLASS/*.png")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder: DIR with images/CLASS/* and "
+                   "masks/CLASS/*.png, or CUB-200-2011, Stanford Dogs or ImageNet as they ship (docs/reproducing.md)")
+    p.add_argument("--data-format", default="auto", choices=DATA_FORMATS, dest="data_format",
+                   help="the --data folder's layout (default: detected from its files)")
     p.add_argument("--output", default=os.path.join("runs", "sib_eval"), help="report folder")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated explanation methods")
     p.add_argument("--num-images", type=int, default=None, help=f"images to evaluate (default {FULL['num_images']}, "
@@ -108,6 +114,8 @@ def validate(args) -> None:
         low = 0 if name in ("num_images", "grid_images") else 1
         if v < low:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+    if args.data == "synthetic" and args.data_format != "auto":
+        raise UsageError(f"--data-format {args.data_format} applies to a --data folder, not to synthetic data")
     if args.data == "synthetic" and args.num_images < 1:
         raise UsageError("--num-images must be >= 1 for synthetic data")
     if args.tolerance is not None and not args.tolerance >= 0:

@@ -5,9 +5,9 @@ layouts the benchmarks ship (docs/reproducing.md): CUB-200-2011 (``cub``), Stanf
 detects the layout from the folder's files (``detect``).
 
 ``training_sets`` gives the labelled train and validation splits (the official ones) as torch
-Datasets; ``evaluation_items`` the images of the evaluation split with their ground truth (mask
+Datasets; ``evaluation_set`` the images of the evaluation split with their ground truth (mask
 files, or boxes that ``boxes`` turns into masks at the evaluation view)."""
 from sib_fast.datasets.detect import DATA_FORMATS, detect_format
-from sib_fast.datasets.sets import evaluation_items, training_sets
+from sib_fast.datasets.sets import evaluation_set, training_sets
 
-__all__ = ["DATA_FORMATS", "detect_format", "evaluation_items", "training_sets"]
+__all__ = ["DATA_FORMATS", "detect_format", "evaluation_set", "training_sets"]

@@ -1,6 +1,7 @@
 """What ``sib-eval`` explains: the checkpoints (each rebuilt with its training normalisation in
 front, so that it is explained on pixel values) and the images with their ground-truth masks,
-synthetic or from a folder."""
+synthetic or from a folder in one of the layouts of ``sib_fast.datasets`` (mask files, or boxes
+made masks in the evaluation view)."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,15 @@ import torch
 from torch import nn
 
 from sib_fast.cli_errors import UsageError
+from sib_fast.datasets import evaluation_set, folder
+from sib_fast.datasets.boxes import boxes_mask, view
+from sib_fast.datasets.common import EvalItem, EvalSet
 from sib_fast.evaluation import PROG
 from sib_fast.training.checkpoint import CHECKPOINT, EVAL_KEYS, load_checkpoint
 from sib_fast.training.data import (DEFAULT_MAX_BAD_IMAGES, IMAGENET_STATS, SYNTHETIC_STATS, BadImageError,
                                     SyntheticObjects, read_image)
 from sib_fast.training.history import METRICS
 from sib_fast.training.models import build_model
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class Normalized(nn.Module):
@@ -91,73 +93,68 @@ def build(run: dict, num_classes: int, device: torch.device) -> nn.Module:
     return Normalized(model, *stats).to(device).eval()
 
 
-def _load_image(path: Path, size: int, mask: bool):
-    """Resize the shorter side to size*256/224, centre-crop ``size`` (sib-train's validation view).
-    An undecodable file raises ``BadImageError`` naming it."""
-    from PIL import Image
+def _tensor(img, mask_threshold: int | None = None) -> torch.Tensor:
+    """(3, S, S) in [0, 1] of an RGB view, or (1, S, S) 0/1 of a mask view (``> mask_threshold``)."""
     import numpy as np
 
-    img = read_image(path, "L" if mask else "RGB")
-    w, h = img.size
-    short = round(size * 256 / 224)
-    scale = short / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.NEAREST if mask else Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
     a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
-    if mask:
-        return (a > 0).float().unsqueeze(0)
+    if mask_threshold is not None:
+        return (a > mask_threshold).float().unsqueeze(0)
     return (a / 255.0).permute(2, 0, 1)
 
 
-def load_folder(root: Path, size: int, n: int, max_bad: int = DEFAULT_MAX_BAD_IMAGES, log=print):
-    """(images (N,3,S,S), labels (N,), masks (N,1,S,S), classes, image paths, skipped) from DIR/images
-    and DIR/masks. An image whose file or mask cannot be read is skipped, named once and listed in
-    ``skipped`` as (path, reason); more than ``max_bad`` of them is a UsageError."""
-    img_root, mask_root = root / "images", root / "masks"
-    if not img_root.is_dir() or not mask_root.is_dir():
-        raise UsageError(f"--data {root}: expected {img_root}/CLASS/NAME.jpg and {mask_root}/CLASS/NAME.png")
-    try:
-        classes = sorted(d.name for d in img_root.iterdir() if d.is_dir())
-        if not classes:
-            raise UsageError(f"--data {root}: {img_root} has no class folders")
-        items = []
-        for ci, c in enumerate(classes):
-            for f in sorted((img_root / c).iterdir()):
-                if f.suffix.lower() in IMAGE_EXTS:
-                    m = mask_root / c / (f.stem + ".png")
-                    if not m.is_file():
-                        raise UsageError(f"--data {root}: no mask {m} for image {f}")
-                    items.append((f, ci, m))
-    except OSError as exc:  # an unreadable folder
-        raise UsageError(f"--data {root}: cannot list {exc.filename}: {exc.strerror or exc}") from None
-    if not items:
-        raise UsageError(f"--data {root}: no images under {img_root}")
+def load_item(item: EvalItem, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, mask) of one evaluation item in the evaluation view (``sib_fast.datasets.boxes.view``:
+    sib-train's validation view); boxes become the mask of their union in that view. An undecodable
+    file raises ``BadImageError`` naming it, a box outside the image a UsageError naming its line."""
+    img = read_image(item.image, "RGB")
+    x = _tensor(view(img, size))
+    if item.mask is not None:
+        return x, _tensor(view(read_image(item.mask, "L"), size, mask=True), item.threshold)
+    return x, boxes_mask(item.boxes(), img.width, img.height, size)
+
+
+def load_items(eval_set: EvalSet, size: int, n: int, max_bad: int = DEFAULT_MAX_BAD_IMAGES, log=print,
+               where: str = ""):
+    """(images (N,3,S,S), labels (N,), masks (N,1,S,S), image paths, skipped) of ``n`` items of
+    ``eval_set`` (0: all). An image whose file or mask cannot be read is skipped, named once and listed
+    in ``skipped`` as (path, reason); more than ``max_bad`` of them is a UsageError."""
+    items = eval_set.items
     # a fixed, class-mixed subset of n readable images: in a fixed random order, the next one replaces a bad one
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist() if n else range(len(items))
     loaded, skipped = [], []
     for i in order:
         if n and len(loaded) == n:
             break
-        f, c, m = items[i]
+        item = items[i]
         try:
-            loaded.append((i, _load_image(f, size, False), c, _load_image(m, size, True)))
+            loaded.append((i, *load_item(item, size), item.label))
         except BadImageError as exc:
             skipped.append((exc.path, exc.reason))
-            log(f"{PROG}: warning: skipped unreadable {'mask' if exc.path == str(m) else 'image'} {exc.path} "
+            log(f"{PROG}: warning: skipped unreadable {'mask' if exc.path == str(item.mask) else 'image'} {exc.path} "
                 f"({exc.reason})")
             if len(skipped) > max_bad:
                 names = ", ".join(p for p, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-                raise UsageError(f"--data {root}: more than --max-bad-images {max_bad} unreadable files: {names}; "
+                raise UsageError(f"--data {where}: more than --max-bad-images {max_bad} unreadable files: {names}; "
                                  "repair or remove them (or raise --max-bad-images)") from None
     if not loaded:
-        raise UsageError(f"--data {root}: no readable image under {img_root}")
+        raise UsageError(f"--data {where}: no readable image")
     loaded.sort(key=lambda t: t[0])
     xs = torch.stack([x for _, x, _, _ in loaded])
-    ms = torch.stack([m for _, _, _, m in loaded])
-    ys = torch.tensor([c for _, _, c, _ in loaded])
-    return xs, ys, ms, classes, [str(items[i][0]) for i, _, _, _ in loaded], skipped
+    ms = torch.stack([m for _, _, m, _ in loaded])
+    ys = torch.tensor([c for _, _, _, c in loaded])
+    return xs, ys, ms, [str(items[i].image) for i, _, _, _ in loaded], skipped
+
+
+def load_folder(root: Path, size: int, n: int, max_bad: int = DEFAULT_MAX_BAD_IMAGES, log=print):
+    """(images (N,3,S,S), labels (N,), masks (N,1,S,S), classes, image paths, skipped) from DIR/images
+    and DIR/masks (``load_items`` of the generic layout)."""
+    img_root, mask_root = root / "images", root / "masks"
+    if not img_root.is_dir() or not mask_root.is_dir():
+        raise UsageError(f"--data {root}: expected {img_root}/CLASS/NAME.jpg and {mask_root}/CLASS/NAME.png")
+    eval_set = folder.evaluation_set(root)
+    xs, ys, ms, names, skipped = load_items(eval_set, size, n, max_bad, log, str(root))
+    return xs, ys, ms, eval_set.classes, names, skipped
 
 
 def load_data(args, runs, log=print):
@@ -185,9 +182,13 @@ def load_data(args, runs, log=print):
     else:
         root = Path(args.data)
         if not root.is_dir():
-            raise UsageError(f"--data {args.data!r}: no such folder (use 'synthetic' or DIR with images/ and masks/)")
-        xs, ys, ms, classes, names, skipped = load_folder(root, size, args.num_images, args.max_bad_images, log)
-        desc = f"{root.name}: {len(xs)} images of {size}px, {len(classes)} classes"
+            raise UsageError(f"--data {args.data!r}: no such folder (use 'synthetic' or a folder in one of the "
+                             "layouts of docs/reproducing.md)")
+        eval_set = evaluation_set(args)
+        xs, ys, ms, names, skipped = load_items(eval_set, size, args.num_images, args.max_bad_images, log, str(root))
+        classes = eval_set.classes
+        desc = (f"{eval_set.name}: {len(xs)} images of {size}px, {len(classes)} classes; "
+                f"ground truth: {eval_set.truth}")
     empty = ms.flatten(1).amax(1) <= 0
     left_out = dict(unreadable=[list(t) for t in skipped], empty_mask=[n for n, e in zip(names, empty.tolist()) if e])
     if left_out["empty_mask"]:
