@@ -4,8 +4,9 @@ With no arguments it trains the small built-in CNN on the embedded ``SyntheticOb
 on CPU (a few minutes on two cores) and prints a summary. ``--data PATH`` takes an ImageFolder
 root with ``train/`` and ``val/`` (the ImageNet layout); ``torchrun`` runs it on several GPUs or
 nodes (DDP). Each epoch appends a line to ``OUTPUT/metrics.jsonl``, redraws
-``OUTPUT/curves.png`` and writes ``OUTPUT/checkpoint.pt`` atomically; ``--resume`` continues
-from it.
+``OUTPUT/curves.png`` and writes ``OUTPUT/checkpoint.pt`` atomically (also every
+``--checkpoint-every`` steps); ``--resume`` continues from it, mid-epoch too, and ``--eval-only``
+scores it. ``--pretrained`` starts from a file's or a library cache's weights.
 
 This module parses and checks the arguments; the run itself is ``sib_fast.training.loop.run``.
 """
@@ -22,7 +23,7 @@ import torch
 from sib_fast import validation
 from sib_fast.backends.dispatch import BACKEND_NAMES, BackendUnavailableError, resolve_backend
 from sib_fast.cli_errors import UsageError, check_output_dir, run_command
-from sib_fast.training import PROG
+from sib_fast.training import PROG, pretrained, schedule
 from sib_fast.training.checkpoint import CHECKPOINT
 from sib_fast.training.data import CLASSES, DEFAULT_MAX_BAD_IMAGES
 from sib_fast.training.faults import TrainingStopped
@@ -57,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                    dest="data_format",
                    help="the --data folder's layout (default: detected from its files; docs/reproducing.md)")
     g.add_argument("--arch", default="sib_cnn",
-                   help=f"built-in ({', '.join(BUILTIN)}), a torchvision or a timm model name; random init")
+                   help=f"built-in ({', '.join(BUILTIN)}), a torchvision or a timm model name; random init "
+                        "unless --pretrained")
+    g.add_argument("--pretrained", default=None, metavar="SPEC",
+                   help="start from these weights: a file (a state dict, or a checkpoint holding one, e.g. a "
+                        "sib-train checkpoint.pt), or for a torchvision --arch its weights' name (IMAGENET1K_V2, "
+                        "DEFAULT), for a timm --arch a pretrained tag (or 'default'), read from the library's "
+                        "local cache only (nothing is downloaded); a classifier for another number of classes is "
+                        "re-initialised")
     g.add_argument("--image-size", type=int, default=None, help="input side (default 64 synthetic, 224 folder)")
     g.add_argument("--num-classes", type=int, default=len(CLASSES), help="synthetic: number of shape classes (2-6)")
     g.add_argument("--train-samples", type=int, default=None,
@@ -76,8 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=4)
     g.add_argument("--batch-size", type=int, default=32, help="images per step per process (>= 2)")
     g.add_argument("--lr", type=float, default=None,
-                   help="AdamW learning rate (default: the paper's 1e-4; 2e-3 with --data synthetic, where a "
-                        "small CNN learns from scratch in minutes)")
+                   help="AdamW learning rate (default: the paper's 1e-4; 2e-3 with --data synthetic and no "
+                        "--pretrained, where a small CNN learns from scratch in minutes)")
+    g.add_argument("--lr-schedule", default="constant", choices=schedule.SCHEDULES,
+                   help="the rate at each step: --lr throughout (the paper), half a cosine down to 0 at the end, "
+                        "or --lr times --lr-gamma at each of --lr-step-epochs")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, metavar="E",
+                   help="ramp the rate up linearly over the first E epochs (fractions allowed), any schedule")
+    g.add_argument("--lr-step-epochs", default=None, metavar="E1,E2,...",
+                   help="--lr-schedule step: the milestones in epochs, fractions allowed (default: 1/3 and 2/3 "
+                        "of --epochs)")
+    g.add_argument("--lr-gamma", type=float, default=None,
+                   help=f"--lr-schedule step: the factor at each milestone (default {schedule.DEFAULT_GAMMA:g})")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the cross-entropy term, in [0, 1)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (the paper's 1e-4)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-nonfinite", type=int, default=5,
@@ -118,7 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output", default=os.path.join("runs", "sib_train"),
                    help="folder for metrics.jsonl, curves.png, checkpoint.pt, config.json")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/checkpoint.pt (from the middle of an epoch too: exactly where "
+                        "the interrupted run was)")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="also write OUTPUT/checkpoint.pt every N steps within an epoch (without it: at each "
+                        "epoch's end only)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="no training: score OUTPUT/checkpoint.pt on the --data validation split, print the "
+                        "val metrics and write OUTPUT/eval.json")
     return p
 
 
@@ -146,8 +174,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--check-vjp compares the two VJP modes of the S-IB loss; it has no use with --no-sib")
     if args.image_size is None:
         args.image_size = 64 if synthetic else 224
-    if args.lr is None:
-        args.lr = SYNTHETIC_LR if synthetic else PAPER_LR
+    if args.lr is None:  # fine-tuning takes the paper's rate, on synthetic data too
+        args.lr = SYNTHETIC_LR if synthetic and not args.pretrained else PAPER_LR
     if args.train_samples is None:
         args.train_samples = SYNTHETIC_TRAIN_SAMPLES if synthetic else 0
     if args.val_samples is None:
@@ -177,6 +205,16 @@ def validate(args: argparse.Namespace) -> None:
                          f"and --val-samples >= 1 for synthetic data")
     if not 0.0 <= args.spurious <= 1.0:
         raise UsageError(f"--spurious must be a probability in [0, 1], got {args.spurious}")
+    if not (math.isfinite(args.label_smoothing) and 0.0 <= args.label_smoothing < 1.0):
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be >= 1 steps, got {args.checkpoint_every}")
+    if args.eval_only and args.resume:
+        raise UsageError("--eval-only scores OUTPUT/checkpoint.pt without training; it has no use with --resume")
+    try:
+        schedule.check(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     _finite("lr", args.lr, 0.0, strict=True)
     _finite("weight-decay", args.weight_decay, 0.0)
     _finite("lambda-fg", args.lambda_fg, 0.0)
@@ -206,6 +244,8 @@ def validate(args: argparse.Namespace) -> None:
         check_arch(args.arch)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.pretrained is not None and not args.resume and not args.eval_only:  # else the checkpoint's weights
+        pretrained.locate(args.pretrained, args.arch)
     # a named backend that cannot run here, or not at this temperature, is a bad argument ('auto' falls
     # back, with a note that the run logs: resolving it here would use up that once-only warning)
     if args.backend != "auto":
@@ -216,8 +256,9 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--backend {args.backend}: {exc}") from None
     # last, once every other argument is known good: the output folder must be writable (creates nothing)
     check_output_dir(args.output, "--output", OUTPUT_FILES)
-    if args.resume and not (Path(args.output) / CHECKPOINT).is_file():
-        raise UsageError(f"--resume: no checkpoint at {Path(args.output) / CHECKPOINT}")
+    for flag, wanted in (("--resume", args.resume), ("--eval-only", args.eval_only)):
+        if wanted and not (Path(args.output) / CHECKPOINT).is_file():
+            raise UsageError(f"{flag}: no checkpoint at {Path(args.output) / CHECKPOINT}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""The held-out pass at each ``sib-train`` epoch's end: validation accuracy, and on the first
-batches the S-IB statistics of R and the share of |R| on the object (the ``val_*`` fields of
+"""The held-out pass at each ``sib-train`` epoch's end (and of ``--eval-only``): validation
+accuracy (top-1, and top-5 with more than 5 classes), and on the first batches the S-IB
+statistics of R and the share of |R| on the object (the ``val_*`` fields of
 ``metrics.jsonl``), summed over every rank."""
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from sib_fast.vjp import input_vjp
 
 @torch.no_grad()
 def evaluate(model, loader, d: Dist, normalize, criterion: SIBLoss, amp_dtype, channels_last, saliency_batches=2,
-             on_bad=lambda bad: None) -> dict:
-    """Validation accuracy, and on the first batches the S-IB statistics of R (and, with masks,
-    the fraction of |R| that falls on the object). ``on_bad`` gets each batch's skipped files."""
+             on_bad=lambda bad: None, num_classes: int = 0) -> dict:
+    """Validation accuracy (``val_acc5``: top-5, None with 5 classes or fewer), and on the first
+    batches the S-IB statistics of R (and, with masks, the fraction of |R| that falls on the
+    object). ``on_bad`` gets each batch's skipped files; ``num_classes``: the model's."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = correct5 = total = 0
     hsic_sum = bg_sum = n_sal = fg_sum = area_sum = n_fg = 0.0
     autocast = (torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
@@ -52,10 +54,19 @@ def evaluate(model, loader, d: Dist, normalize, criterion: SIBLoss, amp_dtype, c
             with autocast:
                 logits = model(x)
         correct += int((logits.argmax(1) == y).sum())
+        correct5 += top5_correct(logits, y)
         total += x.shape[0]
-    correct, total, hsic_sum, bg_sum, n_sal, fg_sum, area_sum, n_fg = d.sum(
-        [correct, total, hsic_sum, bg_sum, n_sal, fg_sum, area_sum, n_fg])
+    correct, correct5, total, hsic_sum, bg_sum, n_sal, fg_sum, area_sum, n_fg = d.sum(
+        [correct, correct5, total, hsic_sum, bg_sum, n_sal, fg_sum, area_sum, n_fg])
     model.train(was_training)
     return dict(val_acc=correct / max(total, 1),
+                val_acc5=correct5 / max(total, 1) if num_classes > 5 else None,
                 val_hsic=hsic_sum / n_sal if n_sal else None, val_bg=bg_sum / n_sal if n_sal else None,
                 val_fg_fraction=fg_sum / n_fg if n_fg else None, val_fg_area=area_sum / n_fg if n_fg else None)
+
+
+def top5_correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """How many of ``y`` are among the 5 highest logits (0 with 5 classes or fewer: not reported)."""
+    if logits.shape[1] <= 5:
+        return 0
+    return int((logits.topk(5, dim=1).indices == y[:, None]).any(1).sum())

@@ -5,7 +5,8 @@
 ``tiny_vit``, a small ViT; ``tiny_cnn``, a smoke-test CNN; ``vit_s_16`` or ``vit_small``,
 ViT-S/16), a torchvision classification model name (``resnet50``, ``vit_b_16``...) or a
 timm model name (when timm is installed; ``timm/NAME`` forces timm). Weights are initialised
-at random: nothing is downloaded.
+at random: nothing is downloaded (``sib-train --pretrained`` loads weights into the model
+afterwards: ``training/pretrained.py``).
 """
 from __future__ import annotations
 
@@ -126,7 +127,8 @@ BUILTIN = {
 ALIASES = {"vit_small": "vit_s_16"}
 
 
-def _torchvision_names() -> list[str]:
+def torchvision_names() -> list[str]:
+    """torchvision's classification model names (none without torchvision)."""
     try:
         import torchvision
     except ImportError:
@@ -153,7 +155,7 @@ def check_arch(arch: str) -> None:
         if not timm.is_model(arch[5:]):
             raise ValueError(f"--arch {arch!r}: timm has no model named {arch[5:]!r}")
         return
-    tv = _torchvision_names()
+    tv = torchvision_names()
     if arch in tv or (timm is not None and timm.is_model(arch)):
         return
     candidates = list(BUILTIN) + tv + (list(timm.list_models()) if timm is not None else [])
@@ -169,7 +171,7 @@ def build_model(arch: str, num_classes: int, image_size: int = 224) -> nn.Module
     arch = ALIASES.get(arch, arch)
     if arch in BUILTIN:
         return BUILTIN[arch](num_classes, image_size)
-    if arch.startswith("timm/") or arch not in _torchvision_names():
+    if arch.startswith("timm/") or arch not in torchvision_names():
         timm = _timm()
         name = arch[5:] if arch.startswith("timm/") else arch
         kwargs = {"img_size": image_size} if any(k in name for k in ("vit", "deit", "swin", "eva")) else {}

@@ -1,7 +1,8 @@
 """The first phases of a ``sib-train`` run: ``setup`` builds what it needs (seeds, threads, head
-backend, data loaders, model, optimizer, output folder), ``resume`` restores a checkpoint into it,
-``start`` wraps the model (compile, DDP) and writes the opening lines. ``RunState`` carries it all
-to the epochs (``sib_fast.training.loop``)."""
+backend, data loaders, model and its ``--pretrained`` weights, optimizer, learning-rate schedule,
+output folder), ``resume`` restores a checkpoint into it (one written at an epoch's end or, by
+``--checkpoint-every``, in the middle of one), ``start`` wraps the model (compile, DDP) and writes
+the opening lines. ``RunState`` carries it all to the epochs (``sib_fast.training.loop``)."""
 from __future__ import annotations
 
 import argparse
@@ -21,24 +22,28 @@ from sib_fast.backends.dispatch import BackendUnavailableError, resolve_backend
 from sib_fast.cli_errors import OutputError, UsageError, atomic_write_text, os_reason, remove_stale_temporaries
 from sib_fast.loss import SIBLoss
 from sib_fast.training import PROG
-from sib_fast.training.checkpoint import CHECKPOINT, TRAIN_KEYS, load_checkpoint
+from sib_fast.training.checkpoint import CHECKPOINT, EVAL_KEYS, TRAIN_KEYS, load_checkpoint
 from sib_fast.training.data import (IMAGENET_STATS, SYNTHETIC_STATS, SkipBadImages, SyntheticObjects, read_image,
                                     skip_bad_collate)
 from sib_fast.training.distributed import Dist, shard
 from sib_fast.training.faults import BadImages, TrainingStopped
 from sib_fast.training.history import CURVES, METRICS, read_metrics
+from sib_fast.training import pretrained, schedule
 from sib_fast.training.models import build_model
-from sib_fast.training.step import DoubleBackwardUnsupportedError, non_smooth_layers, set_rng_state, vjp_agreement
+from sib_fast.training.resumable import ItemSeeded, SkipSampler
+from sib_fast.training.step import (DoubleBackwardUnsupportedError, non_smooth_layers, rng_state, set_rng_state,
+                                    vjp_agreement)
 
 CONFIG = "config.json"
-OUTPUT_FILES = (CHECKPOINT, METRICS, CURVES, CONFIG)
+EVAL = "eval.json"  # --eval-only's result
+OUTPUT_FILES = (CHECKPOINT, METRICS, CURVES, CONFIG, EVAL)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 # --resume: these define the run (its data, model, loss and sampling) and must match the checkpoint;
 # the others may change (--lr, --weight-decay, --epochs, --lambda-fg/bg, --backend...): they take
 # effect and the log names them
 RESUME_KEYS = ("data", "arch", "image_size", "num_classes", "no_sib", "vjp", "window_size", "temperature",
-               "slope", "seed", "batch_size", "train_samples", "spurious", "amp")
-NOT_COMPARED = ("output", "resume")
+               "slope", "seed", "batch_size", "train_samples", "spurious", "amp", "pretrained")
+NOT_COMPARED = ("output", "resume", "eval_only")
 
 
 @dataclass
@@ -57,7 +62,8 @@ class RunState:
     val_set: Dataset
     num_classes: int
     loader_gen: torch.Generator   # reseeded at each epoch: the batches do not depend on where a run resumed
-    sampler: Sampler
+    sampler: SkipSampler          # skips the batches a mid-epoch checkpoint had trained
+    train_items: ItemSeeded       # the training set, its augmentations seeded per image in the workers
     train_loader: DataLoader
     val_loader: DataLoader
     raw_model: nn.Module          # the module itself: the optimizer, checkpoints and --check-vjp use it
@@ -66,9 +72,14 @@ class RunState:
     criterion: SIBLoss
     bad_images: BadImages
     notes: list[str]              # logged after the opening line
+    steps_per_epoch: int
+    lr_schedule: schedule.Schedule
+    pretrained: dict | None = None  # --pretrained: what was loaded, for the checkpoint
     model: nn.Module | None = None  # what the steps call: raw_model, compiled and DDP-wrapped as asked (start)
     run_name: str = ""
     start_epoch: int = 0
+    start_batch: int = 0          # a mid-epoch checkpoint: the batches of start_epoch already trained
+    partial: dict | None = None   # ... and this rank's sums over them (loop.EpochTotals)
     step: int = 0
     records: list[dict] = field(default_factory=list)
     nonfinite_total: int = 0
@@ -178,24 +189,36 @@ def setup(args, d: Dist) -> RunState:
         workers = 0 if args.data == "synthetic" else min(8, max(1, (os.cpu_count() or 1) // max(1, d.world)))
     # synthetic images are rendered once and kept (about 50 KB each at 64px) when loading in-process
     train_set, val_set, num_classes, stats = make_datasets(args, cache=workers == 0)
+    train_set = ItemSeeded(train_set, args.seed)
     loader_gen = torch.Generator()
     if d.enabled:
         from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
-                                     seed=args.seed, drop_last=True)
+        inner = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                   seed=args.seed, drop_last=True)
     else:
-        sampler = RandomSampler(train_set, generator=loader_gen)
+        inner = RandomSampler(train_set, generator=loader_gen)
+    sampler = SkipSampler(inner)
     pin = d.device.type == "cuda"
     # skip_bad_collate: (x, y, mask or None, skipped files); the files travel with the batch from the workers
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
                               drop_last=True, pin_memory=pin, generator=loader_gen, collate_fn=skip_bad_collate)
+    # its own generator: starting the loader draws a worker seed, which must not come from the RNG the
+    # checkpoints save (a resumed process would draw it where the uninterrupted one did not)
     val_loader = DataLoader(shard(val_set, d), batch_size=args.batch_size, shuffle=False,
-                            num_workers=workers, pin_memory=pin, collate_fn=skip_bad_collate)
+                            num_workers=workers, pin_memory=pin, collate_fn=skip_bad_collate,
+                            generator=torch.Generator().manual_seed(args.seed))
     if len(train_loader) == 0:
         raise TrainingStopped(f"the training set ({len(train_set)} images over {d.world} processes) is smaller "
                               f"than one batch of {args.batch_size}")
 
-    model = build_model(args.arch, num_classes, args.image_size).to(d.device)
+    model = build_model(args.arch, num_classes, args.image_size)
+    loaded = None
+    if args.pretrained and not args.resume and not args.eval_only:  # else the checkpoint's weights replace them
+        source = pretrained.locate(args.pretrained, args.arch)
+        left_out, line = pretrained.load_into(model, source, num_classes)
+        notes.append(line)
+        loaded = dict(spec=args.pretrained, kind=source.kind, file=str(source.path), left_out=left_out)
+    model = model.to(d.device)
     if d.main:  # only now: a bad argument or input leaves no folder behind
         _make_output_folder(Path(args.output), notes)
     notes += _model_notes(args, model)
@@ -206,11 +229,14 @@ def setup(args, d: Dist) -> RunState:
     scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
     criterion = SIBLoss(lambda_fg=args.lambda_fg, lambda_bg=args.lambda_bg, window_size=args.window_size,
                         temperature=args.temperature, slope=args.slope, backend=backend)
+    steps = len(train_loader)
     return RunState(args=args, d=d, log=log, t_start=t_start, threads_note=threads_note, backend=backend,
                     amp_dtype=AMP_DTYPES[args.amp], normalize=_normalizer(stats, d.device), train_set=train_set,
                     val_set=val_set, num_classes=num_classes, loader_gen=loader_gen, sampler=sampler,
-                    train_loader=train_loader, val_loader=val_loader, raw_model=model, optimizer=optimizer,
-                    scaler=scaler, criterion=criterion, bad_images=BadImages(d, log), notes=notes)
+                    train_items=train_set, train_loader=train_loader, val_loader=val_loader, raw_model=model,
+                    optimizer=optimizer, scaler=scaler, criterion=criterion, bad_images=BadImages(d, log),
+                    notes=notes, steps_per_epoch=steps, lr_schedule=schedule.from_args(args, steps),
+                    pretrained=loaded)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -232,7 +258,8 @@ def read_resume_checkpoint(args) -> dict:
 
 
 def resume(r: RunState, ckpt: dict) -> None:
-    """Restore ``read_resume_checkpoint``'s checkpoint into ``r``: weights, optimizer, counters, RNG, history."""
+    """Restore ``read_resume_checkpoint``'s checkpoint into ``r``: weights, optimizer, counters, RNG, history,
+    and for a mid-epoch checkpoint where in the epoch it was and the epoch's sums so far."""
     args, d = r.args, r.d
     try:
         r.raw_model.load_state_dict(ckpt["model"])
@@ -242,16 +269,29 @@ def resume(r: RunState, ckpt: dict) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"--resume: {r.out / CHECKPOINT} does not fit this model and optimizer: "
                          f"{first[:300]}") from None
-    # the optimizer state brings the old learning rate and weight decay back: the arguments win
+    # the optimizer state brings the old learning rate and weight decay back: the arguments win (the
+    # rate is set again at every step, by the schedule)
     for group in r.optimizer.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    partial = ckpt.get("partial")
+    if partial is not None and len(partial) != d.world:
+        raise UsageError(f"--resume: {r.out / CHECKPOINT} was written in the middle of an epoch by {len(partial)} "
+                         f"process(es); resume it with as many (now {d.world})")
     if ckpt["changed"]:
         r.changed_line = "; changed: " + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}"
                                                    for k, a, b in ckpt["changed"])
     r.start_epoch, r.step = int(ckpt["epoch"]), int(ckpt["step"])
     r.nonfinite_total = int(ckpt.get("nonfinite_total", 0))
+    r.pretrained = ckpt.get("pretrained")
     r.bad_images = BadImages(d, r.log, ckpt.get("bad_images"))
     r.bad_images.saved_epoch = int(ckpt["epoch"])
+    if partial is not None:
+        mine = partial[d.rank]
+        r.start_batch, r.partial = int(ckpt["batch"]), mine
+        r.consecutive_nonfinite = int(mine["consecutive_nonfinite"])
+        r.bad_images = BadImages(d, r.log, mine["known"])
+        r.bad_images.epoch_new, r.bad_images.total = dict(mine["epoch_new"]), int(mine["bad_total"])
+        r.bad_images.saved_epoch = int(ckpt["epoch"])
     set_rng_state(ckpt["rng"][min(d.rank, len(ckpt["rng"]) - 1)], d.device)
     r.records = [rec for rec in ckpt["records"] if rec["epoch"] <= r.start_epoch]
     if r.start_epoch >= args.epochs:
@@ -276,13 +316,39 @@ def start(r: RunState) -> None:
     r.run_name = f"{args.arch} on {'SyntheticObjects' if args.data == 'synthetic' else args.data}, {mode}"
     r.log(f"{PROG}: {r.run_name}; {len(r.train_set)} train / {len(r.val_set)} val images of {args.image_size}px, "
           f"{r.num_classes} classes; batch {args.batch_size} x {d.world} process(es) on {d.device.type}; "
-          f"window {args.window_size}; lr {args.lr:g}; amp {args.amp}{r.threads_note}; output {r.out}")
+          f"window {args.window_size}; lr {args.lr:g}{_schedule_words(args)}; amp {args.amp}{r.threads_note}; "
+          f"output {r.out}")
     for note in r.notes:
         r.log(f"{PROG}: note: {note}")
     if args.resume:
-        r.log(f"{PROG}: resuming after epoch {r.start_epoch} (step {r.step}){r.changed_line}")
+        where = (f"in epoch {r.start_epoch + 1} after batch {r.start_batch}" if r.partial is not None
+                 else f"after epoch {r.start_epoch}")
+        r.log(f"{PROG}: resuming {where} (step {r.step}){r.changed_line}")
     if args.check_vjp and d.main:
+        saved = rng_state(d.device)  # its batch's augmentations must not move the run's RNG
         r.log(_vjp_check_line(r))
+        set_rng_state(saved, d.device)
+
+
+def _schedule_words(args) -> str:
+    words = "" if args.lr_schedule == "constant" else f" {args.lr_schedule}"
+    if args.lr_schedule == "step":
+        words += f" x{args.lr_gamma:g} at epochs {','.join(f'{m:g}' for m in args.lr_step_epochs)}"
+    if args.warmup_epochs:
+        words += f", warmup {args.warmup_epochs:g} epoch(s)"
+    if args.label_smoothing:
+        words += f"; label smoothing {args.label_smoothing:g}"
+    return words
+
+
+def read_eval_checkpoint(args) -> dict:
+    """``OUTPUT/checkpoint.pt`` for --eval-only: its weights, epoch and step (one line, exit 2 if not usable)."""
+    path = Path(args.output) / CHECKPOINT
+    ckpt = load_checkpoint(path, EVAL_KEYS)
+    old = ckpt["args"].get("arch")
+    if old is not None and old != args.arch:
+        raise UsageError(f"--eval-only: {path} holds a {old!r} model, not --arch {args.arch!r}")
+    return ckpt
 
 
 def _vjp_check_line(r: RunState) -> str:

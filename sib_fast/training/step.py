@@ -149,7 +149,7 @@ def _check_positive_int(name: str, value, minimum: int) -> None:
 
 
 def _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype,
-                     sib_batch, sib_bn, sib_every, step) -> None:
+                     sib_batch, sib_bn, sib_every, step, label_smoothing) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(criterion, SIBLoss):
@@ -177,6 +177,9 @@ def _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autoca
         raise ValueError(f"sib_bn must be one of {SUB_BATCH_NORMS}, got {sib_bn!r}")
     _check_positive_int("sib_every", sib_every, 1)
     _check_positive_int("step", step, 0)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
 
 
 def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: SIBLoss, *,
@@ -184,7 +187,7 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
                  autocast_dtype: torch.dtype | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
                  sib_batch: int | None = None, sib_bn: str = "frozen",
-                 sib_every: int = 1, step: int = 0) -> SIBStats:
+                 sib_every: int = 1, step: int = 0, label_smoothing: float = 0.0) -> SIBStats:
     """Compute the S-IB loss of ``criterion`` on ``(x, target)`` and back-propagate it.
 
     The gradient is *accumulated* into the ``.grad`` of ``model``'s parameters (zero them before,
@@ -214,6 +217,8 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
         sib_every, step: lazy regularization. Only a step with ``step % sib_every == 0`` is an
             S-IB step, with the S-IB terms weighted by ``sib_every``; the others are one plain
             cross-entropy forward and backward (``SIBStats.sib_step`` False, hsic and bg NaN).
+        label_smoothing: of the cross-entropy term (``F.cross_entropy``'s; ``ce`` in the stats
+            is the smoothed one). The S-IB head does not use the labels.
 
     The extra passes (the finite-difference mode's perturbed passes, the sub-batch pass) draw the
     same dropout masks as the first pass (the RNG state is replayed), do not update BatchNorm
@@ -225,7 +230,7 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
             backward; the message suggests ``vjp="finite_difference"``.
     """
     _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype,
-                     sib_batch, sib_bn, sib_every, step)
+                     sib_batch, sib_bn, sib_every, step, label_smoothing)
     device = x.device
     scaler_on = grad_scaler is not None and grad_scaler.is_enabled()
     # R in fp16 underflows (it is often 1e-6..1e-2): differentiate scale * phi, then divide.
@@ -243,7 +248,8 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
 
     if step % sib_every:
         logits = forward(model, x.detach())
-        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target,
+                             label_smoothing=label_smoothing)
         scaled(ce).backward()
         nan = torch.full_like(ce.detach(), math.nan)
         return SIBStats(ce.detach(), ce.detach(), nan, nan, logits.detach(), criterion.backend_used, vjp,
@@ -256,7 +262,8 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
     rng = rng_state(device) if vjp == "finite_difference" or sub else None
     with recorded_batch_statistics(inner, enabled=sub and sib_bn == "frozen") as full_batch_stats:
         logits = forward(model, x)
-    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target,
+                         label_smoothing=label_smoothing)
     after_first = rng_state(device) if rng is not None else None
 
     # the images R and the head see, and how the passes beyond the first normalise
