@@ -122,18 +122,20 @@ def val_name(n: int) -> str:
     return f"ILSVRC2012_val_{n:08d}"
 
 
-def make_imagenet(root: Path, kaggle: bool = False) -> Path:
-    """The plain layout (train/WNID/, flat val/ with the bbox XML beside each image), or the Kaggle
-    download (LOC_synset_mapping.txt, LOC_val_solution.csv, ILSVRC/Data/CLS-LOC, the XML elsewhere)."""
+def make_imagenet(root: Path, kaggle: bool = False, val_folders: bool = False) -> Path:
+    """The plain layout (train/WNID/, flat val/ with the bbox XML beside each image; ``val_folders``:
+    val/WNID/ as valprep.sh sorts it, the XML beside), or the Kaggle download (LOC_synset_mapping.txt,
+    LOC_val_solution.csv, ILSVRC/Data/CLS-LOC, the XML in ILSVRC/Annotations/CLS-LOC/val)."""
     data = root / "ILSVRC" / "Data" / "CLS-LOC" if kaggle else root
     data.mkdir(parents=True)
     for k, wnid in enumerate(WNIDS):
         for j in range(2):
             image(data / "train" / wnid / f"{wnid}_{1000 + j}.JPEG", (37, 37), 100 + 2 * k + j)
     for n, c, size, boxes in IMAGENET_VAL:
-        image(data / "val" / f"{val_name(n)}.JPEG", size, 200 + n)
+        val = data / "val" / WNIDS[c] if val_folders else data / "val"
+        image(val / f"{val_name(n)}.JPEG", size, 200 + n)
         xml = voc_xml("val", val_name(n), size, [(WNIDS[c], b) for b in boxes], "ILSVRC_2012")
-        where = root / "ILSVRC" / "Annotations" / "CLS-LOC" / "val" if kaggle else data / "val"
+        where = root / "ILSVRC" / "Annotations" / "CLS-LOC" / "val" if kaggle else val
         where.mkdir(parents=True, exist_ok=True)
         (where / f"{val_name(n)}.xml").write_text(xml)
     if kaggle:

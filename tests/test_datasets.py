@@ -61,15 +61,21 @@ def imagenet(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sorted_val(tmp_path_factory):
+    return make_imagenet(tmp_path_factory.mktemp("sorted") / "ILSVRC2012", val_folders=True)
+
+
+@pytest.fixture(scope="module")
 def kaggle(tmp_path_factory):
     return make_imagenet(tmp_path_factory.mktemp("kaggle") / "imagenet-object-localization-challenge", kaggle=True)
 
 
 # --------------------------------------------------------------------------- detection
 
-def test_each_layout_is_detected(cub, dogs, imagenet, kaggle, tmp_path):
+def test_each_layout_is_detected(cub, dogs, imagenet, sorted_val, kaggle, tmp_path):
     assert DATA_FORMATS == ("auto", "folder", "cub", "dogs", "imagenet")
-    for root, fmt in ((cub, "cub"), (dogs, "dogs"), (imagenet, "imagenet"), (kaggle, "imagenet")):
+    for root, fmt in ((cub, "cub"), (dogs, "dogs"), (imagenet, "imagenet"), (sorted_val, "imagenet"),
+                      (kaggle, "imagenet")):
         assert detect_format(root, "auto", "train") == fmt and detect_format(root, "auto", "eval") == fmt
         assert detect_format(root, fmt, "eval") == fmt
     for sub in ("train/a", "val/a", "images/a", "masks/a"):
@@ -119,15 +125,17 @@ def test_dogs_labels_and_official_split(dogs):
                                                   (f"{dog_name(2, 1053)}.jpg", 2)]
 
 
-@pytest.mark.parametrize("layout", ["imagenet", "kaggle"])
+@pytest.mark.parametrize("layout", ["imagenet", "kaggle", "sorted_val"])
 def test_imagenet_labels_from_the_train_folders_and_the_val_annotations(layout, request):
     root = request.getfixturevalue(layout)
     train, val, k, _ = training_sets(_args(root))
     data = root / "ILSVRC" / "Data" / "CLS-LOC" if layout == "kaggle" else root
     assert k == 3 and train.classes == WNIDS and len(train) == 6
     assert [y for _, y in train.samples] == [0, 0, 1, 1, 2, 2]
-    assert _rel(val.samples, data / "val") == [(f"{val_name(1)}.JPEG", 2), (f"{val_name(2)}.JPEG", 0),
-                                               (f"{val_name(3)}.JPEG", 1)]
+    expected = [(f"{val_name(1)}.JPEG", 2), (f"{val_name(2)}.JPEG", 0), (f"{val_name(3)}.JPEG", 1)]
+    if layout == "sorted_val":  # val/WNID/: in folder order, labelled by the folder
+        expected = [(f"{WNIDS[y]}/{name}", y) for name, y in sorted(expected, key=lambda t: t[1])]
+    assert _rel(val.samples, data / "val") == expected
 
 
 def test_subsets_keep_the_labels(cub):
@@ -161,11 +169,14 @@ def test_dogs_boxes_union(dogs):
     np.testing.assert_array_equal(ms, _expect([CENTRE, ((27, 32), (0, 3))], [WIDE], [ALL]))
 
 
-@pytest.mark.parametrize("layout, source", [("imagenet", "PASCAL VOC XML"), ("kaggle", "LOC_val_solution.csv")])
+@pytest.mark.parametrize("layout, source", [("imagenet", "PASCAL VOC XML"), ("kaggle", "LOC_val_solution.csv"),
+                                            ("sorted_val", "PASCAL VOC XML")])
 def test_imagenet_val_boxes(layout, source, request):
     es, ys, ms, _ = _masks(request.getfixturevalue(layout))
-    assert es.truth == f"bounding boxes ({source})" and es.classes == WNIDS and ys == [2, 0, 1]
-    np.testing.assert_array_equal(ms, _expect([CENTRE], [WIDE], [CENTRE, ((27, 32), (0, 3))]))
+    expected = {2: [CENTRE], 0: [WIDE], 1: [CENTRE, ((27, 32), (0, 3))]}  # by class: val 1, 2, 3
+    assert es.truth == f"bounding boxes ({source})" and es.classes == WNIDS
+    assert ys == ([0, 1, 2] if layout == "sorted_val" else [2, 0, 1])
+    np.testing.assert_array_equal(ms, _expect(*[expected[y] for y in ys]))
 
 
 def test_box_geometry():
