@@ -11,8 +11,9 @@ setting; it never overlaps a training split) or a folder ``DIR`` with ``DIR/imag
 (class folders as in the ImageFolder the model was trained on) and ``DIR/masks/CLASS/NAME.png``
 (non-zero = object), or a benchmark as it ships (CUB-200-2011's test split with its segmentations
 or boxes, Stanford Dogs' test list, ImageNet's validation split with its boxes: boxes become the
-mask of their union; ``--data-format`` forces the layout, docs/reproducing.md). Every model is explained on the same images, in pixel space ([0, 1] values;
-the training normalisation is part of the explained model), for the true class by default.
+mask of their union; ``--data-format`` forces the layout, docs/reproducing.md). Every model is
+explained on the same images, in pixel space ([0, 1] values; the training normalisation is part
+of the explained model), for the true class by default.
 
 The report folder gets ``report.md`` (one table per metric: method x model, mean and 95%
 bootstrap interval over images, accuracy beside it; and, when several checkpoints share a label

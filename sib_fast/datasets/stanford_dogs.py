@@ -67,7 +67,8 @@ def read_list(root: Path, split: str) -> list[Entry]:
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     for field in ("file_list", "annotation_list", "labels"):
         if field not in mat:
-            raise UsageError(f"{path}: no variable {field!r} (it has {', '.join(k for k in mat if not k.startswith('__'))})")
+            found = ", ".join(k for k in mat if not k.startswith("__"))
+            raise UsageError(f"{path}: no variable {field!r} (it has {found})")
     files = _strings(mat["file_list"], path, "file_list", None)
     notes = _strings(mat["annotation_list"], path, "annotation_list", len(files))
     labels = np.asarray(mat["labels"]).reshape(-1)
