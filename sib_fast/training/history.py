@@ -44,13 +44,15 @@ def plot_curves(records: list[dict], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     panels = [("cross-entropy", [("train_ce", "train")]),
-              ("accuracy", [("train_acc", "train"), ("val_acc", "val")]),
+              ("accuracy", [("train_acc", "train"), ("val_acc", "val"), ("train_acc5", "train top-5"),
+                            ("val_acc5", "val top-5")]),
               ("HSIC (higher: R follows the object)", [("train_hsic", "train"), ("val_hsic", "val")]),
               ("background variance BG", [("train_bg", "train"), ("val_bg", "val")]),
               ("saliency mass on the object", [("val_fg_fraction", "val"), ("val_fg_area", "object area")]),
               ("S-IB weight gradient / cross-entropy's", [("grad_ratio_fg", "lambda_fg exp(-HSIC)"),
                                                            ("grad_ratio_bg", "lambda_bg exp(BG)")]),
-              ("throughput (images/s)", [("images_per_s", "train")])]
+              ("throughput (images/s)", [("images_per_s", "train")]),
+              ("learning rate (last step of the epoch)", [("lr", "lr")])]
     fig = Figure(figsize=(17, 7))  # no constrained layout: it costs seconds on a busy CPU
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=0.25, hspace=0.4)
     FigureCanvasAgg(fig)
