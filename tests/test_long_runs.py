@@ -186,3 +186,53 @@ def test_top5_beside_top1_with_more_than_five_classes(tmp_path, capsys):
     r = _records(tmp_path / "three")[0]
     assert r["train_acc5"] is None and r["val_acc5"] is None
     assert "top-5" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- two processes (gloo)
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, ports: list, out: str, argv: list) -> None:
+    """The three runs in one pair of processes (each process starts in seconds): straight, stopped
+    on every rank after the mid-epoch checkpoint of step 3, as a killed job would be, and resumed."""
+    import os
+    import warnings
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    real = loop._maybe_checkpoint
+
+    def checkpoint_then_stop(r, *a):
+        real(r, *a)
+        if r.step == 3:
+            raise KeyboardInterrupt
+    for port, (name, extra, stop) in zip(ports, (("straight", [], False), ("resumed", [], True),
+                                                 ("resumed", ["--resume"], False))):
+        os.environ["MASTER_PORT"] = str(port)
+        loop._maybe_checkpoint = checkpoint_then_stop if stop else real
+        code = train.main([*TINY, "--arch", "tiny_cnn", "--device", "cpu", "--output", f"{out}/{name}", *argv,
+                           *extra])
+        assert code == (130 if stop else 0), (name, code)
+        if stop and rank == 0:
+            mid = torch.load(f"{out}/{name}/{CHECKPOINT}", weights_only=True)
+            assert (mid["epoch"], mid["batch"], mid["step"]) == (1, 1, 3) and len(mid["partial"]) == 2
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_under_ddp(tmp_path):
+    """Two gloo processes, 2 steps an epoch: stopped after the checkpoint of step 3 (the first batch
+    of epoch 2), resumed, they end as the run that was not stopped, on both ranks."""
+    import torch.multiprocessing as mp
+    argv = ["--train-samples", "32", "--epochs", "2", "--checkpoint-every", "1", "--lr-schedule", "cosine"]
+    mp.spawn(_ddp_worker, args=([_free_port() for _ in range(3)], str(tmp_path), argv), nprocs=2, join=True)
+    a, b = _ckpt(tmp_path / "straight"), _ckpt(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 4 and len(b["rng"]) == 2 and "batch" not in b
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for ra, rb in zip(a["rng"], b["rng"]):
+        assert torch.equal(ra["cpu"], rb["cpu"])
+    assert _records(tmp_path / "straight") == _records(tmp_path / "resumed")
