@@ -2,7 +2,7 @@
 
 With no arguments it trains the small built-in CNN on the embedded ``SyntheticObjects`` data
 on CPU (a few minutes on two cores) and prints a summary. ``--data PATH`` takes an ImageFolder
-root with ``train/`` and ``val/`` (the ImageNet layout); ``torchrun`` runs it on several GPUs or
+root with ``train/`` and ``val/``, or CUB-200-2011, Stanford Dogs or ImageNet as they ship; ``torchrun`` runs it on several GPUs or
 nodes (DDP). Each epoch appends a line to ``OUTPUT/metrics.jsonl``, redraws
 ``OUTPUT/curves.png`` and writes ``OUTPUT/checkpoint.pt`` atomically (also every
 ``--checkpoint-every`` steps); ``--resume`` continues from it, mid-epoch too, and ``--eval-only``
@@ -23,6 +23,7 @@ import torch
 from sib_fast import validation
 from sib_fast.backends.dispatch import BACKEND_NAMES, BackendUnavailableError, resolve_backend
 from sib_fast.cli_errors import UsageError, check_output_dir, run_command
+from sib_fast.datasets import detect_format
 from sib_fast.training import PROG, pretrained, schedule
 from sib_fast.training.checkpoint import CHECKPOINT
 from sib_fast.training.data import CLASSES, DEFAULT_MAX_BAD_IMAGES
@@ -52,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="synthetic",
-                   help="'synthetic' (embedded SyntheticObjects, nothing to download) or an ImageFolder root "
-                        "with train/ and val/ subfolders (the ImageNet layout)")
+                   help="'synthetic' (embedded SyntheticObjects, nothing to download) or a folder: an ImageFolder "
+                        "root with train/ and val/, CUB-200-2011, Stanford Dogs or ImageNet as they ship "
+                        "(docs/reproducing.md)")
     g.add_argument("--data-format", default="auto", choices=("auto", "folder", "cub", "dogs", "imagenet"),
                    dest="data_format",
                    help="the --data folder's layout (default: detected from its files; docs/reproducing.md)")
@@ -160,14 +162,10 @@ def validate(args: argparse.Namespace) -> None:
     """Check every argument before any work; raise UsageError with one clear line."""
     synthetic = args.data == "synthetic"
     if not synthetic:
-        root = Path(args.data)
-        if not root.is_dir():
-            raise UsageError(f"--data {args.data!r}: no such folder (use 'synthetic' or an ImageFolder root "
-                             "with train/ and val/)")
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise UsageError(f"--data {args.data!r} has no {split}/ subfolder (expected the ImageNet layout: "
-                                 "ROOT/train/CLASS/*.jpeg and ROOT/val/CLASS/*.jpeg)")
+        # the layout (ImageFolder, CUB-200-2011, Stanford Dogs, ImageNet), or one line on what is missing
+        detect_format(Path(args.data), args.data_format, "train")
+    elif args.data_format != "auto":
+        raise UsageError(f"--data-format {args.data_format} applies to a --data folder, not to synthetic data")
         if args.spurious:
             raise UsageError("--spurious applies to --data synthetic only")
     if args.check_vjp and args.no_sib:

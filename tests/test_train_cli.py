@@ -8,7 +8,6 @@ import math
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ is the sampling noise of taking the head on b of B images, the baseline of the o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch

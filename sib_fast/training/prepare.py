@@ -16,15 +16,14 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from sib_fast.backends.dispatch import BackendUnavailableError, resolve_backend
 from sib_fast.cli_errors import OutputError, UsageError, atomic_write_text, os_reason, remove_stale_temporaries
 from sib_fast.loss import SIBLoss
 from sib_fast.training import PROG
 from sib_fast.training.checkpoint import CHECKPOINT, EVAL_KEYS, TRAIN_KEYS, load_checkpoint
-from sib_fast.training.data import (IMAGENET_STATS, SYNTHETIC_STATS, SkipBadImages, SyntheticObjects, read_image,
-                                    skip_bad_collate)
+from sib_fast.training.data import SYNTHETIC_STATS, SyntheticObjects, skip_bad_collate
 from sib_fast.training.distributed import Dist, shard
 from sib_fast.training.faults import BadImages, TrainingStopped
 from sib_fast.training.history import CURVES, METRICS, read_metrics
@@ -91,13 +90,6 @@ class RunState:
     @property
     def out(self) -> Path:
         return Path(self.args.output)
-
-
-def _subset(dataset, n: int, seed: int):
-    if n <= 0 or n >= len(dataset):
-        return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    return Subset(dataset, sorted(idx.tolist()))
 
 
 def make_datasets(args, cache: bool = False):
