@@ -6,8 +6,9 @@ from typing import NamedTuple
 import torch
 
 from sib_fast.backends.dispatch import backend_module, resolve_backend
+from sib_fast.backends.random_features import projected_hsic
 from sib_fast.backends.reference import whole_image_window
-from sib_fast.validation import check_head_inputs, check_mask_inputs
+from sib_fast.validation import check_head_inputs, check_mask_inputs, check_random_features
 
 
 class SIBTerms(NamedTuple):
@@ -40,14 +41,30 @@ def spatial_mask(R: torch.Tensor, *, window_size: int = 31, temperature: float =
 
 
 def sib_terms(R: torch.Tensor, x: torch.Tensor, *, window_size: int = 31, temperature: float = 0.1,
-              slope: float = 10.0, backend: str = "auto") -> SIBTerms:
+              slope: float = 10.0, backend: str = "auto", hsic_features: int | None = None,
+              projection_seed: int | None = None) -> SIBTerms:
     """HSIC, background variance and mask of R and x (docs/loss.md sections 3-5).
 
-    Differentiable with respect to R, and to x when it requires grad.
+    With ``hsic_features`` F, hsic is the random-feature HSIC_F of docs/loss.md section 4b: U and
+    V projected by the D x F Gaussian matrix of ``projection_seed`` (an int in [0, 2**63),
+    required then), which the fused backends never store (docs/random_features.md). bg and
+    the mask do not change. Differentiable with respect to R, and to x when it requires grad.
     """
     check_head_inputs(R, x, window_size, temperature, slope)
+    check_random_features(R, hsic_features, projection_seed)
     if R.dtype != x.dtype:  # every backend reads R and x in one dtype; mixed inputs (rare) are promoted
         dtype = torch.promote_types(R.dtype, x.dtype)
         R, x = R.to(dtype), x.to(dtype)
-    module = _backend_for(R, backend, temperature)
-    return SIBTerms(*module.sib_terms(R, x, _window_for(R, window_size), float(temperature), float(slope)))
+    window = _window_for(R, window_size)
+    if hsic_features is None:
+        module = _backend_for(R, backend, temperature)
+        return SIBTerms(*module.sib_terms(R, x, window, float(temperature), float(slope)))
+    name = resolve_backend(R.device, backend, float(temperature), R.dtype, projection=True)
+    module = backend_module(name)
+    features, seed = int(hsic_features), int(projection_seed)
+    if name == "reference":  # docs/loss.md section 4b as written, W materialised
+        return SIBTerms(*module.sib_terms(R, x, window, float(temperature), float(slope), features, seed))
+    # the fused head for bg and the mask (its own hsic unused), the fused projections for HSIC_F
+    _, bg, mask = module.sib_terms(R, x, window, float(temperature), float(slope))
+    proj, sq = module.masked_projection(R, x, mask, features, seed)
+    return SIBTerms(projected_hsic(proj, sq), bg, mask)

@@ -1,9 +1,11 @@
 """Autograd and fake kernels of the fused head ops, registered once for any op namespace.
 
 The compiled extension registers ``sib_fast::sib_head_forward`` and ``sib_head_backward``
-(schemas in ``csrc/sib_head.cpp``); the CUDA emulation test registers the same pair as
-``sib_fast_emu::``. ``register_head_ops`` gives either pair its autograd formula (the
-backward op) and fake kernels (so the ops trace under ``torch.compile``).
+and the random-feature HSIC's ``masked_projection_forward`` and ``_backward`` (schemas in
+``csrc/sib_head_schema.h``); the CUDA emulation test registers the same ops as
+``sib_fast_emu::``. ``register_head_ops`` and ``register_projection_ops`` give either
+namespace's pairs their autograd formula (the backward op) and fake kernels (so the ops trace
+under ``torch.compile``).
 """
 from __future__ import annotations
 
@@ -66,4 +68,45 @@ def register_head_ops(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::sib_head_backward")(_backward_fake)
     torch.library.register_autograd(f"{namespace}::sib_head_forward", head_backward, setup_context=_setup_context)
     torch.library.register_autograd(f"{namespace}::sib_head_backward", refuse_higher_order_gradient,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+def _projection_forward_fake(R, x, mask, features, seed):
+    dtype = compute_dtype(R, x)
+    B = R.shape[0]
+    return R.new_empty((2, B, features), dtype=dtype), R.new_empty((2, B), dtype=dtype)
+
+
+def _projection_backward_fake(grad_proj, grad_sq, R, x, mask, features, seed, compute_grad_x):
+    return (torch.empty_like(R), torch.empty_like(x) if compute_grad_x else x.new_empty(0),
+            torch.empty_like(mask))
+
+
+def _projection_setup_context(ctx, inputs, output):
+    R, x, mask, features, seed = inputs
+    ctx.save_for_backward(R, x, mask)
+    ctx.projection = (features, seed)
+    ctx.set_materialize_grads(False)  # sq's gradient is often None: the op takes None for it
+
+
+def register_projection_ops(namespace: str) -> None:
+    """Autograd formula and fake kernels for ``<namespace>::masked_projection_forward`` and
+    ``masked_projection_backward`` (docs/loss.md section 4b; docs/random_features.md)."""
+    backward_op = getattr(torch.ops, namespace).masked_projection_backward
+
+    def projection_backward(ctx, grad_proj, grad_sq):
+        R, x, mask = ctx.saved_tensors
+        features, seed = ctx.projection
+        if grad_proj is None:  # only sq used: the op's grad_proj is not optional
+            grad_proj = mask.new_zeros((2, R.shape[0], features))
+        want_grad_x = ctx.needs_input_grad[1]
+        grad_R, grad_x, grad_mask = backward_op(grad_proj, grad_sq, R, x, mask, features, seed, want_grad_x)
+        return (grad_R, grad_x if want_grad_x else None, grad_mask if ctx.needs_input_grad[2] else None,
+                None, None)
+
+    torch.library.register_fake(f"{namespace}::masked_projection_forward")(_projection_forward_fake)
+    torch.library.register_fake(f"{namespace}::masked_projection_backward")(_projection_backward_fake)
+    torch.library.register_autograd(f"{namespace}::masked_projection_forward", projection_backward,
+                                    setup_context=_projection_setup_context)
+    torch.library.register_autograd(f"{namespace}::masked_projection_backward", refuse_higher_order_gradient,
                                     setup_context=lambda ctx, inputs, output: None)

@@ -42,6 +42,7 @@ _BACKEND_MODULES = {
 }
 
 _FUSED_OP = "sib_fast::sib_head_forward"
+_PROJECTION_OP = "sib_fast::masked_projection_forward"  # the random-feature HSIC's (docs/loss.md section 4b)
 
 _LOADED: dict = {}  # backend name -> its imported module
 
@@ -96,6 +97,24 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
             return None
         return f"the 'triton' backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), not {device_type}"
     raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
+
+
+def projection_unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if ``backend`` (able to run on ``device_type``) has the random-feature HSIC's fused
+    projection (``hsic_features``), else why not."""
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        key = "CPU" if backend == "cpu" else "CUDA"
+        try:
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(_PROJECTION_OP, key)
+        except RuntimeError:  # an extension built before the op existed
+            has = False
+        return None if has else f"sib_fast._C has no {key} kernel for {_PROJECTION_OP} (hsic_features)"
+    module = importlib.import_module(_BACKEND_MODULES[backend])
+    if not hasattr(module, "masked_projection"):
+        return f"the '{backend}' backend has no masked_projection (hsic_features) in this version of sib_fast"
+    return None
 
 
 def fused_temperature_limit(dtype: torch.dtype) -> float:
@@ -159,14 +178,15 @@ def _constant_under_compile(fn):
 # Under torch.compile the choice is made once, eagerly, at trace time and baked in.
 @_constant_under_compile
 def resolve_backend(device, backend: str = "auto", temperature: float = 0.1,
-                    dtype: torch.dtype = torch.float32) -> str:
+                    dtype: torch.dtype = torch.float32, projection: bool = False) -> str:
     """The name of the backend that will run for tensors on ``device``, at this soft-quantile
-    temperature, for inputs of ``dtype`` (see ``fused_temperature_limit``).
+    temperature, for inputs of ``dtype`` (see ``fused_temperature_limit``); with ``projection``,
+    one that also has the random-feature HSIC's fused projection (``hsic_features``).
 
     It also imports that backend's module, so that ``backend_module`` is a
     plain lookup (traceable by torch.compile).
     """
-    name = _choose_backend(device, backend)
+    name = _choose_backend(device, backend, projection)
     reason = _temperature_reason(name, temperature, dtype)
     if reason is not None:
         if backend != "auto":
@@ -180,18 +200,23 @@ def resolve_backend(device, backend: str = "auto", temperature: float = 0.1,
     return name
 
 
-def _choose_backend(device, backend: str) -> str:
+def _choose_backend(device, backend: str, projection: bool = False) -> str:
     if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
     device_type = torch.device(device).type
+
+    def reason_for(name):
+        reason = unavailable_reason(name, device_type)
+        return reason if reason is not None or not projection else projection_unavailable_reason(name, device_type)
+
     if backend != "auto":
-        reason = unavailable_reason(backend, device_type)
+        reason = reason_for(backend)
         if reason is not None:
             raise BackendUnavailableError(f"backend '{backend}' is unavailable: {reason}")
         return backend
     reasons = []
     for name in _AUTO_ORDER.get(device_type, ()):
-        reason = unavailable_reason(name, device_type)
+        reason = reason_for(name)
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")

@@ -1,6 +1,6 @@
 """The ``cpu`` and ``cuda`` backends: the fused ops of the compiled extension ``sib_fast._C``.
 
-The op schemas live in ``csrc/sib_head.cpp`` and the kernels in ``csrc/cpu`` and
+The op schemas live in ``csrc/sib_head_schema.h`` and the kernels in ``csrc/cpu`` and
 ``csrc/cuda``; the dispatcher picks the kernel by device. Importing this module loads the
 library and registers the ops' autograd formula and fake kernels (``backends/autograd.py``).
 """
@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 import sib_fast._C  # noqa: F401  (loads the library, which registers the ops)
-from sib_fast.backends.autograd import register_head_ops
+from sib_fast.backends.autograd import register_head_ops, register_projection_ops
 
 register_head_ops("sib_fast")
+register_projection_ops("sib_fast")
 _forward = torch.ops.sib_fast.sib_head_forward
+_projection = torch.ops.sib_fast.masked_projection_forward
 
 
 def sib_terms(R, x, window_size, temperature, slope):
@@ -23,3 +25,8 @@ def sib_terms(R, x, window_size, temperature, slope):
 def spatial_mask(R, window_size, temperature, slope):
     # The mask is a by-product of the head; x = R.detach() only feeds the HSIC it ignores.
     return _forward(R, R.detach(), window_size, temperature, slope)[2]
+
+
+def masked_projection(R, x, mask, features, seed):
+    """(proj, sq) of docs/loss.md section 4b's fused projection, W never stored (docs/random_features.md)."""
+    return _projection(R, x, mask, features, seed)

@@ -17,13 +17,16 @@ ends at |w| = 5.77). d indexes the flattened (C, H, W) image, whatever the memor
 F features; for an odd F the last pair's sine is not used.
 
 Here in plain PyTorch, on int64 tensors holding the 32-bit values: the multiplications by the
-constants are split into 16-bit halves so that no product leaves int64.
+constants are split into 16-bit halves so that no product leaves int64. ``projected_hsic`` is the
+B x F end of the fused backends' HSIC_F: from their projections u W, v W and norms to the HSIC.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from sib_fast.backends.constants import NORM_EPS
 
 MASK32 = 0xFFFFFFFF
 MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
@@ -74,3 +77,30 @@ def gaussian_matrix(seed: int, rows: int, features: int, *, dtype: torch.dtype =
         pair = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=2).flatten(1)
         w[start:start + len(d)] = pair[:, :features].to(dtype)
     return w
+
+
+def _unit(rows: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """rows / norm, NaN for a row whose norm overflowed (docs/numerics.md: never a silent 0)."""
+    return rows / torch.where(torch.isinf(norm), torch.nan, norm)
+
+
+def projected_hsic(proj: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """HSIC_F (docs/loss.md section 4b) from the fused backends' masked_projection outputs.
+
+    ``proj`` (2, B, F) holds u @ W and v @ W, ``sq`` (2, B) the squared norms of u = R*M and
+    v = x*M. Then U_b W = p_b / max(||u_b||, 1e-12), U'_b = U_b W / max(||U_b W||, 1e-12) (NaN
+    where a norm overflows, as the reference's unit rows), and the HSIC of section 4 on U', V'.
+    The fused backends share this B x F post-processing; the reference computes HSIC_F its own
+    way (normalise u, then U @ W), so the tests compare two independent computations.
+    """
+    # sqrt of the clamped square: the same max(||u||, 1e-12), but no 0/0 in the gradient of a
+    # zero row (sqrt's derivative at 0 times the clamp's zero)
+    norm = sq.clamp_min(NORM_EPS * NORM_EPS).sqrt()
+    projected = _unit(proj, norm.unsqueeze(-1))
+    unit = _unit(projected, torch.linalg.vector_norm(projected, dim=-1, keepdim=True).clamp_min(NORM_EPS))
+    B = proj.shape[1]
+    grams = unit @ unit.transpose(1, 2)  # K and L, (2, B, B)
+    # P K P with P = I - 1/B: less the row and column means, plus the grand mean
+    centred = grams - grams.mean(dim=1, keepdim=True) - grams.mean(dim=2, keepdim=True) \
+        + grams.mean(dim=(1, 2), keepdim=True)
+    return (centred[0] * centred[1]).sum() / (B - 1) ** 2

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sib_fast.backends.constants import NORM_EPS, Q_HIGH, Q_LOW, Q_MASK, RANGE_EPS
+from sib_fast.backends.random_features import gaussian_matrix
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -91,16 +92,38 @@ def _unit_rows(u: torch.Tensor) -> torch.Tensor:
     return u / torch.where(torch.isinf(norm), torch.nan, norm.clamp_min(NORM_EPS))
 
 
-def hsic(R: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """docs/loss.md section 4: linear-kernel HSIC between R*M and x*M over the batch."""
-    B = R.shape[0]
-    m = mask.unsqueeze(1)
-    U = _unit_rows((R * m).flatten(1))
-    V = _unit_rows((x * m).flatten(1))
+def _hsic_of_rows(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """docs/loss.md section 4's HSIC of the unit rows U, V (B x n each)."""
+    B = U.shape[0]
     P = torch.eye(B, dtype=U.dtype, device=U.device) - 1.0 / B
     Kc = P @ (U @ U.T) @ P
     Lc = P @ (V @ V.T) @ P
     return (Kc * Lc).sum() / (B - 1) ** 2
+
+
+def hsic(R: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """docs/loss.md section 4: linear-kernel HSIC between R*M and x*M over the batch."""
+    m = mask.unsqueeze(1)
+    return _hsic_of_rows(_unit_rows((R * m).flatten(1)), _unit_rows((x * m).flatten(1)))
+
+
+def random_feature_hsic(R: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """docs/loss.md section 4b, as written: U and V normalised, projected by the materialised
+    D x F matrix ``W``, normalised again, then the HSIC of section 4."""
+    m = mask.unsqueeze(1)
+    U = _unit_rows((R * m).flatten(1))
+    V = _unit_rows((x * m).flatten(1))
+    return _hsic_of_rows(_unit_rows(U @ W), _unit_rows(V @ W))
+
+
+def masked_projection(R: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, features: int, seed: int):
+    """(proj, sq) of the masked_projection ops (csrc/sib_head_schema.h), with W materialised:
+    proj (2, B, F) = u @ W and v @ W, sq (2, B) = ||u||^2 and ||v||^2, u = R*M, v = x*M."""
+    dtype = compute_dtype(R, x)
+    m = mask.to(dtype).unsqueeze(1)
+    u, v = (R.to(dtype) * m).flatten(1), (x.to(dtype) * m).flatten(1)
+    W = gaussian_matrix(seed, u.shape[1], features, dtype=dtype, device=u.device)
+    return torch.stack((u @ W, v @ W)), torch.stack(((u * u).sum(dim=1), (v * v).sum(dim=1)))
 
 
 def background_variance(R: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,12 +133,22 @@ def background_variance(R: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def sib_terms(R: torch.Tensor, x: torch.Tensor, window_size: int = 31,
-              temperature: float = 0.1, slope: float = 10.0):
-    """(hsic, bg, mask) of docs/loss.md sections 3-5, in the compute dtype."""
+              temperature: float = 0.1, slope: float = 10.0, hsic_features: int | None = None,
+              projection_seed: int | None = None):
+    """(hsic, bg, mask) of docs/loss.md sections 3-5, in the compute dtype.
+
+    With ``hsic_features`` F, hsic is section 4b's HSIC_F with the D x F matrix of
+    ``projection_seed`` materialised (sib_fast/backends/random_features.py), as the authors do.
+    """
     dtype = compute_dtype(R, x)
     R, x = R.to(dtype), x.to(dtype)
     mask = spatial_mask(R, window_size, temperature, slope)
-    return hsic(R, x, mask), background_variance(R, mask), mask
+    if hsic_features is None:
+        dependence = hsic(R, x, mask)
+    else:
+        W = gaussian_matrix(projection_seed, R[0].numel(), hsic_features, dtype=dtype, device=R.device)
+        dependence = random_feature_hsic(R, x, mask, W)
+    return dependence, background_variance(R, mask), mask
 
 
 def sib_loss(logits: torch.Tensor, target: torch.Tensor, hsic_value: torch.Tensor,

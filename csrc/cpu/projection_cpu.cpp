@@ -1,0 +1,505 @@
+// CPU kernels of sib_fast::masked_projection_forward / _backward: the random-feature HSIC's
+// projections (docs/loss.md section 4b, docs/random_features.md), with the D x F Gaussian matrix W
+// never stored. Each entry is computed where it is used, from the counter-based generator of
+// sib_fast/backends/random_features.py, in a small tile that lives in L1.
+//
+// Forward: a fixed grid of chunks over d (the flattened (C, H, W) index), one per task; a chunk
+// walks its d-tiles, loads the masked rows u = R*M, v = x*M of all B images for the tile, builds
+// the tile of W a block of features at a time and accumulates proj += [u; v]^T W_tile. The chunks'
+// partial sums are added in chunk order, so results do not depend on the number of threads.
+// Backward: one task per tile of pixels, all channels of each pixel in it, so grad_mask's sum over
+// channels needs no reduction across tasks; W's tile for each channel is built again and
+// du = grad_proj[0] W^T + 2 grad_sq[0] u (dv likewise) comes out of a tile product.
+//
+// Float32 (and half-precision inputs, computed in float32) evaluates W in float32 with
+// polynomials that vectorise (libm's logf/sinf/cosf do not, at -O3 without -ffast-math); float64
+// uses libm and matches the reference's W to rounding. No FMA, as in row_kernels.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/row_kernels.h"
+#include "sib_head_host.h"
+
+namespace sib_fast {
+namespace {
+
+// ---------------------------------------------------------------- the generator
+
+constexpr uint32_t kRowSalt = 0x243f6a88u, kColSalt = 0x85a308d3u;
+
+// lowbias32 (random_features.mix)
+inline uint32_t mix32(uint32_t z) {
+  z ^= z >> 16;
+  z *= 0x7feb352du;
+  z ^= z >> 15;
+  z *= 0x846ca68bu;
+  z ^= z >> 16;
+  return z;
+}
+
+struct SeedKeys {
+  uint32_t row, col;
+  explicit SeedKeys(int64_t seed) {
+    const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(seed)),
+                   hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+    row = mix32(lo ^ mix32(hi ^ kRowSalt));
+    col = mix32(hi ^ mix32(lo ^ kColSalt));
+  }
+};
+
+inline float bits_to_float(int32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+inline int32_t float_to_bits(float f) {
+  int32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+// ln x for x in (0, 1], no libm call: Cephes' logf (mantissa in [sqrt(1/2), sqrt(2)), a degree-9
+// polynomial of m - 1, the exponent's ln 2 in two parts); within 2 ulp, relative accuracy kept
+// near x = 1 where ln x is small.
+inline float log_poly(float x) {
+  const int32_t bits = float_to_bits(x);
+  int32_t e = (bits >> 23) - 126;  // x = m 2^e, m in [1/2, 1)
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  m = low ? (m + m) - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return (m + y) + 0.693359375f * fe;
+}
+
+// One Box-Muller pair from two hash values: W[d, 2j] = r cos(2 pi u2), W[d, 2j+1] = r sin(2 pi u2),
+// r = sqrt(-2 ln u1), u1 = ((h1 >> 8) + 1) / 2^24, u2 = (h2 >> 8) / 2^24.
+struct GaussianPairF {
+  static inline void eval(uint32_t h1, uint32_t h2, float* c, float* s) {
+    const float u1 = static_cast<float>(static_cast<int32_t>(h1 >> 8) + 1) * 5.9604644775390625e-8f;
+    const float radius = std::sqrt(-2.0f * log_poly(u1));
+    // 2 pi u2 reduced exactly on u2's 24-bit grid: the nearest quarter turn q and the rest
+    // r in [-1/8, 1/8] turn; sin and cos of 2 pi r by Cephes' polynomials on [-pi/4, pi/4]
+    const int32_t k = static_cast<int32_t>(h2 >> 8);
+    const int32_t q = (k + (1 << 21)) >> 22;  // 0..4
+    const float x = static_cast<float>(k - (q << 22)) * (6.28318530717958648f * 5.9604644775390625e-8f);
+    const float z = x * x;
+    const float sn = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * x + x;
+    const float cs = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                     0.5f * z + 1.0f;
+    // rotate by q quarter turns: (cos, sin) -> (-sin, cos) per quarter
+    const int32_t quarter = q & 3;
+    const float cq = quarter == 0 ? cs : (quarter == 1 ? -sn : (quarter == 2 ? -cs : sn));
+    const float sq = quarter == 0 ? sn : (quarter == 1 ? cs : (quarter == 2 ? -sn : -cs));
+    *c = radius * cq;
+    *s = radius * sq;
+  }
+};
+
+// Float64: the reference's formula (random_features.gaussian_matrix) with libm.
+struct GaussianPairD {
+  static inline void eval(uint32_t h1, uint32_t h2, double* c, double* s) {
+    const double u1 = static_cast<double>((h1 >> 8) + 1u) * 5.9604644775390625e-8;
+    const double u2 = static_cast<double>(h2 >> 8) * 5.9604644775390625e-8;
+    const double radius = std::sqrt(-2.0 * std::log(u1));
+    const double angle = 6.283185307179586 * u2;
+    *c = radius * std::cos(angle);
+    *s = radius * std::sin(angle);
+  }
+};
+
+template <typename acc_t>
+using GaussianPair = typename std::conditional<std::is_same<acc_t, double>::value, GaussianPairD, GaussianPairF>::type;
+
+// Forward layout: for each of nd rows (a = mix(d ^ row_key)) and nj pairs, the cosines in
+// Wc[t * stride + j] and the sines in Ws[t * stride + j] (lanes over features).
+template <typename acc_t>
+SIB_MULTIVERSION void gaussian_rows(const uint32_t* a, int64_t nd, const uint32_t* b_even, const uint32_t* b_odd,
+                                    int64_t nj, int64_t stride, acc_t* Wc, acc_t* Ws) {
+  for (int64_t t = 0; t < nd; ++t) {
+    const uint32_t at = a[t];
+    acc_t* c = Wc + t * stride;
+    acc_t* s = Ws + t * stride;
+#pragma omp simd
+    for (int64_t j = 0; j < nj; ++j) GaussianPair<acc_t>::eval(mix32(at + b_even[j]), mix32(at + b_odd[j]), c + j, s + j);
+  }
+}
+
+// Backward layout: for each of nj pairs, rows 2j (cosines) and 2j + 1 (sines) of Wt, each of
+// `lanes` consecutive d (lanes over d). The same operations element by element as gaussian_rows,
+// so both see the same bits of W.
+template <typename acc_t>
+SIB_MULTIVERSION void gaussian_cols(const uint32_t* a, int64_t lanes, const uint32_t* b_even, const uint32_t* b_odd,
+                                    int64_t nj, acc_t* Wt) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint32_t e = b_even[j], o = b_odd[j];
+    acc_t* c = Wt + (2 * j) * lanes;
+    acc_t* s = c + lanes;
+#pragma omp simd
+    for (int64_t t = 0; t < lanes; ++t) GaussianPair<acc_t>::eval(mix32(a[t] + e), mix32(a[t] + o), c + t, s + t);
+  }
+}
+
+// ---------------------------------------------------------------- tile products
+
+// 32-byte vectors of the compiler's vector extension (AVX2 registers in the avx2 clone).
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(32)));
+  static constexpr int64_t kLanes = 32 / sizeof(acc_t);
+};
+
+constexpr int64_t kRowBlock = 4;  // rows of [u; v] (or of grad_proj) per register block
+
+// out[r, j] += sum_{t < nd} U[r, t] Wt[t, j] for r < rows (a multiple of kRowBlock), j < cols
+// (a multiple of 2 kLanes); U rows `ld_u` apart, Wt rows `ld_w`, out rows `ld_out`.
+template <typename acc_t>
+SIB_MULTIVERSION void tile_product_forward(const acc_t* U, int64_t ld_u, int64_t rows, int64_t nd, const acc_t* Wt,
+                                           int64_t ld_w, int64_t cols, acc_t* out, int64_t ld_out) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock)
+    for (int64_t j0 = 0; j0 < cols; j0 += 2 * L) {
+      vec acc[kRowBlock][2] = {};
+      for (int64_t t = 0; t < nd; ++t) {
+        vec w0, w1;
+        std::memcpy(&w0, Wt + t * ld_w + j0, sizeof(vec));
+        std::memcpy(&w1, Wt + t * ld_w + j0 + L, sizeof(vec));
+        for (int64_t r = 0; r < kRowBlock; ++r) {
+          const acc_t u = U[(r0 + r) * ld_u + t];
+          acc[r][0] += u * w0;
+          acc[r][1] += u * w1;
+        }
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        acc_t* o = out + (r0 + r) * ld_out + j0;
+        vec o0, o1;
+        std::memcpy(&o0, o, sizeof(vec));
+        std::memcpy(&o1, o + L, sizeof(vec));
+        o0 += acc[r][0];
+        o1 += acc[r][1];
+        std::memcpy(o, &o0, sizeof(vec));
+        std::memcpy(o + L, &o1, sizeof(vec));
+      }
+    }
+}
+
+// T[r, t] += sum_{f < nf} G[r, f] Wt[f, t] for r < rows (a multiple of kRowBlock), t < 2 kLanes:
+// G rows `ld_g` apart, Wt rows 2 kLanes.
+template <typename acc_t>
+SIB_MULTIVERSION void tile_product_backward(const acc_t* G, int64_t ld_g, int64_t rows, int64_t nf, const acc_t* Wt,
+                                            acc_t* T) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    vec acc[kRowBlock][2] = {};
+    for (int64_t f = 0; f < nf; ++f) {
+      vec w0, w1;
+      std::memcpy(&w0, Wt + f * 2 * L, sizeof(vec));
+      std::memcpy(&w1, Wt + f * 2 * L + L, sizeof(vec));
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        const acc_t g = G[(r0 + r) * ld_g + f];
+        acc[r][0] += g * w0;
+        acc[r][1] += g * w1;
+      }
+    }
+    for (int64_t r = 0; r < kRowBlock; ++r) {
+      acc_t* o = T + (r0 + r) * 2 * L;
+      vec o0, o1;
+      std::memcpy(&o0, o, sizeof(vec));
+      std::memcpy(&o1, o + L, sizeof(vec));
+      o0 += acc[r][0];
+      o1 += acc[r][1];
+      std::memcpy(o, &o0, sizeof(vec));
+      std::memcpy(o + L, &o1, sizeof(vec));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- shared layout
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+struct Geometry {
+  int64_t B, C, H, W, N, D, F, pairs, rows;  // rows: 2B rounded up to kRowBlock
+  int64_t sb, sc, sh, sw;                    // R's strides (x has its own, below)
+  Geometry(const at::Tensor& R, int64_t features)
+      : B(R.size(0)), C(R.size(1)), H(R.size(2)), W(R.size(3)), N(R.size(2) * R.size(3)),
+        D(R.size(1) * R.size(2) * R.size(3)), F(features), pairs((features + 1) / 2),
+        rows(round_up(2 * R.size(0), kRowBlock)) {}
+};
+
+// Offset of logical element d = c N + h W + w of image 0 under strides s.
+inline int64_t offset_of(int64_t d, int64_t N, int64_t W, const at::Tensor& t) {
+  const int64_t c = d / N, p = d - c * N, h = p / W, w = p - h * W;
+  return c * t.stride(1) + h * t.stride(2) + w * t.stride(3);
+}
+
+// The hashed column keys b_f = mix(f ^ col_key) of the even and odd features, padded to `padded` pairs.
+void column_keys(const SeedKeys& keys, int64_t padded, std::vector<uint32_t>& b_even, std::vector<uint32_t>& b_odd) {
+  b_even.resize(padded);
+  b_odd.resize(padded);
+  for (int64_t j = 0; j < padded; ++j) {
+    b_even[j] = mix32(static_cast<uint32_t>(2 * j) ^ keys.col);
+    b_odd[j] = mix32(static_cast<uint32_t>(2 * j + 1) ^ keys.col);
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+constexpr int64_t kMaxChunks = 16;     // the forward's fixed grid over d
+constexpr int64_t kMinChunkRows = 1024;
+constexpr int64_t kTileRows = 32;      // d per tile of W in the forward
+constexpr int64_t kPairBlock = 64;     // pairs of features per tile of W
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask_t, int64_t features,
+                    int64_t seed, at::Tensor& proj_t, at::Tensor& sq_t) {
+  const Geometry g(R, features);
+  const SeedKeys keys(seed);
+  constexpr int64_t L = Vec<acc_t>::kLanes;
+  const int64_t padded_pairs = round_up(g.pairs, 2 * L);
+  const int64_t ld = 2 * padded_pairs;  // a partial row: cosine columns, then sine columns
+  std::vector<uint32_t> b_even, b_odd;
+  column_keys(keys, padded_pairs, b_even, b_odd);
+
+  const int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, g.D / kMinChunkRows));
+  const int64_t chunk_rows = (g.D + chunks - 1) / chunks;
+  std::vector<acc_t> partial(chunks * g.rows * ld, acc_t(0));
+  std::vector<double> partial_sq(chunks * 2 * g.B, 0.0);
+  const scalar_t* Rp = R.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const acc_t* mask = mask_t.data_ptr<acc_t>();
+
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> U(g.rows * kTileRows, acc_t(0)), Wc(kTileRows * kPairBlock), Ws(kTileRows * kPairBlock);
+    std::vector<uint32_t> a(kTileRows);
+    std::vector<int64_t> off_r(kTileRows), off_x(kTileRows), pix(kTileRows);
+    for (int64_t k = k0; k < k1; ++k) {
+      acc_t* out = &partial[k * g.rows * ld];
+      double* sq = &partial_sq[k * 2 * g.B];
+      const int64_t d_end = std::min(g.D, (k + 1) * chunk_rows);
+      for (int64_t d0 = k * chunk_rows; d0 < d_end; d0 += kTileRows) {
+        const int64_t nd = std::min(kTileRows, d_end - d0);
+        for (int64_t t = 0; t < nd; ++t) {
+          const int64_t d = d0 + t;
+          off_r[t] = offset_of(d, g.N, g.W, R);
+          off_x[t] = offset_of(d, g.N, g.W, x);
+          pix[t] = d % g.N;
+          a[t] = mix32(static_cast<uint32_t>(d) ^ keys.row);
+        }
+        for (int64_t b = 0; b < g.B; ++b) {
+          const scalar_t* Rb = Rp + b * R.stride(0);
+          const scalar_t* xb = xp + b * x.stride(0);
+          const acc_t* mb = mask + b * g.N;
+          acc_t* u = &U[b * kTileRows];
+          acc_t* v = &U[(g.B + b) * kTileRows];
+          double su = 0.0, sv = 0.0;
+          for (int64_t t = 0; t < nd; ++t) {
+            u[t] = mb[pix[t]] * static_cast<acc_t>(Rb[off_r[t]]);
+            v[t] = mb[pix[t]] * static_cast<acc_t>(xb[off_x[t]]);
+            su += static_cast<double>(u[t] * u[t]);
+            sv += static_cast<double>(v[t] * v[t]);
+          }
+          sq[b] += su;
+          sq[g.B + b] += sv;
+        }
+        for (int64_t j0 = 0; j0 < padded_pairs; j0 += kPairBlock) {
+          const int64_t nj = std::min(kPairBlock, padded_pairs - j0);
+          gaussian_rows(a.data(), nd, &b_even[j0], &b_odd[j0], nj, kPairBlock, Wc.data(), Ws.data());
+          tile_product_forward(U.data(), kTileRows, g.rows, nd, Wc.data(), kPairBlock, nj, out + j0, ld);
+          tile_product_forward(U.data(), kTileRows, g.rows, nd, Ws.data(), kPairBlock, nj, out + padded_pairs + j0,
+                               ld);
+        }
+      }
+    }
+  });
+
+  // the chunks' partials in chunk order, in double
+  acc_t* proj = proj_t.data_ptr<acc_t>();  // (2, B, F): row r = m B + b of [u; v]
+  for (int64_t r = 0; r < 2 * g.B; ++r)
+    for (int64_t f = 0; f < g.F; ++f) {
+      const int64_t col = (f % 2 == 0 ? 0 : padded_pairs) + f / 2;
+      double total = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) total += static_cast<double>(partial[(k * g.rows + r) * ld + col]);
+      proj[r * g.F + f] = static_cast<acc_t>(total);
+    }
+  acc_t* sq = sq_t.data_ptr<acc_t>();
+  for (int64_t r = 0; r < 2 * g.B; ++r) {
+    double total = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) total += partial_sq[k * 2 * g.B + r];
+    sq[r] = static_cast<acc_t>(total);
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const at::Tensor& grad_proj, const at::Tensor& grad_sq, const at::Tensor& R, const at::Tensor& x,
+                     const at::Tensor& mask_t, int64_t features, int64_t seed, at::Tensor& dR_t, at::Tensor* dx_t,
+                     at::Tensor& dmask_t) {
+  const Geometry g(R, features);
+  const SeedKeys keys(seed);
+  constexpr int64_t kPixels = 2 * Vec<acc_t>::kLanes;  // pixels per task tile: one register row
+  std::vector<uint32_t> b_even, b_odd;
+  column_keys(keys, g.pairs, b_even, b_odd);
+
+  // grad_proj as rows of [du; dv]'s factor, padded to g.rows; twice grad_sq per row
+  std::vector<acc_t> G(g.rows * g.F, acc_t(0)), sq2(g.rows, acc_t(0));
+  const acc_t* gp = grad_proj.data_ptr<acc_t>();
+  std::copy(gp, gp + 2 * g.B * g.F, G.begin());
+  if (grad_sq.defined()) {
+    const acc_t* gs = grad_sq.data_ptr<acc_t>();
+    for (int64_t r = 0; r < 2 * g.B; ++r) sq2[r] = acc_t(2) * gs[r];
+  }
+  const scalar_t* Rp = R.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* dRp = dR_t.data_ptr<scalar_t>();
+  scalar_t* dxp = dx_t ? dx_t->data_ptr<scalar_t>() : nullptr;
+  const acc_t* mask = mask_t.data_ptr<acc_t>();
+  acc_t* dmask = dmask_t.data_ptr<acc_t>();
+  const int64_t tiles = (g.N + kPixels - 1) / kPixels;
+
+  at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<acc_t> T(g.rows * kPixels), Wt(2 * kPairBlock * kPixels), dm(g.B * kPixels);
+    std::vector<uint32_t> a(kPixels);
+    std::vector<int64_t> off_r(kPixels), off_x(kPixels), off_dr(kPixels), off_dx(kPixels);
+    for (int64_t tile = i0; tile < i1; ++tile) {
+      const int64_t p0 = tile * kPixels, np = std::min(kPixels, g.N - p0);
+      std::fill(dm.begin(), dm.end(), acc_t(0));
+      for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t d0 = c * g.N + p0;
+        for (int64_t t = 0; t < kPixels; ++t) {  // lanes past the image: hashed, never stored
+          a[t] = mix32(static_cast<uint32_t>(d0 + t) ^ keys.row);
+          if (t < np) {
+            off_r[t] = offset_of(d0 + t, g.N, g.W, R);
+            off_x[t] = offset_of(d0 + t, g.N, g.W, x);
+            off_dr[t] = offset_of(d0 + t, g.N, g.W, dR_t);
+            off_dx[t] = dx_t ? offset_of(d0 + t, g.N, g.W, *dx_t) : 0;
+          }
+        }
+        std::fill(T.begin(), T.end(), acc_t(0));
+        for (int64_t j0 = 0; j0 < g.pairs; j0 += kPairBlock) {
+          const int64_t nj = std::min(kPairBlock, g.pairs - j0);
+          gaussian_cols(a.data(), kPixels, &b_even[j0], &b_odd[j0], nj, Wt.data());
+          const int64_t nf = std::min(2 * nj, g.F - 2 * j0);  // an odd F's last sine is not used
+          tile_product_backward(&G[2 * j0], g.F, g.rows, nf, Wt.data(), T.data());
+        }
+        for (int64_t b = 0; b < g.B; ++b) {
+          const scalar_t* Rb = Rp + b * R.stride(0);
+          const scalar_t* xb = xp + b * x.stride(0);
+          const acc_t* mb = mask + b * g.N + p0;
+          const acc_t* Tu = &T[b * kPixels];
+          const acc_t* Tv = &T[(g.B + b) * kPixels];
+          acc_t* dmb = &dm[b * kPixels];
+          for (int64_t t = 0; t < np; ++t) {
+            const acc_t r = static_cast<acc_t>(Rb[off_r[t]]), xv = static_cast<acc_t>(xb[off_x[t]]), m = mb[t];
+            const acc_t du = Tu[t] + sq2[b] * (m * r);
+            const acc_t dv = Tv[t] + sq2[g.B + b] * (m * xv);
+            dRp[b * dR_t.stride(0) + off_dr[t]] = static_cast<scalar_t>(m * du);
+            if (dxp) dxp[b * dx_t->stride(0) + off_dx[t]] = static_cast<scalar_t>(m * dv);
+            dmb[t] += r * du + xv * dv;  // channels in order: no race, no thread-count dependence
+          }
+        }
+      }
+      for (int64_t b = 0; b < g.B; ++b)
+        for (int64_t t = 0; t < np; ++t) dmask[b * g.N + p0 + t] = dm[b * kPixels + t];
+    }
+  });
+}
+
+// ---------------------------------------------------------------- ops
+
+void check_projection_inputs(const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask, int64_t features,
+                             int64_t seed) {
+  TORCH_CHECK(R.device().is_cpu() && x.device().is_cpu() && mask.device().is_cpu(),
+              "masked_projection (CPU kernel): R, x and mask must be CPU tensors");
+  TORCH_CHECK(R.dim() == 4 && R.sizes() == x.sizes(), "masked_projection: R and x must be (B, C, H, W) of one shape, got ",
+              R.sizes(), " and ", x.sizes());
+  TORCH_CHECK(R.scalar_type() == x.scalar_type(), "masked_projection: R and x must have the same dtype, got ",
+              R.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(mask.dim() == 3 && mask.size(0) == R.size(0) && mask.size(1) == R.size(2) && mask.size(2) == R.size(3),
+              "masked_projection: mask must be (B, H, W) of R's B, H, W, got ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == compute_type(R), "masked_projection: mask must be in the compute dtype ",
+              compute_type(R), ", got ", mask.scalar_type());
+  TORCH_CHECK(R.size(0) >= 1 && R.numel() > 0, "masked_projection: R must not be empty");
+  TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) <= (int64_t(1) << 32),
+              "masked_projection: C*H*W must be at most 2^32 (the generator's row index is 32 bits)");
+  TORCH_CHECK(features >= 1 && features < (int64_t(1) << 31), "masked_projection: features must be in [1, 2^31), got ",
+              features);
+  TORCH_CHECK(seed >= 0, "masked_projection: seed must be >= 0, got ", seed);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_projection_forward_cpu(const at::Tensor& R, const at::Tensor& x,
+                                                                 const at::Tensor& mask, int64_t features,
+                                                                 int64_t seed) {
+  check_projection_inputs(R, x, mask, features, seed);
+  const auto opts = R.options().dtype(compute_type(R));
+  at::Tensor proj = at::empty({2, R.size(0), features}, opts);
+  at::Tensor sq = at::empty({2, R.size(0)}, opts);
+  const at::Tensor m = mask.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(), "masked_projection_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, acc_t>(R, x, m, features, seed, proj, sq);
+  });
+  return {proj, sq};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_projection_backward_cpu(
+    const at::Tensor& grad_proj, const std::optional<at::Tensor>& grad_sq, const at::Tensor& R, const at::Tensor& x,
+    const at::Tensor& mask, int64_t features, int64_t seed, bool compute_grad_x) {
+  check_projection_inputs(R, x, mask, features, seed);
+  const auto acc = compute_type(R);
+  TORCH_CHECK(grad_proj.dim() == 3 && grad_proj.size(0) == 2 && grad_proj.size(1) == R.size(0) &&
+                  grad_proj.size(2) == features,
+              "masked_projection_backward: grad_proj must be (2, B, features), got ", grad_proj.sizes());
+  const at::Tensor gp = grad_proj.to(acc).contiguous();
+  at::Tensor gs;
+  if (grad_sq.has_value() && grad_sq->defined()) {
+    TORCH_CHECK(grad_sq->dim() == 2 && grad_sq->size(0) == 2 && grad_sq->size(1) == R.size(0),
+                "masked_projection_backward: grad_sq must be (2, B), got ", grad_sq->sizes());
+    gs = grad_sq->to(acc).contiguous();
+  }
+  const at::Tensor m = mask.contiguous();
+  at::Tensor dR = at::empty_like(R);
+  at::Tensor dx = compute_grad_x ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dmask = at::empty_like(m);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(), "masked_projection_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t, acc_t>(gp, gs, R, x, m, features, seed, dR, compute_grad_x ? &dx : nullptr, dmask);
+  });
+  return {dR, dx, dmask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sib_fast, CPU, m) {
+  m.impl("masked_projection_forward", &masked_projection_forward_cpu);
+  m.impl("masked_projection_backward", &masked_projection_backward_cpu);
+}
+
+}  // namespace sib_fast
