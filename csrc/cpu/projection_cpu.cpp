@@ -246,7 +246,6 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 struct Geometry {
   int64_t B, C, H, W, N, D, F, pairs, rows;  // rows: 2B rounded up to kRowBlock
-  int64_t sb, sc, sh, sw;                    // R's strides (x has its own, below)
   Geometry(const at::Tensor& R, int64_t features)
       : B(R.size(0)), C(R.size(1)), H(R.size(2)), W(R.size(3)), N(R.size(2) * R.size(3)),
         D(R.size(1) * R.size(2) * R.size(3)), F(features), pairs((features + 1) / 2),
@@ -294,6 +293,7 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, const at::Tensor& 
   const scalar_t* Rp = R.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const acc_t* mask = mask_t.data_ptr<acc_t>();
+  const auto rs = R.strides(), xs = x.strides();
 
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> U(g.rows * kTileRows, acc_t(0)), Wc(kTileRows * kPairBlock), Ws(kTileRows * kPairBlock);
@@ -305,16 +305,21 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, const at::Tensor& 
       const int64_t d_end = std::min(g.D, (k + 1) * chunk_rows);
       for (int64_t d0 = k * chunk_rows; d0 < d_end; d0 += kTileRows) {
         const int64_t nd = std::min(kTileRows, d_end - d0);
+        // (c, h, w) of d0 once, then stepped: no division per element
+        int64_t c = d0 / g.N, p = d0 - c * g.N, h = p / g.W, w = p - h * g.W;
         for (int64_t t = 0; t < nd; ++t) {
-          const int64_t d = d0 + t;
-          off_r[t] = offset_of(d, g.N, g.W, R);
-          off_x[t] = offset_of(d, g.N, g.W, x);
-          pix[t] = d % g.N;
-          a[t] = mix32(static_cast<uint32_t>(d) ^ keys.row);
+          off_r[t] = c * rs[1] + h * rs[2] + w * rs[3];
+          off_x[t] = c * xs[1] + h * xs[2] + w * xs[3];
+          pix[t] = h * g.W + w;
+          a[t] = mix32(static_cast<uint32_t>(d0 + t) ^ keys.row);
+          if (++w == g.W) {
+            w = 0;
+            if (++h == g.H) h = 0, ++c;
+          }
         }
         for (int64_t b = 0; b < g.B; ++b) {
-          const scalar_t* Rb = Rp + b * R.stride(0);
-          const scalar_t* xb = xp + b * x.stride(0);
+          const scalar_t* Rb = Rp + b * rs[0];
+          const scalar_t* xb = xp + b * xs[0];
           const acc_t* mb = mask + b * g.N;
           acc_t* u = &U[b * kTileRows];
           acc_t* v = &U[(g.B + b) * kTileRows];
@@ -391,17 +396,18 @@ void backward_kernel(const at::Tensor& grad_proj, const at::Tensor& grad_sq, con
     for (int64_t tile = i0; tile < i1; ++tile) {
       const int64_t p0 = tile * kPixels, np = std::min(kPixels, g.N - p0);
       std::fill(dm.begin(), dm.end(), acc_t(0));
+      for (int64_t t = 0; t < np; ++t) {  // the pixels' offsets in channel 0
+        off_r[t] = offset_of(p0 + t, g.N, g.W, R);
+        off_x[t] = offset_of(p0 + t, g.N, g.W, x);
+        off_dr[t] = offset_of(p0 + t, g.N, g.W, dR_t);
+        off_dx[t] = dx_t ? offset_of(p0 + t, g.N, g.W, *dx_t) : 0;
+      }
       for (int64_t c = 0; c < g.C; ++c) {
         const int64_t d0 = c * g.N + p0;
-        for (int64_t t = 0; t < kPixels; ++t) {  // lanes past the image: hashed, never stored
+        for (int64_t t = 0; t < kPixels; ++t)  // lanes past the image: hashed, never stored
           a[t] = mix32(static_cast<uint32_t>(d0 + t) ^ keys.row);
-          if (t < np) {
-            off_r[t] = offset_of(d0 + t, g.N, g.W, R);
-            off_x[t] = offset_of(d0 + t, g.N, g.W, x);
-            off_dr[t] = offset_of(d0 + t, g.N, g.W, dR_t);
-            off_dx[t] = dx_t ? offset_of(d0 + t, g.N, g.W, *dx_t) : 0;
-          }
-        }
+        const int64_t cr = c * R.stride(1), cx = c * x.stride(1), cdr = c * dR_t.stride(1),
+                      cdx = dx_t ? c * dx_t->stride(1) : 0;
         std::fill(T.begin(), T.end(), acc_t(0));
         for (int64_t j0 = 0; j0 < g.pairs; j0 += kPairBlock) {
           const int64_t nj = std::min(kPairBlock, g.pairs - j0);
@@ -417,11 +423,12 @@ void backward_kernel(const at::Tensor& grad_proj, const at::Tensor& grad_sq, con
           const acc_t* Tv = &T[(g.B + b) * kPixels];
           acc_t* dmb = &dm[b * kPixels];
           for (int64_t t = 0; t < np; ++t) {
-            const acc_t r = static_cast<acc_t>(Rb[off_r[t]]), xv = static_cast<acc_t>(xb[off_x[t]]), m = mb[t];
+            const acc_t r = static_cast<acc_t>(Rb[cr + off_r[t]]), xv = static_cast<acc_t>(xb[cx + off_x[t]]);
+            const acc_t m = mb[t];
             const acc_t du = Tu[t] + sq2[b] * (m * r);
             const acc_t dv = Tv[t] + sq2[g.B + b] * (m * xv);
-            dRp[b * dR_t.stride(0) + off_dr[t]] = static_cast<scalar_t>(m * du);
-            if (dxp) dxp[b * dx_t->stride(0) + off_dx[t]] = static_cast<scalar_t>(m * dv);
+            dRp[b * dR_t.stride(0) + cdr + off_dr[t]] = static_cast<scalar_t>(m * du);
+            if (dxp) dxp[b * dx_t->stride(0) + cdx + off_dx[t]] = static_cast<scalar_t>(m * dv);
             dmb[t] += r * du + xv * dv;  // channels in order: no race, no thread-count dependence
           }
         }
