@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window-size", type=int, default=None, help="odd box window (default scaled: 31 at 224)")
     g.add_argument("--temperature", type=float, default=0.1)
     g.add_argument("--slope", type=float, default=10.0)
+    g.add_argument("--hsic-features", type=int, default=None, metavar="F",
+                   help="random-feature HSIC (the authors' hsic_rand_feat, e.g. 512): the masked maps projected "
+                        "to F dimensions by a Gaussian matrix drawn anew at every step, never stored "
+                        "(docs/random_features.md); default: the exact HSIC")
     g.add_argument("--backend", default="auto", choices=BACKEND_NAMES + ("auto",), help="S-IB head backend")
     g.add_argument("--vjp", default="exact", choices=VJP_MODES,
                    help="exact: double backward (the paper); finite_difference: first-order passes only "
@@ -233,6 +237,13 @@ def validate(args: argparse.Namespace) -> None:
         validation.check_hyperparameters(args.window_size, args.temperature, args.slope)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"S-IB loss (--window-size, --temperature, --slope): {exc}") from None
+    if args.hsic_features is not None:
+        if args.no_sib:
+            raise UsageError("--hsic-features sets the S-IB loss's HSIC; it has no use with --no-sib")
+        try:
+            validation.check_hsic_features(args.hsic_features)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--hsic-features: {exc}") from None
     if args.compile and args.vjp == "exact" and not args.no_sib:
         raise UsageError("--compile needs --vjp finite_difference: torch.compile does not support the double "
                          "backward of --vjp exact")

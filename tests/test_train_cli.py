@@ -76,6 +76,8 @@ def _bad_cases(tmp_path):
         (["--sib-every", "0"], ["--sib-every", ">= 1"]),
         (["--sib-batch", "1"], ["--sib-batch", ">= 2"]),
         (["--sib-every", "2", "--no-sib"], ["--sib-every", "--no-sib"]),
+        (["--hsic-features", "0"], ["--hsic-features", "hsic_features"]),
+        (["--hsic-features", "16", "--no-sib"], ["--hsic-features", "--no-sib"]),
     ]
 
 
@@ -178,6 +180,24 @@ def test_resume_gives_the_same_weights(tmp_path, vjp):
             assert torch.equal(pa[k], pb[k]), k
     assert [r["epoch"] for r in _records(resumed)] == [1, 2]
     assert _records(resumed)[-1]["train_ce"] == _records(straight)[-1]["train_ce"]
+
+
+def test_random_feature_hsic_trains_and_resumes_to_the_same_weights(tmp_path):
+    """--hsic-features: a fresh projection seed at every step from torch's generator, so a resumed
+    run draws the same matrices as an uninterrupted one; the HSIC it logs is HSIC_F, not HSIC."""
+    code, straight = _run(tmp_path, "--epochs", "2", "--hsic-features", "16", name="straight")
+    assert code == 0
+    code, resumed = _run(tmp_path, "--epochs", "1", "--hsic-features", "16", name="resumed")
+    assert code == 0
+    code, _ = _run(tmp_path, "--epochs", "2", "--hsic-features", "16", "--resume", name="resumed")
+    assert code == 0
+    a, b = _checkpoint(straight), _checkpoint(resumed)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert _records(resumed)[-1]["train_hsic"] == _records(straight)[-1]["train_hsic"]
+    code, exact = _run(tmp_path, "--epochs", "2", name="exact")
+    assert code == 0 and _records(exact)[-1]["train_hsic"] != _records(straight)[-1]["train_hsic"]
+    assert json.loads((straight / CONFIG).read_text())["hsic_features"] == 16
 
 
 def test_gradient_shares_are_measured_logged_and_plotted(tmp_path, capsys):

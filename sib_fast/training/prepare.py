@@ -41,7 +41,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 # the others may change (--lr, --weight-decay, --epochs, --lambda-fg/bg, --backend...): they take
 # effect and the log names them
 RESUME_KEYS = ("data", "arch", "image_size", "num_classes", "no_sib", "vjp", "window_size", "temperature",
-               "slope", "seed", "batch_size", "train_samples", "spurious", "amp", "pretrained")
+               "slope", "seed", "batch_size", "train_samples", "spurious", "amp", "pretrained", "hsic_features")
 NOT_COMPARED = ("output", "resume", "eval_only")
 
 
@@ -220,7 +220,8 @@ def setup(args, d: Dist) -> RunState:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
     criterion = SIBLoss(lambda_fg=args.lambda_fg, lambda_bg=args.lambda_bg, window_size=args.window_size,
-                        temperature=args.temperature, slope=args.slope, backend=backend)
+                        temperature=args.temperature, slope=args.slope, backend=backend,
+                        hsic_features=getattr(args, "hsic_features", None))
     steps = len(train_loader)
     return RunState(args=args, d=d, log=log, t_start=t_start, threads_note=threads_note, backend=backend,
                     amp_dtype=AMP_DTYPES[args.amp], normalize=_normalizer(stats, d.device), train_set=train_set,
