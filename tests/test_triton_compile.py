@@ -4,7 +4,8 @@ The launchers of ``sib_fast.backends.triton.launch`` run on CPU tensors with the
 recorded instead of executed (``record_launches``), planned as for each target's GPU (its
 capability and multiprocessor count: ``planned_for``), at 224x224 (B=128 and B=256) and at small shapes,
 contiguous and channels_last (whose backward planes are strided channels of dR),
-for the head's forward and backward (with and without dx) and the mask alone. Each
+for the head's forward and backward (with and without dx), the mask alone and the random-feature
+projections (F = 512, backward with and without dx and the squared norms' gradient). Each
 recorded launch is specialised exactly as Triton's JIT would (its binder and
 ``_pack_args``) and compiled with ``triton.compile`` for ``GPUTarget("cuda", 80|90, 32)``;
 ``cuobjdump -res-usage`` then gives the registers and the stack (local memory: spills).
@@ -30,7 +31,9 @@ import tempfile
 import pytest
 
 # The passes over R, x and dR: a spill there costs bandwidth on every element.
-HOT_KERNELS = ("_channel_mean_kernel", "_gram_kernel", "_bwd_dm_kernel", "_bwd_dr_kernel")
+HOT_KERNELS = ("_channel_mean_kernel", "_gram_kernel", "_bwd_dm_kernel", "_bwd_dr_kernel", "_projection_kernel",
+               "_projection_backward_kernel")
+PROJECTION_FEATURES = 512  # the random-feature HSIC's projections (issue 22) at the authors' suggested F
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
 # name: (B, C, H, W), channels_last, dtype. The small float64 and bfloat16 cases specialise the
 # kernels for the other compute and input types (a float64 dot, for one, needs its out_dtype).
@@ -70,6 +73,9 @@ def recorded_launches(shape, channels_last, dtype_name, capability):
         mask, stats, sel_idx, sel_w = launch.launch_mask_forward(R, 31, 0.1, 10.0)
         launch.launch_head_backward(None, None, gm, R, R, mask, stats, sel_idx, sel_w, R.new_empty(0),
                                     31, 0.1, 10.0, False, False)
+        proj, sq = launch.launch_projection_forward(R, x, mask, PROJECTION_FEATURES, 2**40 + 7)
+        for grad_sq, want_dx in ((sq, True), (None, False)):
+            launch.launch_projection_backward(proj, grad_sq, R, x, mask, PROJECTION_FEATURES, 2**40 + 7, want_dx)
     return calls
 
 
@@ -129,10 +135,12 @@ def compile_all(shape_name: str, capability: int, variant: str = ""):
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
         regs, stack = _resource_usage(compiled.asm["cubin"])
-        flags = {k: v for k, v in meta.items() if k in ("FROM_G", "BACKWARD", "HEAD", "GRAD_X", "SINGLE", "NQ")}
+        flags = {k: v for k, v in meta.items()
+                 if k in ("FROM_G", "BACKWARD", "HEAD", "GRAD_X", "SINGLE", "NQ", "HAS_SQ", "SPLIT")}
         rows.append(dict(kernel=kernel.__name__, shape=shape_name, sm=capability, variant=variant, grid=list(grid),
                          warps=options.num_warps, stages=options.num_stages,
-                         blocks={k: v for k, v in meta.items() if k in ("BLOCK", "CHUNK", "BB", "BP", "BH", "BW", "RB")},
+                         blocks={k: v for k, v in meta.items()
+                                 if k in ("BLOCK", "CHUNK", "BB", "BP", "BH", "BW", "RB", "BD", "BJ")},
                          flags=flags, regs=regs, spill_bytes=stack, shared=compiled.metadata.shared))
     return rows
 

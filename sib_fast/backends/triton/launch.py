@@ -10,13 +10,15 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from sib_fast.backends import random_features
 from sib_fast.backends.reference import compute_dtype, whole_image_window
 from sib_fast.backends.triton.backward import (_bwd_dm_kernel, _bwd_dr_kernel, _bwd_prep_kernel, _bwd_scalars_kernel,
                                                _t2_scatter_kernel)
 from sib_fast.backends.triton.box import _hbox_kernel, _vbox_kernel
 from sib_fast.backends.triton.buffers import CONST, N_WINDOWS, SLOTS, STATS, rank_table, rank_windows
 from sib_fast.backends.triton.gram import _finalize_kernel, _gram_kernel, _gram_reduce_kernel, _mask_kernel
-from sib_fast.backends.triton.plan import cdiv, make_plan
+from sib_fast.backends.triton.plan import cdiv, make_plan, projection_plan
+from sib_fast.backends.triton.projection import _chunk_sum_kernel, _projection_backward_kernel, _projection_kernel
 from sib_fast.backends.triton.select import _channel_mean_kernel, _select_kernel
 from sib_fast.backends.triton.pixels import strides
 
@@ -220,3 +222,73 @@ def launch_head_backward(grad_hsic, grad_bg, grad_mask, R, x, mask, stats, sel_i
             DOT_PREC=plan.dot_prec, PRESPLIT=plan.bwd_presplit, BB=plan.dr_bb, BP=plan.bwd_bp, **CONST,
             num_warps=plan.bwd_warps, num_stages=plan.bwd_stages)
     return dR, dx
+
+
+# the random-feature projections (projection.py)
+
+def _signed_keys(seed):
+    """The generator's two 32-bit keys as int32 values (the kernels read their bits as uint32),
+    so that every seed gives the kernels the same argument types."""
+    return tuple(k - (1 << 32) if k >= 1 << 31 else k for k in random_features.keys(int(seed)))
+
+
+def _check_projection_inputs(R, x, mask, features):
+    if R.dim() != 4 or x.shape != R.shape or mask.shape != (R.shape[0], *R.shape[2:]):
+        raise ValueError(f"masked_projection: R and x must be (B, C, H, W) and mask (B, H, W), got "
+                         f"{tuple(R.shape)}, {tuple(x.shape)} and {tuple(mask.shape)}")
+    if not (R.device == x.device == mask.device):
+        raise ValueError(f"masked_projection: R, x and mask must be on one device, got {R.device}, {x.device}, "
+                         f"{mask.device}")
+    if R.numel() >= 2**31 or not 1 <= features <= random_features.MAX_FEATURES:
+        raise ValueError(f"masked_projection: needs fewer than 2^31 elements and 1 <= features < 2^31, got "
+                         f"{R.numel()} elements and features={features}")
+
+
+def launch_projection_forward(R, x, mask, features, seed):
+    """(proj (2, B, F), sq (2, B)) in the compute dtype: per-chunk partials, then their sums."""
+    _check_projection_inputs(R, x, mask, features)
+    ct = compute_dtype(R, x)
+    plan = make_plan(R, ct, x)
+    B, C, H, W = R.shape
+    pp = projection_plan(B, C, H * W, features, R.device, plan.strided)
+    m = mask.to(ct).contiguous()
+    proj_part = R.new_empty((pp.chunks, 2, B, features), dtype=ct)
+    sq_part = R.new_empty((pp.chunks, 2, B), dtype=ct)
+    (sRb, sRc, sRh, sRw), flat_r = strides(R)
+    (sxb, sxc, sxh, sxw), flat_x = strides(x)
+    _launch(_projection_kernel, (pp.n_fblocks, pp.chunks, pp.nbb), R, x, m, proj_part, sq_part, B, C, H * W, W,
+            features, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw, *_signed_keys(seed), pp.blocks_per_chunk,
+            FLAT=flat_r and flat_x, CT=plan.tl_ct, DOT_PREC=plan.dot_prec, BB=pp.bb, BD=pp.bd, BJ=pp.bj,
+            num_warps=pp.warps, num_stages=pp.stages)
+    proj = R.new_empty((2, B, features), dtype=ct)
+    sq = R.new_empty((2, B), dtype=ct)
+    for part, out in ((proj_part, proj), (sq_part, sq)):
+        _launch(_chunk_sum_kernel, (cdiv(out.numel(), 1024),), part, out, out.numel(), pp.chunks, CT=plan.tl_ct,
+                BLOCK=1024, num_warps=4)
+    return proj, sq
+
+
+def launch_projection_backward(grad_proj, grad_sq, R, x, mask, features, seed, compute_grad_x):
+    """(dR, dx, dM): dx is empty unless compute_grad_x; grad_sq None counts as zeros."""
+    _check_projection_inputs(R, x, mask, features)
+    ct = compute_dtype(R, x)
+    plan = make_plan(R, ct, x)
+    B, C, H, W = R.shape
+    pp = projection_plan(B, C, H * W, features, R.device, plan.strided)
+    gp = grad_proj.to(ct).contiguous()
+    gs = grad_sq.to(ct).contiguous() if grad_sq is not None else gp
+    m = mask.to(ct).contiguous()
+    dR = torch.empty_like(R)
+    dx = torch.empty_like(x) if compute_grad_x else x.new_empty(0)
+    dM = torch.empty((B, H, W), dtype=mask.dtype, device=mask.device)
+    (sRb, sRc, sRh, sRw), flat_r = strides(R)
+    (sxb, sxc, sxh, sxw), flat_x = strides(x)
+    (sdb, sdc, sdh, sdw), flat_d = strides(dR)
+    (sgb, sgc, sgh, sgw), flat_g = strides(dx) if compute_grad_x else ((0, 0, 0, 0), True)
+    _launch(_projection_backward_kernel, (cdiv(H * W, pp.bwd_bp), pp.bwd_nbb), gp, gs, R, x, m, dR,
+            dx if compute_grad_x else dR, dM, B, C, H * W, W, features, sRb, sRc, sRh, sRw, sxb, sxc, sxh, sxw,
+            sdb, sdc, sdh, sdw, sgb, sgc, sgh, sgw, *_signed_keys(seed), HAS_SQ=grad_sq is not None,
+            GRAD_X=bool(compute_grad_x), FLAT=flat_r and flat_x and flat_d and flat_g, CT=plan.tl_ct,
+            DOT_PREC=plan.dot_prec, BB=pp.bwd_bb, BP=pp.bwd_bp, BJ=pp.bwd_bj, num_warps=pp.warps,
+            num_stages=pp.bwd_stages)
+    return dR, dx, dM

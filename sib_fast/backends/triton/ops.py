@@ -1,6 +1,8 @@
 """The Triton backend's interface: the custom ops ``sib_fast_triton::head_forward``,
-``mask_forward`` and ``head_backward`` (schemas, fake kernels, autograd), and the two
-functions ``sib_fast.backends.dispatch`` calls, ``sib_terms`` and ``spatial_mask``.
+``mask_forward`` and ``head_backward``, and ``projection_forward`` / ``projection_backward``
+(the random-feature HSIC's projections; schemas, fake kernels, autograd), and the functions
+``sib_fast.backends.dispatch`` and ``sib_fast.functional`` call, ``sib_terms``, ``spatial_mask``
+and ``masked_projection``.
 
 The ops compose with autograd and ``torch.compile``; their kernels are in the stage modules
 of this package (docs/triton.md). Under ``TRITON_INTERPRET=1`` (set before this module is
@@ -13,7 +15,8 @@ import torch
 from sib_fast.backends.autograd import refuse_higher_order_gradient
 from sib_fast.backends.reference import compute_dtype
 from sib_fast.backends.triton.buffers import N_WINDOWS, SLOTS, STATS
-from sib_fast.backends.triton.launch import launch_head_backward, launch_head_forward, launch_mask_forward
+from sib_fast.backends.triton.launch import (launch_head_backward, launch_head_forward, launch_mask_forward,
+                                             launch_projection_backward, launch_projection_forward)
 
 Tensor = torch.Tensor
 
@@ -109,7 +112,56 @@ mask_forward.register_autograd(_mask_autograd, setup_context=_mask_setup_context
 head_backward.register_autograd(refuse_higher_order_gradient, setup_context=lambda ctx, inputs, output: None)
 
 
-# the backend interface (sib_fast.backends.dispatch)
+@torch.library.custom_op("sib_fast_triton::projection_forward", mutates_args=())
+def projection_forward(R: Tensor, x: Tensor, mask: Tensor, features: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(proj (2, B, features), sq (2, B)): u @ W, v @ W and ||u||^2, ||v||^2 (projection.py)."""
+    return launch_projection_forward(R, x, mask, features, seed)
+
+
+@projection_forward.register_fake
+def _projection_forward_fake(R, x, mask, features, seed):
+    ct = compute_dtype(R, x)
+    B = R.shape[0]
+    return R.new_empty((2, B, features), dtype=ct), R.new_empty((2, B), dtype=ct)
+
+
+@torch.library.custom_op("sib_fast_triton::projection_backward", mutates_args=())
+def projection_backward(grad_proj: Tensor, grad_sq: Optional[Tensor], R: Tensor, x: Tensor, mask: Tensor,
+                        features: int, seed: int, compute_grad_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_R, grad_x, grad_mask); grad_x is empty unless compute_grad_x."""
+    return launch_projection_backward(grad_proj, grad_sq, R, x, mask, features, seed, compute_grad_x)
+
+
+@projection_backward.register_fake
+def _projection_backward_fake(grad_proj, grad_sq, R, x, mask, features, seed, compute_grad_x):
+    return (torch.empty_like(R), torch.empty_like(x) if compute_grad_x else x.new_empty(0),
+            mask.new_empty((R.shape[0], *R.shape[2:])))
+
+
+def _projection_setup_context(ctx, inputs, output):
+    R, x, mask, features, seed = inputs
+    ctx.save_for_backward(R, x, mask)
+    ctx.hyperparameters = (features, seed)
+    ctx.set_materialize_grads(False)  # sq unused: no (2, B) of zeros, and no 2 gS u term
+
+
+def _projection_autograd(ctx, grad_proj, grad_sq):
+    R, x, mask = ctx.saved_tensors
+    if grad_proj is None:
+        if grad_sq is None:
+            return None, None, None, None, None
+        grad_proj = R.new_zeros((2, R.shape[0], ctx.hyperparameters[0]), dtype=compute_dtype(R, x))
+    want_dx = ctx.needs_input_grad[1]
+    dR, dx, dM = projection_backward(grad_proj, grad_sq, R, x, mask, *ctx.hyperparameters, want_dx)
+    return (dR if ctx.needs_input_grad[0] else None, dx if want_dx else None,
+            dM if ctx.needs_input_grad[2] else None, None, None)
+
+
+projection_forward.register_autograd(_projection_autograd, setup_context=_projection_setup_context)
+projection_backward.register_autograd(refuse_higher_order_gradient, setup_context=lambda ctx, inputs, output: None)
+
+
+# the backend interface (sib_fast.backends.dispatch, sib_fast.functional)
 
 def sib_terms(R, x, window_size, temperature, slope):
     """(hsic, bg, mask) of docs/loss.md sections 3-5; differentiable in R and x."""
@@ -120,3 +172,8 @@ def sib_terms(R, x, window_size, temperature, slope):
 def spatial_mask(R, window_size, temperature, slope):
     """The mask M of docs/loss.md section 3; differentiable in R."""
     return mask_forward(R, int(window_size), float(temperature), float(slope))[0]
+
+
+def masked_projection(R, x, mask, features, seed):
+    """(proj, sq) of the random-feature HSIC (projection.py); differentiable in R, x and mask."""
+    return projection_forward(R, x, mask, int(features), int(seed))

@@ -32,6 +32,11 @@ DEFAULT_TUNABLES = MappingProxyType({
     "HBOX_BLOCK": (4, 128),  # rows x columns per iteration of the row running sums
     "VBOX_BLOCK": (32, 32),  # rows x columns per iteration of the column running sums
     "DOT_PRECISION": "tf32x3",  # input precision of float32 dots on tensor cores (sm_80 on)
+    "PROJ_IMAGE_BLOCK": 64,  # most images per program of the random-feature projections' forward
+    "PROJ_TILE": (32, 32),  # projection forward: rows of W per iteration x column pairs per program
+    "PROJ_BWD_IMAGE_BLOCK": 32,  # the same for their backward
+    "PROJ_BWD_TILE": (64, 16),  # projection backward: pixels per program x column pairs per iteration
+    "PROJ_WARPS": 8,  # warps per projection program
 })
 _tunables = dict(DEFAULT_TUNABLES)
 
@@ -120,6 +125,7 @@ class Plan:
         N = H * W
         self.B, self.C, self.H, self.W, self.N = B, C, H, W, N
         self.ct = ct
+        self.strided = strided_pixels
         self.tl_ct = tl.float64 if ct == torch.float64 else tl.float32
         self.tl_key = tl.int64 if ct == torch.float64 else tl.int32
         self.key_dtype = torch.int64 if ct == torch.float64 else torch.int32
@@ -190,6 +196,51 @@ class Plan:
         n_split = max(1, min(nblocks, cdiv(target, tiles)))
         per_split = cdiv(nblocks, n_split)
         return per_split, cdiv(nblocks, per_split)
+
+
+class ProjectionPlan(NamedTuple):
+    """Blocks and grids of the random-feature projections (projection.py) for one geometry."""
+    bb: int  # forward: images per program (16 at least: a dot operand's minimum)
+    nbb: int  # forward: image blocks (each generates W anew)
+    bd: int  # forward: rows of W (pixels of one channel) per iteration
+    bj: int  # forward: column pairs per program
+    n_fblocks: int  # forward: programs along F
+    blocks_per_chunk: int  # forward: blocks of bd rows per chunk of d
+    chunks: int  # forward: chunks of d, each with its partial products
+    bwd_bb: int  # backward: images per program
+    bwd_nbb: int
+    bwd_bp: int  # backward: pixels per program
+    bwd_bj: int  # backward: column pairs per iteration
+    warps: int
+    stages: int  # forward pipeline stages
+    bwd_stages: int
+
+
+def projection_plan(B: int, C: int, N: int, features: int, device, strided_pixels: bool = False) -> ProjectionPlan:
+    """The projections' plan: forward programs over (F blocks, chunks of d, image blocks), about
+    2 per multiprocessor; the backward one program per pixel block and image block."""
+    t = _tunables
+    num_sms, _ = planned_device(device)
+    bb, bwd_bb = (min(max(16, next_pow2(t[name])), max(16, next_pow2(B)))
+                  for name in ("PROJ_IMAGE_BLOCK", "PROJ_BWD_IMAGE_BLOCK"))
+    nbb = cdiv(B, bb)
+    bd, bj = t["PROJ_TILE"]
+    pairs = (features + 1) // 2
+    bj = min(bj, max(16, next_pow2(pairs)))  # 16: a dot's minimum
+    n_fblocks = cdiv(pairs, bj)
+    per_chunk, chunks = Plan._split(C * cdiv(N, bd), 2 * num_sms, n_fblocks * nbb)
+    bwd_bp, bwd_bj = t["PROJ_BWD_TILE"]
+    if strided_pixels:  # pixels not adjacent (channels_last): 32 or 64 took 255 registers and spilled (3.6, sm_80)
+        bwd_bp = min(bwd_bp, 16)
+    if bwd_bb == 16:  # twice the pairs: with 16 ptxas chose 128 registers and spilled (bfloat16, sm_80)
+        bwd_bj *= 2
+    bwd_bj = min(bwd_bj, max(16, next_pow2(pairs)))
+    # 8 warps: 4 need more registers for the same tiles; 2 forward stages where 3 need more
+    # registers and shared memory, 1 in the backward (2 spill at 32-64 images). The backward's
+    # gradient blocks (images x pairs) are loaded once per BP pixels: 2 BB / BP values per
+    # entry of W, hence its own narrower image block and wider pixel block.
+    return ProjectionPlan(bb, nbb, bd, bj, n_fblocks, per_chunk, chunks, bwd_bb, cdiv(B, bwd_bb), bwd_bp, bwd_bj,
+                          t["PROJ_WARPS"], 2, 1)
 
 
 def make_plan(R: torch.Tensor, ct: torch.dtype, *others: torch.Tensor) -> Plan:
