@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sib_fast
-from sib_fast.backends import reference
+from sib_fast.backends import dispatch, reference
 from sib_fast.backends.random_features import MASK32, gaussian_matrix, keys, mix, projected_hsic
 from comparison import GRADIENT_TOLERANCE, HSIC_FLOOR, RELATIVE_TOLERANCE, assert_matches_reference
 from head_inputs import random_maps, strided_maps
@@ -190,7 +190,7 @@ PROJECTION_SHAPES = [(2, 1, 1, 1), (3, 3, 1, 1), (2, 1, 5, 3), (3, 3, 7, 9), (4,
 @needs_cpu
 @pytest.mark.parametrize("F", [1, 7, 64, 512])
 @pytest.mark.parametrize("shape", PROJECTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_projection_op_matches_reference(shape, F, dtype):
     R, x, mask = _projection_inputs(*shape, dtype, seed=F)
     seed = 1000003 * F + 17
@@ -256,6 +256,46 @@ def test_projection_is_bitwise_repeatable_across_thread_counts():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@needs_cpu
+def test_fused_path_never_stores_the_matrix():
+    # forward + backward at F = 512 on 4 x 3x64x64: W would be 25 MB; the fused path's peak
+    # over the head's is one R-sized gradient and one mask-sized plane (the ops' outputs) and tiles
+    from sib_fast.bench.measure import peak_extra_memory
+
+    R, x = random_maps(4, 3, 64, 64, torch.float32)
+    R.requires_grad_()
+
+    def run(**kwargs):
+        terms = sib_fast.sib_terms(R, x, window_size=9, backend="cpu", **kwargs)
+        return torch.autograd.grad((terms.hsic, terms.bg), (R,))[0]
+
+    run(hsic_features=512, projection_seed=1)  # caches (rank weight tables) are not the step's memory
+    head = peak_extra_memory(run, R.device)["bytes"]
+    fused = peak_extra_memory(lambda: run(hsic_features=512, projection_seed=2), R.device)["bytes"]
+    assert head is not None and fused is not None, "no memory measurement on this machine"
+    r_bytes, plane_bytes = R.numel() * 4, R[:, 0].numel() * 4
+    tiles = 2**20 + 16 * 8 * 512 * 4  # W's tiles, vectors, and the forward's chunk partials (16 x 2B x F)
+    assert fused - head <= r_bytes + plane_bytes + tiles, (head, fused)
+    assert fused < 64 * 3 * 64 * 512 * 4 / 4  # a quarter of W's bytes
+
+
+@needs_cpu
+def test_torch_compile_fullgraph_matches_eager():
+    R, x = random_maps(3, 3, 12, 10, torch.float32, seed=7)
+
+    def loss(R, x):
+        hsic, bg, mask = sib_fast.sib_terms(R, x, window_size=5, backend="cpu", hsic_features=33,
+                                            projection_seed=5)
+        return 1000 * torch.exp(bg) + 0.01 * torch.exp(-hsic) + mask.mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    Re, Rc = R.clone().requires_grad_(), R.clone().requires_grad_()
+    eager, comp = loss(Re, x), compiled(Rc, x)
+    (ge,) = torch.autograd.grad(eager, Re)
+    (gc,) = torch.autograd.grad(comp, Rc)
+    assert torch.equal(eager, comp) and torch.equal(ge, gc)
 
 
 @needs_cpu
@@ -399,6 +439,25 @@ def test_bad_arguments_name_themselves():
         sib_fast.SIBLoss(hsic_features=0)
     with pytest.raises(TypeError, match="hsic_features"):
         sib_fast.SIBLoss(hsic_features=512.0)
+
+
+@needs_cpu
+def test_section_8_rules_and_the_temperature_limit_hold_with_features():
+    R, x = random_maps(3, 2, 6, 6, torch.float32)
+    kwargs = dict(window_size=3, hsic_features=8, projection_seed=1)
+    with pytest.raises(ValueError, match="temperature"):
+        sib_fast.sib_terms(R, x, backend="cpu", temperature=1.0, **kwargs)
+    dispatch._warn_inexact.cache_clear()  # a one-time warning: another test may have had it
+    with pytest.warns(RuntimeWarning, match="reference"):
+        auto = sib_fast.sib_terms(R, x, backend="auto", temperature=1.0, **kwargs)
+    ref = reference.sib_terms(R, x, 3, 1.0, hsic_features=8, projection_seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(auto, ref))
+    with pytest.raises(ValueError, match="same shape"):
+        sib_fast.sib_terms(R, x[:, :1], backend="cpu", **kwargs)
+    with pytest.raises(ValueError, match="window_size"):
+        sib_fast.sib_terms(R, x, backend="cpu", **{**kwargs, "window_size": 4})
+    with pytest.raises(TypeError, match="dtype"):
+        sib_fast.sib_terms(R, x.int(), backend="cpu", **kwargs)
 
 
 # ---------------------------------------------------------------- SIBLoss

@@ -152,9 +152,9 @@ SIB_MULTIVERSION void gaussian_rows(const uint32_t* a, int64_t nd, const uint32_
 // Backward layout: for each of nj pairs, rows 2j (cosines) and 2j + 1 (sines) of Wt, each of
 // `lanes` consecutive d (lanes over d). The same operations element by element as gaussian_rows,
 // so both see the same bits of W.
-template <typename acc_t>
-SIB_MULTIVERSION void gaussian_cols(const uint32_t* a, int64_t lanes, const uint32_t* b_even, const uint32_t* b_odd,
-                                    int64_t nj, acc_t* Wt) {
+template <typename acc_t, int64_t lanes>  // lanes a constant: no remainder loop per pair
+SIB_MULTIVERSION void gaussian_cols(const uint32_t* a, const uint32_t* b_even, const uint32_t* b_odd, int64_t nj,
+                                    acc_t* Wt) {
   for (int64_t j = 0; j < nj; ++j) {
     const uint32_t e = b_even[j], o = b_odd[j];
     acc_t* c = Wt + (2 * j) * lanes;
@@ -288,8 +288,11 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, const at::Tensor& 
 
   const int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, g.D / kMinChunkRows));
   const int64_t chunk_rows = (g.D + chunks - 1) / chunks;
-  std::vector<acc_t> partial(chunks * g.rows * ld, acc_t(0));
-  std::vector<double> partial_sq(chunks * 2 * g.B, 0.0);
+  // from torch's allocator, so that its memory accounting sees them (1 MB at B = 16, F = 512)
+  const at::Tensor partial_t = at::zeros({chunks, g.rows, ld}, mask_t.options());
+  const at::Tensor partial_sq_t = at::zeros({chunks, 2 * g.B}, mask_t.options().dtype(at::kDouble));
+  acc_t* partial = partial_t.data_ptr<acc_t>();
+  double* partial_sq = partial_sq_t.data_ptr<double>();
   const scalar_t* Rp = R.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const acc_t* mask = mask_t.data_ptr<acc_t>();
@@ -300,8 +303,8 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, const at::Tensor& 
     std::vector<uint32_t> a(kTileRows);
     std::vector<int64_t> off_r(kTileRows), off_x(kTileRows), pix(kTileRows);
     for (int64_t k = k0; k < k1; ++k) {
-      acc_t* out = &partial[k * g.rows * ld];
-      double* sq = &partial_sq[k * 2 * g.B];
+      acc_t* out = partial + k * g.rows * ld;
+      double* sq = partial_sq + k * 2 * g.B;
       const int64_t d_end = std::min(g.D, (k + 1) * chunk_rows);
       for (int64_t d0 = k * chunk_rows; d0 < d_end; d0 += kTileRows) {
         const int64_t nd = std::min(kTileRows, d_end - d0);
@@ -374,9 +377,11 @@ void backward_kernel(const at::Tensor& grad_proj, const at::Tensor& grad_sq, con
   column_keys(keys, g.pairs, b_even, b_odd);
 
   // grad_proj as rows of [du; dv]'s factor, padded to g.rows; twice grad_sq per row
-  std::vector<acc_t> G(g.rows * g.F, acc_t(0)), sq2(g.rows, acc_t(0));
+  const at::Tensor G_t = at::zeros({g.rows, g.F}, grad_proj.options());  // torch's allocator: counted
+  acc_t* G = G_t.data_ptr<acc_t>();
+  std::vector<acc_t> sq2(g.rows, acc_t(0));
   const acc_t* gp = grad_proj.data_ptr<acc_t>();
-  std::copy(gp, gp + 2 * g.B * g.F, G.begin());
+  std::copy(gp, gp + 2 * g.B * g.F, G);
   if (grad_sq.defined()) {
     const acc_t* gs = grad_sq.data_ptr<acc_t>();
     for (int64_t r = 0; r < 2 * g.B; ++r) sq2[r] = acc_t(2) * gs[r];
@@ -411,9 +416,9 @@ void backward_kernel(const at::Tensor& grad_proj, const at::Tensor& grad_sq, con
         std::fill(T.begin(), T.end(), acc_t(0));
         for (int64_t j0 = 0; j0 < g.pairs; j0 += kPairBlock) {
           const int64_t nj = std::min(kPairBlock, g.pairs - j0);
-          gaussian_cols(a.data(), kPixels, &b_even[j0], &b_odd[j0], nj, Wt.data());
+          gaussian_cols<acc_t, kPixels>(a.data(), &b_even[j0], &b_odd[j0], nj, Wt.data());
           const int64_t nf = std::min(2 * nj, g.F - 2 * j0);  // an odd F's last sine is not used
-          tile_product_backward(&G[2 * j0], g.F, g.rows, nf, Wt.data(), T.data());
+          tile_product_backward(G + 2 * j0, g.F, g.rows, nf, Wt.data(), T.data());
         }
         for (int64_t b = 0; b < g.B; ++b) {
           const scalar_t* Rb = Rp + b * R.stride(0);
