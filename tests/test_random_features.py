@@ -214,6 +214,41 @@ def test_projection_op_matches_reference(shape, F, dtype):
         assert_matches_reference(a, e, 1e-12 if dtype == torch.float64 else GRADIENT_TOLERANCE[dtype], name)
 
 
+def _kernel_matrix_forward(C, H, W, F, seed, dtype):
+    """W as the cpu forward computes it: image d is the one-hot vector e_d, so proj[0] = W (exact)."""
+    D = C * H * W
+    eye = torch.eye(D, dtype=dtype).reshape(D, C, H, W)
+    return torch.ops.sib_fast.masked_projection_forward(eye, eye, torch.ones(D, H, W, dtype=dtype), F, seed)[0][0]
+
+
+def _kernel_matrix_backward(C, H, W, F, seed, dtype):
+    """W as the cpu backward computes it: image f's grad_proj is e_f, so its grad_R is column f (exact)."""
+    R = torch.zeros(F, C, H, W, dtype=dtype)
+    grad_proj = torch.zeros(2, F, F, dtype=dtype)
+    grad_proj[0] = torch.eye(F, dtype=dtype)
+    grad_R = torch.ops.sib_fast.masked_projection_backward(grad_proj, None, R, R, torch.ones(F, H, W, dtype=dtype),
+                                                           F, seed, False)[0]
+    return grad_R.reshape(F, -1).T
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_compute_the_generators_entries(dtype):
+    # the forward's tiles (lanes over features) and the backward's (lanes over d) hold the same
+    # bits, and both are the generator's W: float32 by polynomials (within 3e-7 of max(|w|, 1)),
+    # float64 by libm (within 1e-15)
+    tol = 3e-7 if dtype == torch.float32 else 1e-15
+    for (C, H, W, F), seed in (((3, 7, 5, 64), 12345), ((1, 9, 11, 7), 2**63 - 1)):
+        forward = _kernel_matrix_forward(C, H, W, F, seed, dtype)
+        assert torch.equal(forward, _kernel_matrix_backward(C, H, W, F, seed, dtype))
+        expected = gaussian_matrix(seed, C * H * W, F)
+        assert ((forward.double() - expected).abs() / expected.abs().clamp_min(1.0)).max() < tol
+    # 400 thousand entries of a larger W through the backward
+    backward = _kernel_matrix_backward(3, 32, 32, 131, 99, dtype).double()
+    expected = gaussian_matrix(99, 3 * 32 * 32, 131)
+    assert ((backward - expected).abs() / expected.abs().clamp_min(1.0)).max() < tol
+
+
 @needs_cpu
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed", "offset"])
 def test_projection_of_strided_maps_equals_the_contiguous_one_bitwise(layout):
