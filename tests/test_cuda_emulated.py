@@ -27,7 +27,7 @@ import torch
 import sib_fast
 from hypothesis import given
 from sib_fast.backends import reference
-from sib_fast.backends.autograd import register_head_ops
+from sib_fast.backends.autograd import register_head_ops, register_projection_ops
 from comparison import (PIECEWISE_CASES, assert_matches_reference, compare_each_output_alone,
                         compare_head_with_reference, compare_piecewise_constant_with_reference)
 from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_nan, non_finite_cases, random_case_maps,
@@ -53,13 +53,14 @@ def _build_and_register():
 
     if not cpp_extension.is_ninja_available():
         pytest.skip("ninja is needed to build the CUDA emulation")
-    sources = [str(EMULATION / f"emu_{part}.cpp") for part in ("head", "gram", "backward", "ops")]
+    sources = [str(EMULATION / f"emu_{part}.cpp") for part in ("head", "gram", "backward", "ops", "projection")]
     cpp_extension.load(name="sib_fast_cuda_emulation", sources=sources,
                        extra_include_paths=[str(ROOT / "csrc"), str(EMULATION)],
                        extra_cflags=["-O1", "-Wno-unknown-pragmas"], with_cuda=False,
                        is_python_module=False, verbose=False)
 
     register_head_ops("sib_fast_emu")
+    register_projection_ops("sib_fast_emu")  # the masked projections (tests/test_cuda_emulated_projection.py)
     _registered = True
 
 
