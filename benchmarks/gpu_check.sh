@@ -7,8 +7,8 @@
 # Every stage has a time cap and leaves time for the stages after it; a stage that runs out is
 # interrupted (SIGINT: sib-bench then saves the rows it finished) and the script goes on.
 # Stages in order: build, each backend's tests, memcheck, head float32 (B=128 first), step,
-# racecheck, head bfloat16, the random-feature projections, Triton plan variants; the later ones get
-# what time is left.
+# racecheck, head bfloat16, the random-feature projections (Triton, CUDA), Triton plan variants;
+# the later ones get what time is left.
 # Results: results.md (the tables, with date, GPU, driver and commit: paste into
 # benchmarks/RESULTS.md), head_*.json / step.json / triton_plans.json (every number),
 # head_float32.png (plot), <stage>.log for each stage, SUMMARY.txt (stage, exit status, seconds).
@@ -188,6 +188,40 @@ for B in (16, 128):
           f"{ms(materialised):.3f} ms", flush=True)
 '
 stage triton_projection 40 0 "$PY" -c "$PROJECTION_TIMING"
+# the same for the CUDA kernels (csrc/cuda/sib_projection_cuda.cu, never run on a GPU before:
+# their largest relative error against the materialised products is printed too)
+CUDA_PROJECTION_TIMING='
+import torch
+from sib_fast.backends import extension
+from sib_fast.backends.random_features import gaussian_matrix
+
+def ms(fn, reps=10):
+    fn(); torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record(); torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+for B in (16, 128):
+    R = (torch.randn(B, 3, 224, 224, device="cuda") * 1e-3).requires_grad_()
+    x = torch.rand(B, 3, 224, 224, device="cuda")
+    mask = torch.rand(B, 224, 224, device="cuda").requires_grad_()
+    gp = torch.randn(2, B, 512, device="cuda")
+    def forward():
+        return extension.masked_projection(R, x, mask, 512, 7)
+    def both():
+        proj, sq = forward()
+        torch.autograd.grad((proj * gp).sum() + sq.sum(), (R, mask))
+    W = gaussian_matrix(7, 3 * 224 * 224, 512, dtype=torch.float32, device="cuda")
+    u = (R.detach() * mask.detach()[:, None]).reshape(B, -1)
+    proj = forward()[0].detach()
+    err = ((proj[0] - u @ W).abs().max() / (u @ W).abs().max()).item()
+    print(f"B={B}: cuda projection forward {ms(forward):.3f} ms, forward+backward {ms(both):.3f} ms; "
+          f"max relative error of u @ W against the materialised product {err:.2e}", flush=True)
+'
+stage cuda_projection 30 0 "$PY" -c "$CUDA_PROJECTION_TIMING"
 # ---- with what time is left: the Triton launch-plan constants chosen without a GPU, against
 # their alternatives (B=128, float32, forward+backward)
 stage triton_plans 90 0 "$PY" -m sib_fast.bench.tune --json "$OUT/triton_plans.json"

@@ -17,7 +17,9 @@ from head_inputs import (LAYOUTS, SMALL_CASES, case_id, check_non_finite_gives_n
                          check_repeated_runs_are_bitwise_equal, non_finite_cases, random_maps, relu_like_maps,
                          strided_maps)
 from memory_budget import check_head_memory_budget
+from projection_contract import compare_projection, maps, upstream
 from sib_fast.backends import dispatch
+from test_random_features import compare_hsic_f_with_reference  # sib_terms(hsic_features=F) against the reference
 
 pytestmark = pytest.mark.gpu
 
@@ -189,3 +191,47 @@ def test_auto_picks_a_fused_backend_on_cuda_tensors():
 @pytest.mark.parametrize("case", PIECEWISE_CASES, ids=lambda c: "b{}-{}x{}-k{}".format(*c))
 def test_piecewise_constant_maps_tie_windows_exactly(case):
     compare_piecewise_constant_with_reference("cuda", case, device=DEVICE)
+
+
+# ---- the random-feature HSIC's masked projections (issue 22; csrc/cuda/sib_projection_cuda.cu),
+# in the emulation in tests/test_cuda_emulated_projection.py; here on the GPU, at real sizes
+
+
+def _cuda_projection(R, x, mask, features, seed):
+    return torch.ops.sib_fast.masked_projection_forward(R, x, mask, features, seed)
+
+
+@pytest.mark.parametrize("B,dtype", [(16, torch.float32), (128, torch.float32), (16, torch.bfloat16),
+                                     (5, torch.float64)], ids=["16-float32", "128-float32", "16-bfloat16", "5-float64"])
+def test_projection_target_shape(B, dtype):
+    # 3x224x224 at F = 512 (the contract's float64 W: 0.6 GB): several chunks and image blocks
+    R, x, mask = maps(B, 3, 224, 224, dtype, seed=9, device=DEVICE)
+    compare_projection(_cuda_projection, R, x, mask, 512, seed=2024, what=f"cuda B={B}")
+
+
+def test_projection_channels_last_odd_features_and_no_grad_x():
+    R, x, mask = maps(5, 3, 37, 29, device=DEVICE, layout="channels_last", seed=10)
+    compare_projection(_cuda_projection, R, x, mask, 77, seed=5, what="cuda channels_last")
+    R, x, mask = maps(20, 1, 31, 33, device=DEVICE, layout="sliced", seed=11)
+    compare_projection(_cuda_projection, R, x, mask, 7, seed=6, x_grad=False, what="cuda sliced")
+
+
+def test_projection_repeated_runs_are_bitwise_equal():
+    R, x, mask = maps(32, 3, 224, 224, seed=11, device=DEVICE)
+    gp, gs = upstream(32, 512, 0, DEVICE)
+    results = []
+    for _ in range(2):
+        R_, x_, m_ = (t.clone().requires_grad_() for t in (R, x, mask))
+        proj, sq = _cuda_projection(R_, x_, m_, 512, 3)
+        results.append((proj, sq, *torch.autograd.grad((proj * gp.float()).sum() + (sq * gs.float()).sum(),
+                                                       (R_, x_, m_))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("F", [1, 7, 64, 512])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_hsic_f_matches_reference(F, dtype):
+    # sib_terms(backend="cuda", hsic_features=F): hsic, bg, mask, dR, dx against the reference
+    R, x = random_maps(3, 3, 23, 17, dtype, seed=F, device=DEVICE)
+    compare_hsic_f_with_reference("cuda", R, x, 31, F, seed=31 * F + 3)
