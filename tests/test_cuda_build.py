@@ -28,8 +28,9 @@ ARCHS = ("80", "90")
 # setup.py's nvcc flags (the ones that change code generation)
 NVCC_FLAGS = ["-O3", "--use_fast_math"]
 HOT_KERNELS = ("channel_mean_kernel", "select_kernel", "hbox_kernel", "vbox_kernel", "gram_kernel",
-               "backward_kernel", "mask_adjoint_t2_kernel", "mask_adjoint_h_kernel")
-SMALL_KERNELS = ("gram_reduce_kernel", "finalize_kernel", "adjoint_kernel")  # one block or B x B work
+               "backward_kernel", "mask_adjoint_t2_kernel", "mask_adjoint_h_kernel",
+               "projection_forward_kernel", "projection_backward_kernel")  # the random-feature HSIC's
+SMALL_KERNELS = ("gram_reduce_kernel", "finalize_kernel", "adjoint_kernel", "projection_reduce_kernel")  # one block or B x B work
 
 
 def _extension_path() -> pathlib.Path:

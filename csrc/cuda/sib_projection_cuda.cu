@@ -51,7 +51,7 @@ __device__ __forceinline__ void channel_pixel(uint32_t d, int64_t C, uint32_t N,
 }
 
 template <typename scalar_t, typename acc_t, int IB>
-__global__ void __launch_bounds__(kForwardThreads)
+__global__ void __launch_bounds__(kForwardThreads, 1)
     projection_forward_kernel(const scalar_t* __restrict__ R, const scalar_t* __restrict__ x, Map4 map_r, Map4 map_x,
                               const acc_t* __restrict__ mask, int64_t B, int64_t C, int64_t N, int64_t D, int64_t F,
                               uint32_t row_key, uint32_t col_key, int64_t tiles_per_chunk, acc_t* __restrict__ part,
