@@ -12,7 +12,7 @@ share is linear in its lambda, so lambda = share / (share at the paper's lambda)
 lambda; each run's metrics.jsonl records the shares it really had, at the start and after every
 epoch. S-IB runs use ``--cheap`` (default ``--sib-every 4 --sib-batch 8``) to fit a CPU.
 
-``OUTPUT/summary.md``: per setting and arm, the mean [95% t-interval] over seeds of val accuracy,
+``OUTPUT/strength.png``: val accuracy and saliency on the object against the shares. ``OUTPUT/summary.md``: per setting and arm, the mean [95% t-interval] over seeds of val accuracy,
 saliency on the object (share of |R| on it), val HSIC and the shares, and the paired per-seed
 difference from the baseline; then, unless ``--no-eval``, one ``sib-eval`` per setting over all
 its checkpoints (``OUTPUT/<setting>/eval/report.md``: every method's localisation metrics with
@@ -123,8 +123,45 @@ def main(argv=None) -> int:
             lines += ["", f"sib-eval: {ev / 'report.md'}"]
     summary = "\n".join(lines) + "\n"
     (root / "summary.md").write_text(summary)
+    plot_strength(root / "strength.png", runs, seeds, [float(s) for s in args.shares.split(",")], args.epochs)
     print(summary)
     return 0
+
+
+def plot_strength(path: Path, runs: dict, seeds: list, shares: list, epochs: int) -> None:
+    """Val accuracy and saliency on the object against each term's share, one row per setting:
+    mean and 95% t-interval over seeds; the baseline and the paper's weights as bands."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sib_fast.evaluation.localization import mean_t_interval
+
+    cues = sorted({c for c, _, _ in runs})
+    fig = Figure(figsize=(10, 3.2 * len(cues)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for row, cue in enumerate(cues):
+        for col, (key, title) in enumerate((("val_acc", "clean val accuracy"),
+                                            ("val_fg_fraction", "saliency on the object (share of |R|)"))):
+            ax = fig.add_subplot(len(cues), 2, 2 * row + col + 1)
+
+            def stats(name):
+                return mean_t_interval([(last_record(runs[cue, name, s], epochs) or {}).get(key) for s in seeds])
+
+            for name, colour in (("baseline", "0.4"), ("S-IB, paper's weights", "C3")):
+                m, lo, hi = stats(name)
+                ax.axhspan(lo, hi, color=colour, alpha=0.2)
+                ax.axhline(m, color=colour, lw=1, label=name)
+            for term, colour in (("HSIC term", "C0"), ("BG term", "C1"), ("both terms", "C2")):
+                names = [f"{term}, {s:.0%}" + (" each" if term == "both terms" else "") for s in shares]
+                st = [stats(n) for n in names]
+                ax.errorbar(shares, [m for m, _, _ in st], yerr=[[m - lo for m, lo, _ in st], [hi - m for m, _, hi in st]],
+                            marker="o", capsize=3, color=colour, label=term)
+            ax.set_xscale("log")
+            ax.set_xlabel("share of cross-entropy's weight-gradient norm at initialisation")
+            ax.set_title(f"{title}, background cue {cue:g}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7)
+    fig.savefig(path, dpi=80)
 
 
 def _first(out: Path) -> dict:
