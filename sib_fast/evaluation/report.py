@@ -277,24 +277,37 @@ def plot_grid(path: Path, method: str, xs, ms, maps_by_model: dict, ys, classes)
 
 
 def plot_curves(path: Path, runs) -> None:
+    # one colour per group (the seeds of an arm share it, labelled once), so that a report over
+    # many checkpoints keeps a readable legend, drawn beside the axes
+    from matplotlib import colormaps
     fig = _figure(11, 4)
     axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    groups = list(dict.fromkeys(r["group"] for r in runs))
+    grouped = len(groups) < len(runs)
+    labelled = set()
     for ci, r in enumerate(runs):
-        colour = f"C{ci % 10}"
+        k = groups.index(r["group"]) if grouped else ci
+        colour = f"C{k % 10}" if (len(groups) if grouped else len(runs)) <= 10 else colormaps["tab20"](k % 20)
+        name = r["group"] if grouped else r["name"]
         ep = [rec.get("epoch") for rec in r["records"]]
         for ax, key in zip(axes, ("hsic", "bg")):
             for split, style in (("train", "-"), ("val", "--")):
                 pts = [(e, rec.get(f"{split}_{key}")) for e, rec in zip(ep, r["records"])
                        if rec.get(f"{split}_{key}") is not None and e is not None]
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{r['name']} ({split})")
+                    label = f"{name} ({split})"
+                    ax.plot(*zip(*pts), style, marker="o", color=colour,
+                            label=None if (ax, label) in labelled else label)
+                    labelled.add((ax, label))
     axes[0].set_title("HSIC (higher: R follows the object)", fontsize=10)
     axes[1].set_title("background variance BG", fontsize=10)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=6 if len(labels) > 14 else 7,
+                   ncols=2 if len(labels) > 14 else 1)
     if any(ln.get_ydata().size and (ln.get_ydata() > 0).all() for ln in axes[1].lines):
         axes[1].set_yscale("log")
     if not any(ax.lines for ax in axes):
