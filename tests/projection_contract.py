@@ -92,3 +92,26 @@ def compare_projection(masked_projection, R, x, mask, features, seed, *, x_grad=
         assert_matches_reference(got, ref, tol, f"{what} {name}")
     if R.is_contiguous(memory_format=torch.channels_last) and not R.is_contiguous():
         assert grads[0].is_contiguous(memory_format=torch.channels_last), f"{what} dR: not channels_last as R"
+
+
+# (B, C, H, W, features, layout, dtype, x requires grad): the cases every fused backend's
+# projection is held to against the contract
+CASES = [
+    (2, 1, 1, 1, 1, "contiguous", torch.float32, True),         # 1x1, one feature (a pair's cosine alone)
+    (3, 3, 5, 7, 7, "contiguous", torch.float32, True),         # odd everything, odd F
+    (2, 3, 4, 3, 64, "channels_last", torch.float32, False),    # x without its gradient
+    (2, 1, 2, 3, 512, "contiguous", torch.float32, True),       # F = 512 on a tiny image: several F blocks
+    (3, 3, 3, 5, 7, "transposed", torch.float32, True),         # pixels not evenly spaced
+    (2, 3, 3, 4, 7, "sliced", torch.float32, True),
+    (3, 3, 5, 3, 7, "contiguous", torch.float64, True),
+    (2, 3, 4, 5, 64, "channels_last", torch.float64, True),
+    (2, 3, 4, 5, 64, "channels_last", torch.float64, False),
+    (2, 1, 1, 1, 512, "sliced", torch.float64, True),
+    (2, 3, 5, 4, 7, "contiguous", torch.bfloat16, True),
+    (3, 1, 3, 3, 64, "channels_last", torch.bfloat16, True),
+]
+
+
+def case_id(case) -> str:
+    B, C, H, W, F, layout, dtype, x_grad = case
+    return f"{B}x{C}x{H}x{W}-F{F}-{layout}-{str(dtype)[6:]}" + ("" if x_grad else "-x-no-grad")

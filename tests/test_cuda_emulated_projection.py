@@ -13,7 +13,7 @@ entry by entry. On a GPU, tests/test_cuda_backend.py runs the real kernels.
 import pytest
 import torch
 
-from projection_contract import compare_projection, contract, maps, upstream
+from projection_contract import CASES, case_id, compare_projection, contract, maps, upstream
 from sib_fast.backends import random_features, reference
 from test_cuda_emulated import _build_and_register, pytestmark  # noqa: F401 (skipped with it)
 
@@ -27,28 +27,7 @@ def emulated(R, x, mask, features, seed):
     return torch.ops.sib_fast_emu.masked_projection_forward(R, x, mask, features, seed)
 
 
-# (B, C, H, W, features, layout, dtype, x requires grad)
-CASES = [
-    (2, 1, 1, 1, 1, "contiguous", torch.float32, True),         # 1x1, one feature (a pair's cosine alone)
-    (3, 3, 5, 7, 7, "contiguous", torch.float32, True),         # odd everything, odd F
-    (2, 3, 4, 3, 64, "channels_last", torch.float32, False),    # x without its gradient
-    (2, 1, 2, 3, 512, "contiguous", torch.float32, True),       # F = 512 on a tiny image: 2 F blocks
-    (3, 3, 3, 5, 7, "transposed", torch.float32, True),         # pixels not evenly spaced
-    (2, 3, 3, 4, 7, "sliced", torch.float32, True),
-    (3, 3, 5, 3, 7, "contiguous", torch.float64, True),
-    (2, 3, 4, 5, 64, "channels_last", torch.float64, False),
-    (2, 1, 1, 1, 512, "sliced", torch.float64, True),
-    (2, 3, 5, 4, 7, "contiguous", torch.bfloat16, True),
-    (3, 1, 3, 3, 64, "channels_last", torch.bfloat16, True),
-]
-
-
-def _id(case):
-    B, C, H, W, F, layout, dtype, x_grad = case
-    return f"{B}x{C}x{H}x{W}-F{F}-{layout}-{str(dtype)[6:]}" + ("" if x_grad else "-x-no-grad")
-
-
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_the_float64_contract(case):
     B, C, H, W, features, layout, dtype, x_grad = case
     R, x, mask = maps(B, C, H, W, dtype, seed=B + H, layout=layout)
