@@ -2,9 +2,12 @@
 
     python examples/cheap_sib_experiment.py --output runs/cheap_sib
     python examples/cheap_sib_experiment.py --seeds 0 --epochs 1 --train-samples 256   # smoke test
+    python examples/cheap_sib_experiment.py --modes exact,every4,every8 --train-samples 8192 \
+        --sib-args "--lambda-fg 4.96 --lambda-bg 0"     # a term strong enough to act (RESULTS.md)
 
-Each mode (exact every step; ``--sib-every 4``; ``--sib-batch B/4``; both; and plain cross-entropy,
-the baseline that says what S-IB itself changes) trains the default model
+Each mode of ``--modes`` (``exact`` every step; ``plain`` cross-entropy, the baseline that says what
+S-IB itself changes; ``everyK`` for ``--sib-every K``; ``batch`` for ``--sib-batch B/4``; ``both`` for
+``--sib-every 4 --sib-batch B/4``) trains the default model
 from the same seed on the same data, in subprocesses as a user would run ``sib-train``
 (``--jobs`` at a time, one thread each). ``OUTPUT/summary.md`` gives, per mode, the mean over seeds
 of the end-of-training val accuracy, val HSIC, val BG, the saliency mass on the object
@@ -32,12 +35,25 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-samples", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--val-samples", type=int, default=256)
+    p.add_argument("--modes", default="exact,plain,every4,batch,both")
+    p.add_argument("--sib-args", default="", help="sib-train arguments of every run, e.g. the lambdas")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     args = p.parse_args(argv)
     quarter = str(max(2, args.batch_size // 4))
-    modes = {"exact every step": [], "plain cross-entropy (--no-sib)": ["--no-sib"], "--sib-every 4": ["--sib-every", "4"],
-             f"--sib-batch {quarter}": ["--sib-batch", quarter],
-             f"--sib-every 4 --sib-batch {quarter}": ["--sib-every", "4", "--sib-batch", quarter]}
+    known = {"exact": ("exact every step", []), "plain": ("plain cross-entropy (--no-sib)", ["--no-sib"]),
+             "batch": (f"--sib-batch {quarter}", ["--sib-batch", quarter]),
+             "both": (f"--sib-every 4 --sib-batch {quarter}", ["--sib-every", "4", "--sib-batch", quarter])}
+    modes = {}
+    for key in args.modes.split(","):
+        if key.startswith("every") and key[5:].isdigit():
+            modes[f"--sib-every {key[5:]}"] = ["--sib-every", key[5:]]
+        elif key in known:
+            modes[known[key][0]] = known[key][1]
+        else:
+            p.error(f"--modes: unknown mode {key!r} (exact, plain, everyK, batch, both)")
+    if "exact every step" not in modes:
+        p.error("--modes: the differences are taken from 'exact', which must be one of them")
     seeds = [int(s) for s in args.seeds.split(",")]
     root = Path(args.output)
     todo, results = [], {}
@@ -47,8 +63,9 @@ def main(argv=None) -> int:
             results[name, seed] = out
             if last_record(out, args.epochs) is None:
                 todo.append([sys.executable, "-m", "sib_fast.train", "--seed", str(seed), "--epochs", str(args.epochs),
-                             "--train-samples", str(args.train_samples), "--batch-size", str(args.batch_size),
-                             "--threads", "1", "--output", str(out), *extra])
+                             "--train-samples", str(args.train_samples), "--val-samples", str(args.val_samples),
+                             "--batch-size", str(args.batch_size), "--threads", "1", "--output", str(out),
+                             *args.sib_args.split(), *extra])
     run_all(todo, args.jobs)
     rows = {}
     for (name, seed), out in results.items():
@@ -57,7 +74,7 @@ def main(argv=None) -> int:
         rows.setdefault(name, {})[seed] = rec
     exact = rows["exact every step"]
     lines = [f"sib-train on SyntheticObjects, default model, {args.epochs} epochs of {args.train_samples} images, "
-             f"batch {args.batch_size}, seeds {args.seeds}, one thread per run and {args.jobs} runs at a time; "
+             f"batch {args.batch_size}, {args.sib_args or 'default weights'}, seeds {args.seeds}, one thread per run and {args.jobs} runs at a time; "
              "mean [95% t-interval] over seeds; wall_s: training time of the run (epochs, no held-out pass)", "",
              "| mode | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for name, per_seed in rows.items():
