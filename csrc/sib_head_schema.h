@@ -15,7 +15,10 @@
 //                 ends; quantiles in the order of sib_head.h
 // sib_head_backward takes the upstream gradients of hsic, bg and (optionally)
 // mask, with the saved tensors, and returns grad_R and grad_x (an empty
-// tensor unless compute_grad_x).
+// tensor unless compute_grad_x). sib_head_backward_add_ adds the same gradients into grad_R
+// and grad_x (when given) instead of returning them, and may overwrite grad_mask (contiguous,
+// in the mask's dtype), which it uses as scratch: the random-feature HSIC's backward passes the
+// projection's gradients so that no second R-sized gradient is allocated.
 //
 // masked_projection_forward / _backward: the random-feature HSIC's projections (docs/loss.md
 // section 4b). With u = R*M, v = x*M (M broadcast over C), flattened over the logical index
@@ -40,6 +43,10 @@ inline void define_head_ops(torch::Library& m) {
       "sib_head_backward(Tensor grad_hsic, Tensor grad_bg, Tensor? grad_mask, Tensor R, Tensor x, "
       "Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index, int window_size, "
       "float temperature, float slope, bool compute_grad_x) -> (Tensor grad_R, Tensor grad_x)");
+  m.def(
+      "sib_head_backward_add_(Tensor(a!) grad_R, Tensor(b!)? grad_x, Tensor(c!) grad_mask, Tensor grad_hsic, "
+      "Tensor grad_bg, Tensor R, Tensor x, Tensor mask, Tensor gram, Tensor image_stats, Tensor rank_index, "
+      "int window_size, float temperature, float slope) -> ()");
   m.def(
       "masked_projection_forward(Tensor R, Tensor x, Tensor mask, int features, int seed) "
       "-> (Tensor proj, Tensor sq)");

@@ -65,6 +65,5 @@ def sib_terms(R: torch.Tensor, x: torch.Tensor, *, window_size: int = 31, temper
     if name == "reference":  # docs/loss.md section 4b as written, W materialised
         return SIBTerms(*module.sib_terms(R, x, window, float(temperature), float(slope), features, seed))
     # the fused head for bg and the mask (its own hsic unused), the fused projections for HSIC_F
-    _, bg, mask = module.sib_terms(R, x, window, float(temperature), float(slope))
-    proj, sq = module.masked_projection(R, x, mask, features, seed)
+    proj, sq, bg, mask = module.projected_terms(R, x, window, float(temperature), float(slope), features, seed)
     return SIBTerms(projected_hsic(proj, sq), bg, mask)

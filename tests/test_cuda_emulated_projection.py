@@ -119,6 +119,30 @@ def test_hsic_f_from_the_emulated_projections_matches_the_reference():
         assert abs(got.item() - hsic.item()) <= 1e-4 * max(abs(hsic.item()), 1e-3), (F, got.item(), hsic.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_joined_hsic_f_node_matches_the_reference(dtype):
+    # the CUDA extension's fused HSIC_F path (autograd.projected_head) on the emulated kernels: its
+    # backward adds the head's gradient through sib_head_backward_add_'s composite kernel (the
+    # CUDA key has no in-place one), against the float64 reference under random upstream gradients
+    from sib_fast.backends.autograd import projected_head
+    R, x, _ = maps(3, 3, 5, 6, dtype, seed=6)
+    R_ref, x_ref = R.double().requires_grad_(), x.double().requires_grad_()
+    R, x = R.requires_grad_(), x.requires_grad_()
+    proj, sq, bg, mask = projected_head("sib_fast_emu")(R, x, 3, 0.1, 10.0, 9, 21)
+    ref = reference.sib_terms(R_ref, x_ref, 3, hsic_features=9, projection_seed=21)
+    g = torch.Generator().manual_seed(2)
+    w_hsic, w_bg = 0.5, 2e5  # bg is ~1e-7 here: weighted up so that its share of dR counts
+    w_mask = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    total = w_hsic * random_features.projected_hsic(proj, sq) + w_bg * bg + (w_mask.to(dtype) * mask).sum()
+    total_ref = w_hsic * ref[0] + w_bg * ref[1] + (w_mask * ref[2]).sum()
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert abs(total.item() - total_ref.item()) <= tol * abs(total_ref.item())
+    for got, want, name in zip(torch.autograd.grad(total, (R, x)), torch.autograd.grad(total_ref, (R_ref, x_ref)),
+                               ("dR", "dx")):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err <= tol, (name, err.item())
+
+
 def test_bad_inputs_raise():
     R, x, mask = maps(2, 3, 4, 5)
     with pytest.raises(RuntimeError, match="mask"):

@@ -295,8 +295,7 @@ def test_projection_is_bitwise_repeatable_across_thread_counts():
 
 @needs_cpu
 def test_fused_path_never_stores_the_matrix():
-    # forward + backward at F = 512 on 4 x 3x64x64: W would be 25 MB; the fused path's peak
-    # over the head's is one R-sized gradient and one mask-sized plane (the ops' outputs) and tiles
+    # forward + backward at F = 512 on 4 x 3x64x64: W would be 25 MB
     from sib_fast.bench.measure import peak_extra_memory
 
     R, x = random_maps(4, 3, 64, 64, torch.float32)
@@ -310,9 +309,11 @@ def test_fused_path_never_stores_the_matrix():
     head = peak_extra_memory(run, R.device)["bytes"]
     fused = peak_extra_memory(lambda: run(hsic_features=512, projection_seed=2), R.device)["bytes"]
     assert head is not None and fused is not None, "no memory measurement on this machine"
-    r_bytes, plane_bytes = R.numel() * 4, R[:, 0].numel() * 4
+    plane_bytes = R[:, 0].numel() * 4
     tiles = 2**20 + 16 * 8 * 512 * 4  # W's tiles, vectors, and the forward's chunk partials (16 x 2B x F)
-    assert fused - head <= r_bytes + plane_bytes + tiles, (head, fused)
+    # the head's backward adds into the projection's dR: over the head alone, grad_mask and the
+    # plane of R's channel mean (the head alone keeps it in a channel of its dR), no R-sized tensor
+    assert fused - head <= 2 * plane_bytes + tiles, (head, fused)
     assert fused < 64 * 3 * 64 * 512 * 4 / 4  # a quarter of W's bytes
 
 
@@ -339,6 +340,69 @@ def test_fused_projection_refuses_a_second_derivative():
     R.requires_grad_()
     proj, _ = torch.ops.sib_fast.masked_projection_forward(R, x, mask, 5, 1)
     (dR,) = torch.autograd.grad((proj**2).sum(), R, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives"):
+        torch.autograd.grad(dR.sum(), R)
+
+
+def _head_gradient(R, x, window, grad_hsic, grad_bg, grad_mask, x_grad):
+    """dR (and dx) of grad_hsic hsic + grad_bg bg + <grad_mask, mask> in the float64 reference."""
+    R_ref = R.detach().double().requires_grad_()
+    x_ref = x.detach().double().requires_grad_(x_grad)
+    hsic, bg, mask = reference.sib_terms(R_ref, x_ref, window)
+    total = grad_hsic * hsic + grad_bg * bg + (grad_mask.double() * mask).sum()
+    return torch.autograd.grad(total, (R_ref, x_ref) if x_grad else (R_ref,))
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_head_backward_add_adds_the_heads_gradient(dtype, x_grad, layout):
+    # sib_head_backward_add_ (the fused HSIC_F's backward): grad_R and grad_x, holding a gradient
+    # already, gain the head's; checked against prior + the float64 reference's VJP
+    R, x = random_maps(3, 3, 11, 9, dtype, seed=4)
+    if layout == "channels_last":
+        R, x = (t.contiguous(memory_format=torch.channels_last) for t in (R, x))
+    window, ct = 5, reference.compute_dtype(R, x)
+    _, _, mask, gram, stats, ranks = torch.ops.sib_fast.sib_head_forward(R, x, window, 0.1, 10.0)
+    g = torch.Generator().manual_seed(9)
+    grad_hsic, grad_bg = 0.7, 3e5  # bg is ~1e-6: weighted up so that its share of dR counts
+    grad_mask = torch.randn(mask.shape, generator=g, dtype=torch.float64) * 1e-3
+    expected = _head_gradient(R, x, window, grad_hsic, grad_bg, grad_mask, x_grad)
+    priors = [torch.randn(e.shape, generator=g, dtype=torch.float64) * e.abs().max() for e in expected]
+    grads = [torch.empty_like(t).copy_(p) for t, p in zip((R, x), priors)]
+    torch.ops.sib_fast.sib_head_backward_add_(grads[0], grads[1] if x_grad else None, grad_mask.to(ct).contiguous(),
+                                              torch.tensor(grad_hsic, dtype=ct), torch.tensor(grad_bg, dtype=ct),
+                                              R, x, mask, gram, stats, ranks, window, 0.1, 10.0)
+    tol = 1e-9 if dtype == torch.float64 else GRADIENT_TOLERANCE[dtype]
+    for name, got, prior, e in zip(("dR", "dx"), grads, priors, expected):
+        assert got.dtype == dtype and got.stride() == (R if name == "dR" else x).stride(), name
+        assert_matches_reference(got, prior.to(dtype).double() + e, tol, f"added {name}", floor=1e-30)
+
+
+@needs_cpu
+def test_head_backward_add_checks_its_buffers_and_passes_opcheck():
+    R, x = random_maps(2, 3, 5, 4, torch.float64, seed=2)
+    _, _, mask, gram, stats, ranks = torch.ops.sib_fast.sib_head_forward(R, x, 3, 0.1, 10.0)
+    one = torch.ones((), dtype=torch.float64)
+    saved = (R, x, mask, gram, stats, ranks, 3, 0.1, 10.0)
+    op = torch.ops.sib_fast.sib_head_backward_add_
+    torch.library.opcheck(op, (torch.zeros_like(R), torch.zeros_like(x), torch.rand_like(mask), one, one, *saved))
+    torch.library.opcheck(op, (torch.zeros_like(R), None, torch.rand_like(mask), one, one, *saved))
+    with pytest.raises(RuntimeError, match="grad_R must be"):
+        op(torch.zeros_like(R).float(), None, torch.zeros_like(mask), one, one, *saved)
+    with pytest.raises(RuntimeError, match="grad_x must be"):
+        op(torch.zeros_like(R), x[:1].clone(), torch.zeros_like(mask), one, one, *saved)
+    with pytest.raises(RuntimeError, match="grad_mask must be"):
+        op(torch.zeros_like(R), None, torch.zeros_like(mask).transpose(1, 2), one, one, *saved)
+
+
+@needs_cpu
+def test_fused_hsic_f_refuses_a_second_derivative():
+    R, x = random_maps(3, 3, 6, 5, torch.float64, seed=3)
+    R.requires_grad_()
+    terms = sib_fast.sib_terms(R, x, window_size=3, backend="cpu", hsic_features=8, projection_seed=1)
+    (dR,) = torch.autograd.grad(terms.hsic + terms.bg, R, create_graph=True)
     with pytest.raises(RuntimeError, match="first derivatives"):
         torch.autograd.grad(dR.sum(), R)
 

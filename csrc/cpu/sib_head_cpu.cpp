@@ -441,7 +441,7 @@ template <typename scalar_t, typename acc_t>
 void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_mask, const at::Tensor& R,
                      const at::Tensor& x, const at::Tensor& mask_t, const at::Tensor& gram_t,
                      const at::Tensor& stats_t, const at::Tensor& ranks_t, int64_t window, double temperature,
-                     double slope, at::Tensor& dR_t, at::Tensor* dx_t) {
+                     double slope, at::Tensor& dR_t, at::Tensor* dx_t, bool accumulate) {
   const Shape sh(R);
   const int64_t B = sh.B, W = sh.W, N = sh.N;
   const Strided4d<const scalar_t> Rs(R), xs(x);
@@ -472,22 +472,33 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
   // sums on its way (the chain needs it; reading R again for it would cost a pass). They
   // live in channels C - 1 and C - 2 of dR when dR holds the compute dtype, as pass 2 reads
   // each row of them before it writes that row of dR; otherwise (half-precision inputs, or
-  // g when C = 1) in planes from torch's allocator.
-  const bool in_dR = std::is_same<scalar_t, acc_t>::value;
-  const int64_t own_planes = (in_dR ? 0 : 1) + ((in_dR && sh.C >= 2) ? 0 : 1);
+  // g when C = 1) in planes from torch's allocator. When accumulating, dR already holds a
+  // gradient: dM then lives in grad_mask (which it adds to, contiguous compute dtype) and g
+  // in a plane of its own.
+  const bool in_dR = std::is_same<scalar_t, acc_t>::value && !accumulate;
+  const int64_t own_planes = (in_dR || accumulate ? 0 : 1) + ((in_dR && sh.C >= 2) ? 0 : 1);
   const at::Tensor own = own_planes ? at::empty({own_planes, B * N}, mask_t.options()) : at::Tensor();
   auto plane_row = [&](int slot, int64_t b, int64_t y) -> std::pair<acc_t*, int64_t> {
     const int64_t channel = sh.C - 1 - slot;  // slot 0: dM / dg, slot 1: g
     if (in_dR && channel >= 0) return {reinterpret_cast<acc_t*>(dRs.row(b, channel, y)), dRs.sw};
-    const int64_t own_index = in_dR ? 0 : slot;
+    if (accumulate && slot == 0) return {grad_mask.data_ptr<acc_t>() + b * N + y * W, 1};
+    const int64_t own_index = in_dR || accumulate ? 0 : slot;
     return {own.data_ptr<acc_t>() + own_index * B * N + b * N + y * W, 1};
+  };
+  // dst += src when accumulating, dst = src otherwise
+  auto put_row = [&](acc_t* src, scalar_t* dst, int64_t stride, std::vector<acc_t>& prior) {
+    if (accumulate) {
+      load_row(static_cast<const scalar_t*>(dst), stride, prior.data(), W);
+      for (int64_t w = 0; w < W; ++w) src[w] += prior[w];
+    }
+    store_row(static_cast<const acc_t*>(src), dst, stride, W);
   };
   constexpr int kSlotDM = 0, kSlotG = 1;
 
   // Pass 1 over R, x: dM (and dx), and g. Tu = A_u (M R), Tv = A_v (M x) mix the images of a row.
   at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
     std::vector<acc_t> rv(B * W), xv(B * W), mr(B * W), mx(B * W), Tu(B * W), Tv(B * W), dMv(B * W), gv(B * W),
-        out(W);
+        out(W), prior(W);
     for (int64_t y = y0; y < y1; ++y) {
       std::fill(dMv.begin(), dMv.end(), acc_t(0));
       std::fill(gv.begin(), gv.end(), acc_t(0));
@@ -508,13 +519,15 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
           mask_grad_row(&rv[i * W], &xv[i * W], m, &Tu[i * W], &Tv[i * W], bg_scale[i], bg_mean[i], &dMv[i * W], W);
           if (dx_t) {
             for (int64_t w = 0; w < W; ++w) out[w] = m[w] * Tv[i * W + w];
-            store_row(out.data(), dxs.row(i, c, y), dxs.sw, W);
+            put_row(out.data(), dxs.row(i, c, y), dxs.sw, prior);
           }
         }
       }
       for (int64_t i = 0; i < B; ++i) {
         for (int64_t w = 0; w < W; ++w) gv[i * W + w] /= static_cast<acc_t>(sh.C);
         const auto dm_dst = plane_row(kSlotDM, i, y);
+        if (accumulate)  // the plane is grad_mask: dM adds to it
+          for (int64_t w = 0; w < W; ++w) dMv[i * W + w] += dm_dst.first[w];
         store_row(&dMv[i * W], dm_dst.first, dm_dst.second, W);
         const auto g_dst = plane_row(kSlotG, i, y);
         store_row(&gv[i * W], g_dst.first, g_dst.second, W);
@@ -525,7 +538,7 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
   // Planes: the mask chain's adjoint, dM -> dg, one image per task.
   const acc_t* gmp = nullptr;
   at::Tensor gm;
-  if (grad_mask.defined()) {
+  if (grad_mask.defined() && !accumulate) {  // accumulating, pass 1 added it already
     gm = grad_mask.to(mask_t.scalar_type()).contiguous();
     gmp = gm.data_ptr<acc_t>();
   }
@@ -556,7 +569,7 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
   // rather than kept: keeping it would cost a tensor the size of R.
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(sh.C);
   at::parallel_for(0, sh.H, 1, [&](int64_t y0, int64_t y1) {
-    std::vector<acc_t> rv(B * W), mr(B * W), Tu(B * W), dgv(B * W), out(W);
+    std::vector<acc_t> rv(B * W), mr(B * W), Tu(B * W), dgv(B * W), out(W), prior(W);
     for (int64_t y = y0; y < y1; ++y) {
       for (int64_t i = 0; i < B; ++i) {  // before channel C - 1 of this row is overwritten
         const auto src = plane_row(kSlotDM, i, y);
@@ -572,7 +585,7 @@ void backward_kernel(double grad_hsic, double grad_bg, const at::Tensor& grad_ma
         for (int64_t i = 0; i < B; ++i) {
           vjp_grad_row(&rv[i * W], mask + i * N + y * W, &Tu[i * W], &dgv[i * W], inv_c, bg_scale[i], bg_mean[i],
                        out.data(), W);
-          store_row(out.data(), dRs.row(i, c, y), dRs.sw, W);
+          put_row(out.data(), dRs.row(i, c, y), dRs.sw, prior);
         }
       }
     }
@@ -595,9 +608,38 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(), "sib_head_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t, acc_t>(gh, gb, gm, R, x, mask, gram, image_stats, rank_index, window_size,
-                                     temperature, slope, dR, compute_grad_x ? &dx : nullptr);
+                                     temperature, slope, dR, compute_grad_x ? &dx : nullptr, false);
   });
   return {dR, dx};
+}
+
+// The head's gradients added into grad_R (and grad_x), with grad_mask as the scratch plane: the
+// random-feature HSIC's backward (sib_fast/backends/autograd.py) passes the projection's own
+// gradients, so that no second R-sized gradient exists.
+void sib_head_backward_add_cpu(at::Tensor& grad_R, const std::optional<at::Tensor>& grad_x, at::Tensor& grad_mask,
+                               const at::Tensor& grad_hsic, const at::Tensor& grad_bg, const at::Tensor& R,
+                               const at::Tensor& x, const at::Tensor& mask, const at::Tensor& gram,
+                               const at::Tensor& image_stats, const at::Tensor& rank_index, int64_t window_size,
+                               double temperature, double slope) {
+  window_size = check_maps(R, x, window_size, temperature, slope);
+  TORCH_CHECK(mask.scalar_type() == compute_type(R) && mask.is_contiguous() && gram.is_contiguous() &&
+                  image_stats.is_contiguous() && rank_index.is_contiguous(),
+              "sib_head_backward_add_: the saved tensors must be the forward op's outputs");
+  TORCH_CHECK(grad_R.sizes() == R.sizes() && grad_R.scalar_type() == R.scalar_type() && grad_R.device().is_cpu(),
+              "sib_head_backward_add_: grad_R must be a CPU tensor of R's shape and dtype");
+  TORCH_CHECK(!grad_x.has_value() || (grad_x->sizes() == x.sizes() && grad_x->scalar_type() == x.scalar_type() &&
+                                      grad_x->device().is_cpu()),
+              "sib_head_backward_add_: grad_x must be a CPU tensor of x's shape and dtype");
+  TORCH_CHECK(grad_mask.sizes() == mask.sizes() && grad_mask.scalar_type() == mask.scalar_type() &&
+                  grad_mask.is_contiguous(),
+              "sib_head_backward_add_: grad_mask must be a contiguous tensor of the mask's shape and dtype");
+  const double gh = grad_hsic.item<double>(), gb = grad_bg.item<double>();
+  at::Tensor dx = grad_x.has_value() ? *grad_x : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(), "sib_head_backward_add_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t, acc_t>(gh, gb, grad_mask, R, x, mask, gram, image_stats, rank_index, window_size,
+                                     temperature, slope, grad_R, grad_x.has_value() ? &dx : nullptr, true);
+  });
 }
 
 }  // namespace
@@ -605,6 +647,7 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cpu(
 TORCH_LIBRARY_IMPL(sib_fast, CPU, m) {
   m.impl("sib_head_forward", &sib_head_forward_cpu);
   m.impl("sib_head_backward", &sib_head_backward_cpu);
+  m.impl("sib_head_backward_add_", &sib_head_backward_add_cpu);
 }
 
 }  // namespace sib_fast

@@ -5,7 +5,8 @@ and the random-feature HSIC's ``masked_projection_forward`` and ``_backward`` (s
 ``csrc/sib_head_schema.h``); the CUDA emulation test registers the same ops as
 ``sib_fast_emu::``. ``register_head_ops`` and ``register_projection_ops`` give either
 namespace's pairs their autograd formula (the backward op) and fake kernels (so the ops trace
-under ``torch.compile``).
+under ``torch.compile``). ``projected_head`` joins the two for the random-feature HSIC, so that
+its backward adds the head's gradient into the projection's instead of allocating a second one.
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def _backward_fake(grad_hsic, grad_bg, grad_mask, R, x, mask, gram, image_stats,
     return torch.empty_like(R), (torch.empty_like(x) if compute_grad_x else x.new_empty(0))
 
 
+def _backward_add_fake(grad_R, grad_x, grad_mask, grad_hsic, grad_bg, R, x, mask, gram, image_stats, rank_index,
+                       window_size, temperature, slope):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     R, x, window_size, temperature, slope = inputs
     _, _, mask, gram, image_stats, rank_index = output
@@ -64,8 +70,19 @@ def register_head_ops(namespace: str) -> None:
                                      *ctx.hyperparameters, want_grad_x)
         return grad_R, (grad_x if want_grad_x else None), None, None, None
 
+    def backward_add(grad_R, grad_x, grad_mask, grad_hsic, grad_bg, R, x, mask, gram, image_stats, rank_index,
+                     window_size, temperature, slope):
+        # a device whose kernel does not add in place (CUDA for now): the gradients, then the sum
+        out_R, out_x = backward_op(grad_hsic, grad_bg, grad_mask, R, x, mask, gram, image_stats, rank_index,
+                                   window_size, temperature, slope, grad_x is not None)
+        grad_R.add_(out_R)
+        if grad_x is not None:
+            grad_x.add_(out_x)
+
     torch.library.register_fake(f"{namespace}::sib_head_forward")(_forward_fake)
     torch.library.register_fake(f"{namespace}::sib_head_backward")(_backward_fake)
+    torch.library.register_fake(f"{namespace}::sib_head_backward_add_")(_backward_add_fake)
+    torch.library.register_kernel(f"{namespace}::sib_head_backward_add_", "CompositeExplicitAutograd")(backward_add)
     torch.library.register_autograd(f"{namespace}::sib_head_forward", head_backward, setup_context=_setup_context)
     torch.library.register_autograd(f"{namespace}::sib_head_backward", refuse_higher_order_gradient,
                                     setup_context=lambda ctx, inputs, output: None)
@@ -110,3 +127,63 @@ def register_projection_ops(namespace: str) -> None:
                                     setup_context=_projection_setup_context)
     torch.library.register_autograd(f"{namespace}::masked_projection_backward", refuse_higher_order_gradient,
                                     setup_context=lambda ctx, inputs, output: None)
+
+
+class _RefuseSecondDerivative(torch.autograd.Function):
+    """The identity on gradients computed under ``create_graph=True``, tied to the saved inputs:
+    differentiating them again raises (``refuse_higher_order_gradient``) instead of giving zeros."""
+
+    @staticmethod
+    def forward(ctx, saved, *grads):
+        return grads
+
+    backward = staticmethod(refuse_higher_order_gradient)
+
+
+def projected_head(namespace: str):
+    """``(R, x, window_size, temperature, slope, features, seed) -> (proj, sq, bg, mask)``: the
+    head's forward op for bg and the mask, then the projection op, as one autograd node
+    (docs/random_features.md). Its backward runs the projection's backward first and hands its
+    grad_R, grad_x and grad_mask to ``sib_head_backward_add_``, which adds the head's share in
+    place: the fused HSIC_F costs no R-sized tensor more than the head alone.
+    """
+    ops = getattr(torch.ops, namespace)
+
+    def _gradients(ctx, grad_proj, grad_sq, grad_bg, grad_mask, R, x, mask, gram, image_stats, rank_index):
+        features, seed = ctx.projection
+        if grad_proj is None:
+            grad_proj = mask.new_zeros((2, R.shape[0], features))
+        want_grad_x = ctx.needs_input_grad[1]
+        grad_R, grad_x, grad_mask_sum = ops.masked_projection_backward(grad_proj, grad_sq, R, x, mask, features,
+                                                                       seed, want_grad_x)
+        if grad_mask is not None:
+            grad_mask_sum.add_(grad_mask)
+        grad_bg = gram.new_zeros(()) if grad_bg is None else grad_bg
+        grad_x = grad_x if want_grad_x else None
+        ops.sib_head_backward_add_(grad_R, grad_x, grad_mask_sum, gram.new_zeros(()), grad_bg, R, x, mask, gram,
+                                   image_stats, rank_index, *ctx.hyperparameters)
+        return grad_R, grad_x
+
+    class ProjectedHead(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, R, x, window_size, temperature, slope, features, seed):
+            _, bg, mask, gram, image_stats, rank_index = ops.sib_head_forward(R, x, window_size, temperature, slope)
+            proj, sq = ops.masked_projection_forward(R, x, mask, features, seed)
+            ctx.save_for_backward(R, x, mask, gram, image_stats, rank_index)
+            ctx.hyperparameters = (window_size, temperature, slope)
+            ctx.projection = (features, seed)
+            ctx.set_materialize_grads(False)
+            return proj, sq, bg, mask
+
+        @staticmethod
+        def backward(ctx, grad_proj, grad_sq, grad_bg, grad_mask):
+            R, x, mask, gram, image_stats, rank_index = ctx.saved_tensors
+            with torch.no_grad():
+                grad_R, grad_x = _gradients(ctx, grad_proj, grad_sq, grad_bg, grad_mask, R, x, mask, gram,
+                                            image_stats, rank_index)
+            if torch.is_grad_enabled():  # create_graph=True: a second derivative must not be zeros
+                grad_R, *rest = _RefuseSecondDerivative.apply(R, grad_R, *([] if grad_x is None else [grad_x]))
+                grad_x = rest[0] if rest else None
+            return grad_R, grad_x, None, None, None, None, None
+
+    return ProjectedHead.apply

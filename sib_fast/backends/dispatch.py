@@ -112,8 +112,8 @@ def projection_unavailable_reason(backend: str, device_type: str) -> str | None:
             has = False
         return None if has else f"sib_fast._C has no {key} kernel for {_PROJECTION_OP} (hsic_features)"
     module = importlib.import_module(_BACKEND_MODULES[backend])
-    if not hasattr(module, "masked_projection"):
-        return f"the '{backend}' backend has no masked_projection (hsic_features) in this version of sib_fast"
+    if not hasattr(module, "projected_terms"):
+        return f"the '{backend}' backend has no projected_terms (hsic_features) in this version of sib_fast"
     return None
 
 

@@ -1,8 +1,8 @@
 """The Triton backend's interface: the custom ops ``sib_fast_triton::head_forward``,
 ``mask_forward`` and ``head_backward``, and ``projection_forward`` / ``projection_backward``
 (the random-feature HSIC's projections; schemas, fake kernels, autograd), and the functions
-``sib_fast.backends.dispatch`` and ``sib_fast.functional`` call, ``sib_terms``, ``spatial_mask``
-and ``masked_projection``.
+``sib_fast.backends.dispatch`` and ``sib_fast.functional`` call, ``sib_terms``, ``spatial_mask``,
+``masked_projection`` and ``projected_terms``.
 
 The ops compose with autograd and ``torch.compile``; their kernels are in the stage modules
 of this package (docs/triton.md). Under ``TRITON_INTERPRET=1`` (set before this module is
@@ -177,3 +177,11 @@ def spatial_mask(R, window_size, temperature, slope):
 def masked_projection(R, x, mask, features, seed):
     """(proj, sq) of the random-feature HSIC (projection.py); differentiable in R, x and mask."""
     return projection_forward(R, x, mask, int(features), int(seed))
+
+
+def projected_terms(R, x, window_size, temperature, slope, features, seed):
+    """(proj, sq, bg, mask) of the random-feature HSIC's fused path: the head for bg and the mask, then
+    the projections; autograd adds the two R-sized gradients (the cpu backend adds in place)."""
+    _, bg, mask = sib_terms(R, x, window_size, temperature, slope)
+    proj, sq = masked_projection(R, x, mask, features, seed)
+    return proj, sq, bg, mask
