@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sib-every", type=int, default=1, metavar="K",
                    help="lazy regularization: the S-IB terms every K-th step, weighted by K; plain cross-entropy "
                         "steps between (default 1: every step)")
+    g.add_argument("--sib-lazy", default="merged", choices=("merged", "separate"),
+                   help="--sib-every K: the weighted terms join the K-th step's cross-entropy (merged), or take "
+                        "an optimizer step of their own after it, with the learning rate and AdamW's betas "
+                        "compensated by K/(K+1) as in StyleGAN2 (separate)")
     g.add_argument("--sib-batch", type=int, default=None, metavar="N",
                    help="R and the S-IB terms on the first N images of each batch, by a separate forward pass; "
                         "cross-entropy on all of them (default: the whole batch)")
@@ -198,8 +202,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--sib-every must be >= 1, got {args.sib_every}")
     if args.sib_batch is not None and args.sib_batch < 2:
         raise UsageError(f"--sib-batch must be >= 2 (the HSIC term needs two images), got {args.sib_batch}")
-    if args.no_sib and (args.sib_every != 1 or args.sib_batch is not None):
-        raise UsageError("--sib-every and --sib-batch make the S-IB terms cheaper; they have no use with --no-sib")
+    if args.no_sib and (args.sib_every != 1 or args.sib_batch is not None or args.sib_lazy != "merged"):
+        raise UsageError("--sib-every, --sib-lazy and --sib-batch make the S-IB terms cheaper; they have no use "
+                         "with --no-sib")
     if args.train_samples < 0 or args.val_samples < 0:
         raise UsageError("--train-samples and --val-samples must be >= 0")
     if synthetic and (args.train_samples < args.batch_size or args.val_samples < 1):

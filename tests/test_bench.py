@@ -199,7 +199,7 @@ def test_step_mode_times_the_cheaper_sib_steps(tmp_path, monkeypatch):
     path = tmp_path / "step.json"
     argv = ["--device", "cpu", "--threads", "1", "--copy-mib", "16", "--step", "--model", "tiny_cnn", "--step-size", "16",
             "--step-batch", "8", "--step-reps", "1", "--num-classes", "3", "--vjp", "exact",
-            "--sib-modes", "every=3,batch=B/4+bn=running,every=2+batch=4", "--json", str(path)]
+            "--sib-modes", "every=3,batch=B/4+bn=running,every=2+batch=4,every=3+separate", "--json", str(path)]
     assert bench.main(argv) == 0
     rows = {r["row"]: r for r in json.loads(path.read_text())["rows"]}
     lazy = rows["S-IB exact, every 3"]
@@ -207,8 +207,12 @@ def test_step_mode_times_the_cheaper_sib_steps(tmp_path, monkeypatch):
     assert rows["S-IB exact, batch 2 (running)"]["sib_bn"] == "running"
     assert "S-IB exact, every 2, batch 4 (frozen)" in rows
     # a lazy row's timed call is a whole cycle: the S-IB step and K - 1 plain ones
-    cycle = [kw["step"] for kw in calls if kw.get("sib_every") == 3]
+    cycle = [kw["step"] for kw in calls if kw.get("sib_every") == 3 and not kw.get("sib_only")]
     assert cycle[:6] == [0, 1, 2, 0, 1, 2]
+    # the separate form: three plain steps and the S-IB terms' own step per cycle
+    assert rows["S-IB exact, every 3, separate step"]["timing"]["median"] > 0
+    own = [kw for kw in calls if kw.get("sib_only")]
+    assert own and all(kw["sib_every"] == 3 for kw in own) and len(own) * 3 <= len(cycle)
 
 
 @pytest.mark.parametrize("modes,words", [("every=0", "every >= 1"), ("batch=1", "2 <= batch"),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sib_fast import SIBLoss, sib_backward
+from sib_fast import SIBLoss, separate_step_compensation, sib_backward
 
 HEAD = dict(window_size=5, backend="reference")
 
@@ -138,9 +138,39 @@ def test_sub_batch_normalises_as_asked_and_updates_no_statistics(sib_bn):
     _close(got - ce, expected, 1e-9)
 
 
+@pytest.mark.parametrize("vjp", ["exact", "finite_difference"])
+@pytest.mark.parametrize("sub", [None, 3])
+def test_sib_only_steps_take_the_weighted_terms_alone_and_leave_the_statistics(vjp, sub):
+    # StyleGAN2's separate form: K x the S-IB terms, no cross-entropy, whatever the step, and no
+    # BatchNorm update (the cross-entropy step of the batch made it)
+    model, (x, y) = _smooth_model(bn=True), _batch()
+    crit = SIBLoss(**HEAD)
+    ce = _grad_of(model, lambda: _ce(model, x, y))
+    full = _grad_of(model, lambda: sib_backward(model, x, y, crit, vjp=vjp, sib_batch=sub))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in (0, 3):
+        stats = []
+        got = _grad_of(model, lambda: stats.append(sib_backward(model, x, y, crit, vjp=vjp, sib_batch=sub,
+                                                                sib_every=4, step=step, sib_only=True)))
+        _close(got, 4 * (full - ce), 1e-9)
+        assert stats[0].sib_step and math.isfinite(stats[0].hsic)
+        assert torch.allclose(stats[0].loss, stats[0].ce + crit.lambda_bg * stats[0].bg.exp()
+                              + crit.lambda_fg * (-stats[0].hsic).exp())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_separate_step_compensation_is_stylegan2s():
+    assert separate_step_compensation(1) == 0.5 and separate_step_compensation(4) == 0.8
+    assert separate_step_compensation(16) == 16 / 17
+    with pytest.raises(ValueError, match="sib_every"):
+        separate_step_compensation(0)
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(sib_every=0), "sib_every"), (dict(sib_every=2.0), "sib_every"), (dict(step=-1), "step"),
     (dict(sib_batch=1), "sib_batch"), (dict(sib_batch=True), "sib_batch"), (dict(sib_bn="mean"), "sib_bn"),
+    (dict(sib_only=1), "sib_only"),
 ])
 def test_bad_arguments_are_named(kwargs, words):
     model, (x, y) = _smooth_model(), _batch()

@@ -76,6 +76,7 @@ def _bad_cases(tmp_path):
         (["--sib-every", "0"], ["--sib-every", ">= 1"]),
         (["--sib-batch", "1"], ["--sib-batch", ">= 2"]),
         (["--sib-every", "2", "--no-sib"], ["--sib-every", "--no-sib"]),
+        (["--sib-lazy", "separate", "--no-sib"], ["--sib-lazy", "--no-sib"]),
         (["--hsic-features", "0"], ["--hsic-features", "hsic_features"]),
         (["--hsic-features", "16", "--no-sib"], ["--hsic-features", "--no-sib"]),
     ]
@@ -219,9 +220,10 @@ def test_gradient_shares_are_measured_logged_and_plotted(tmp_path, capsys):
     assert code == 0 and _records(base)[0]["grad_ratio_fg"] is None
 
 
-def test_lazy_schedule_continues_across_resume(tmp_path):
+@pytest.mark.parametrize("form", ["merged", "separate"])
+def test_lazy_schedule_continues_across_resume(tmp_path, form):
     """--sib-every 3 with 2 steps per epoch: S-IB steps 0 and 3, whether or not the run resumes."""
-    cheap = ["--sib-every", "3", "--sib-batch", "4"]
+    cheap = ["--sib-every", "3", "--sib-batch", "4", "--sib-lazy", form]
     code, straight = _run(tmp_path, "--epochs", "2", *cheap, name="straight")
     assert code == 0
     code, resumed = _run(tmp_path, "--epochs", "1", *cheap, name="resumed")
@@ -234,6 +236,10 @@ def test_lazy_schedule_continues_across_resume(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     every = _records(_run(tmp_path, "--epochs", "1", name="every")[1])
     assert every[0]["sib_steps"] == 2
+    # the separate form's own S-IB step: StyleGAN2's compensation c = 3/4 of the rate and betas
+    c = 0.75 if form == "separate" else 1.0
+    assert [tuple(g["betas"]) for g in b["optimizer"]["param_groups"]] == [(0.9**c, 0.999**c)]
+    assert _records(resumed)[-1]["lr"] == pytest.approx(json.loads((resumed / CONFIG).read_text())["lr"] * c)
 
 
 def test_exact_mode_on_a_model_without_double_backward_is_one_line(tmp_path, capsys):

@@ -41,8 +41,9 @@ DEFAULT_STEP_BATCH = {"cpu": 4, "cuda": 64}
 
 
 def parse_sib_mode(text: str, batch: int) -> dict:
-    """``every=K+batch=N|B/n+bn=MODE`` -> the ``sib_backward`` keywords ``sib_every``, ``sib_batch``, ``sib_bn``."""
-    mode = {"sib_every": 1, "sib_batch": None, "sib_bn": "frozen"}
+    """``every=K+batch=N|B/n+bn=MODE+separate`` -> the ``sib_backward`` keywords ``sib_every``,
+    ``sib_batch``, ``sib_bn``, and ``separate``: the S-IB terms in an optimizer step of their own."""
+    mode = {"sib_every": 1, "sib_batch": None, "sib_bn": "frozen", "separate": False}
     for part in text.split("+"):
         key, _, value = part.strip().partition("=")
         try:
@@ -52,11 +53,13 @@ def parse_sib_mode(text: str, batch: int) -> dict:
                 mode["sib_batch"] = batch // int(value[2:]) if value.startswith("B/") else int(value)
             elif key == "bn" and value in SUB_BATCH_NORMS:
                 mode["sib_bn"] = value
+            elif key == "separate" and not value:
+                mode["separate"] = True
             else:
                 raise ValueError
         except (ValueError, ZeroDivisionError):
-            raise UsageError(f"--sib-modes: {part.strip()!r} is not every=K, batch=N, batch=B/n or "
-                             f"bn={'|'.join(SUB_BATCH_NORMS)}") from None
+            raise UsageError(f"--sib-modes: {part.strip()!r} is not every=K, batch=N, batch=B/n, "
+                             f"bn={'|'.join(SUB_BATCH_NORMS)} or separate") from None
     if mode["sib_every"] < 1 or (mode["sib_batch"] is not None and not 2 <= mode["sib_batch"] <= batch):
         raise UsageError(f"--sib-modes {text!r}: needs every >= 1 and 2 <= batch <= --step-batch ({batch})")
     return mode
@@ -66,6 +69,8 @@ def mode_label(mode: dict) -> str:
     parts = [f"every {mode['sib_every']}"] if mode["sib_every"] > 1 else []
     if mode["sib_batch"] is not None:
         parts.append(f"batch {mode['sib_batch']} ({mode['sib_bn']})")
+    if mode.get("separate"):
+        parts.append("separate step")
     return ", ".join(parts)
 
 
@@ -87,7 +92,8 @@ def step_rows(fused: list[str], vjp_modes: list[str], sib_modes: list[dict] = ()
 
 def make_step(model, optimizer, vjp, backend, mode=None):
     """A function of (x, target) doing one full training step, or with ``mode["sib_every"]`` = K a
-    cycle of K steps (the S-IB step and K - 1 plain ones): ``cycle_length`` steps per call."""
+    cycle of K steps (the S-IB step and K - 1 plain ones; with ``mode["separate"]``, K plain ones and
+    the S-IB terms' own step): ``cycle_length`` batches per call."""
     if vjp is None:
         def step(x, target):
             optimizer.zero_grad(set_to_none=True)
@@ -96,7 +102,8 @@ def make_step(model, optimizer, vjp, backend, mode=None):
         step.cycle_length = 1
         return step
     criterion = SIBLoss(backend=backend)
-    mode = mode or {}
+    mode = dict(mode or {})
+    separate = mode.pop("separate", False)
     every = mode.get("sib_every", 1)
 
     def step(x, target):
@@ -104,7 +111,14 @@ def make_step(model, optimizer, vjp, backend, mode=None):
             optimizer.zero_grad(set_to_none=True)
             # only the math attention has a double backward
             with sdpa_kernel(SDPBackend.MATH) if vjp == "exact" else nullcontext():
-                sib_backward(model, x, target, criterion, vjp=vjp, step=i, **mode)
+                if separate:
+                    F.cross_entropy(model(x), target).backward()
+                    if i == 0:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        sib_backward(model, x, target, criterion, vjp=vjp, sib_only=True, **mode)
+                else:
+                    sib_backward(model, x, target, criterion, vjp=vjp, step=i, **mode)
             optimizer.step()
     step.cycle_length = every
     return step

@@ -23,7 +23,8 @@ from sib_fast.training.distributed import Dist
 from sib_fast.training.faults import TrainingStopped, nonfinite_cause, weights_finite
 from sib_fast.training.held_out import evaluate, top5_correct
 from sib_fast.training.history import CURVES, METRICS, plot_curves, write_metrics
-from sib_fast.training.prepare import EVAL, RunState, read_eval_checkpoint, read_resume_checkpoint, resume, setup, start
+from sib_fast.training.prepare import (EVAL, RunState, lr_factor, read_eval_checkpoint, read_resume_checkpoint, resume,
+                                       setup, start)
 from sib_fast.training.shares import gradient_shares
 from sib_fast.training.step import DoubleBackwardUnsupportedError, rng_state, sib_backward, unwrap_ddp
 
@@ -67,12 +68,17 @@ class EpochTotals:
     seconds: float = 0.0
 
 
+def _separate(args) -> bool:
+    """``--sib-lazy separate``: the S-IB terms in an optimizer step of their own (``_separate_sib_step``)."""
+    return not args.no_sib and args.sib_lazy == "separate"
+
+
 def _forward_backward(r: RunState, x, y):
     """The loss's parts (loss, CE, HSIC, BG; 0-dim), the logits and whether the S-IB terms were taken
     (``--sib-every``), the gradient accumulated in the weights."""
     args = r.args
     try:
-        if args.no_sib:
+        if args.no_sib or _separate(args):
             autocast = torch.autocast(r.d.device.type, dtype=r.amp_dtype) if r.amp_dtype else contextlib.nullcontext()
             with autocast:
                 logits = r.model(x)
@@ -88,6 +94,35 @@ def _forward_backward(r: RunState, x, y):
         return [st.loss, st.ce, st.hsic, st.bg], st.logits, st.sib_step
     except DoubleBackwardUnsupportedError as exc:
         raise _no_double_backward(exc) from None
+
+
+def _separate_sib_step(r: RunState, x, y, t: EpochTotals) -> tuple[float, float] | None:
+    """``--sib-lazy separate``, after the cross-entropy step of every K-th batch: an optimizer step
+    of K x the S-IB terms alone on the same batch (StyleGAN2's lazy regularization; the rate and
+    betas carry ``lr_factor``). Returns its (HSIC, BG), or None where it was not finite on some
+    rank: then it is skipped and counted, the weights as before it."""
+    args = r.args
+    r.optimizer.zero_grad(set_to_none=True)
+    try:
+        st = sib_backward(r.model, x, y, r.criterion, vjp=args.vjp, fd_eps=args.fd_eps, autocast_dtype=r.amp_dtype,
+                          grad_scaler=r.scaler, sib_batch=args.sib_batch, sib_bn=args.sib_bn,
+                          sib_every=args.sib_every, step=r.step, label_smoothing=args.label_smoothing, sib_only=True)
+    except DoubleBackwardUnsupportedError as exc:
+        raise _no_double_backward(exc) from None
+    grads = [p.grad for p in r.raw_model.parameters() if p.grad is not None]
+    gnorm = torch.nn.utils.get_total_norm(grads) if grads and not r.scaler.is_enabled() else torch.zeros(())
+    loss_v, hsic_v, bg_v, gnorm_v = torch.stack([st.loss.double().cpu(), st.hsic.double().cpu(),
+                                                 st.bg.double().cpu(), gnorm.double().cpu()]).tolist()
+    if r.d.any(not (math.isfinite(loss_v) and math.isfinite(gnorm_v))):
+        r.optimizer.zero_grad(set_to_none=True)
+        if r.scaler.is_enabled():
+            r.scaler.update(r.scaler.get_scale() * r.scaler.get_backoff_factor())
+        t.skipped += 1
+        r.nonfinite_total += 1
+        return None
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    return hsic_v, bg_v
 
 
 def _no_double_backward(exc: DoubleBackwardUnsupportedError) -> TrainingStopped:
@@ -176,7 +211,7 @@ def train_epoch(r: RunState, epoch: int) -> EpochTotals:
         y = y.to(d.device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        lr = r.lr_schedule.lr(epoch * r.steps_per_epoch + batch)
+        lr = r.lr_schedule.lr(epoch * r.steps_per_epoch + batch) * lr_factor(args)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
         r.optimizer.zero_grad(set_to_none=True)
@@ -211,6 +246,10 @@ def train_epoch(r: RunState, epoch: int) -> EpochTotals:
             r.consecutive_nonfinite = 0
             r.scaler.step(r.optimizer)
             r.scaler.update()
+            if _separate(args) and r.step % args.sib_every == 0:
+                taken = _separate_sib_step(r, x, y, t)
+                if taken is not None:
+                    sib_step, (hsic_v, bg_v) = True, taken
             n = x.shape[0]
             for k, v in zip(SUMMED[:2], (loss_v, ce_v)):
                 t.sums[k] += v * n
@@ -298,7 +337,7 @@ def _epoch_record(r: RunState, epoch: int, t: EpochTotals) -> dict:
         train_hsic=agg[2] / sib_seen if sib_seen else None, train_bg=agg[3] / sib_seen if sib_seen else None,
         sib_steps=int(agg[7]) // d.world,
         train_acc=agg[4] / seen, train_acc5=agg[8] / seen if r.num_classes > 5 else None, **evals,
-        lr=r.lr_schedule.lr((epoch + 1) * r.steps_per_epoch - 1),
+        lr=r.lr_schedule.lr((epoch + 1) * r.steps_per_epoch - 1) * lr_factor(args),
         images_per_s=t.images / max(t.seconds, 1e-9), epoch_time_s=t.seconds,
         peak_mem_mb=peak_memory_mb(d.device), peak_mem_kind="cuda_allocated" if d.device.type == "cuda" else "cpu_rss",
         nonfinite_skipped=t.skipped, bad_images=len(bad_images.known) - bad_before,

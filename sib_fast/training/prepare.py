@@ -30,8 +30,8 @@ from sib_fast.training.history import CURVES, METRICS, read_metrics
 from sib_fast.training import pretrained, schedule
 from sib_fast.training.models import build_model
 from sib_fast.training.resumable import ItemSeeded, SkipSampler
-from sib_fast.training.step import (DoubleBackwardUnsupportedError, non_smooth_layers, rng_state, set_rng_state,
-                                    vjp_agreement)
+from sib_fast.training.step import (DoubleBackwardUnsupportedError, non_smooth_layers, rng_state,
+                                    separate_step_compensation, set_rng_state, vjp_agreement)
 
 CONFIG = "config.json"
 EVAL = "eval.json"  # --eval-only's result
@@ -43,6 +43,19 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 RESUME_KEYS = ("data", "arch", "image_size", "num_classes", "no_sib", "vjp", "window_size", "temperature",
                "slope", "seed", "batch_size", "train_samples", "spurious", "amp", "pretrained", "hsic_features")
 NOT_COMPARED = ("output", "resume", "eval_only")
+
+
+def lr_factor(args) -> float:
+    """What the schedule's learning rate is multiplied by: ``separate_step_compensation`` under
+    ``--sib-lazy separate`` (S-IB's own optimizer step every K-th batch), else 1."""
+    separate = not args.no_sib and getattr(args, "sib_lazy", "merged") == "separate"
+    return separate_step_compensation(args.sib_every) if separate else 1.0
+
+
+def adamw_betas(args) -> tuple[float, float]:
+    """AdamW's (0.9, 0.999), raised to ``lr_factor``: the moments keep their time constant per batch."""
+    c = lr_factor(args)
+    return 0.9**c, 0.999**c
 
 
 @dataclass
@@ -217,7 +230,8 @@ def setup(args, d: Dist) -> RunState:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(args.seed + 1 + d.rank)  # dropout etc. differ between ranks
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=adamw_betas(args))
     scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
     criterion = SIBLoss(lambda_fg=args.lambda_fg, lambda_bg=args.lambda_bg, window_size=args.window_size,
                         temperature=args.temperature, slope=args.slope, backend=backend,
@@ -265,7 +279,7 @@ def resume(r: RunState, ckpt: dict) -> None:
     # the optimizer state brings the old learning rate and weight decay back: the arguments win (the
     # rate is set again at every step, by the schedule)
     for group in r.optimizer.param_groups:
-        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+        group["lr"], group["weight_decay"], group["betas"] = args.lr, args.weight_decay, adamw_betas(args)
     partial = ckpt.get("partial")
     if partial is not None and len(partial) != d.world:
         raise UsageError(f"--resume: {r.out / CHECKPOINT} was written in the middle of an epoch by {len(partial)} "
@@ -331,6 +345,9 @@ def _schedule_words(args) -> str:
         words += f", warmup {args.warmup_epochs:g} epoch(s)"
     if args.label_smoothing:
         words += f"; label smoothing {args.label_smoothing:g}"
+    if lr_factor(args) != 1.0:
+        c = lr_factor(args)
+        words += f"; S-IB steps of their own (--sib-lazy separate): rate x{c:.3g}, AdamW betas ^{c:.3g}"
     return words
 
 

@@ -149,7 +149,7 @@ def _check_positive_int(name: str, value, minimum: int) -> None:
 
 
 def _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype,
-                     sib_batch, sib_bn, sib_every, step, label_smoothing) -> None:
+                     sib_batch, sib_bn, sib_every, step, label_smoothing, sib_only) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(criterion, SIBLoss):
@@ -177,9 +177,19 @@ def _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autoca
         raise ValueError(f"sib_bn must be one of {SUB_BATCH_NORMS}, got {sib_bn!r}")
     _check_positive_int("sib_every", sib_every, 1)
     _check_positive_int("step", step, 0)
+    if not isinstance(sib_only, bool):
+        raise ValueError(f"sib_only must be True or False, got {sib_only!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
             or not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+
+
+def separate_step_compensation(sib_every: int) -> float:
+    """c = K / (K + 1) for S-IB's own optimizer step every K-th batch (``sib_backward(sib_only=True)``):
+    K + 1 optimizer steps then take K batches, so StyleGAN2 multiplies the learning rate by c and
+    raises Adam's betas to the power c, keeping the optimizer's time constants per batch."""
+    _check_positive_int("sib_every", sib_every, 1)
+    return sib_every / (sib_every + 1)
 
 
 def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: SIBLoss, *,
@@ -187,7 +197,8 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
                  autocast_dtype: torch.dtype | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
                  sib_batch: int | None = None, sib_bn: str = "frozen",
-                 sib_every: int = 1, step: int = 0, label_smoothing: float = 0.0) -> SIBStats:
+                 sib_every: int = 1, step: int = 0, label_smoothing: float = 0.0,
+                 sib_only: bool = False) -> SIBStats:
     """Compute the S-IB loss of ``criterion`` on ``(x, target)`` and back-propagate it.
 
     The gradient is *accumulated* into the ``.grad`` of ``model``'s parameters (zero them before,
@@ -217,6 +228,12 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
         sib_every, step: lazy regularization. Only a step with ``step % sib_every == 0`` is an
             S-IB step, with the S-IB terms weighted by ``sib_every``; the others are one plain
             cross-entropy forward and backward (``SIBStats.sib_step`` False, hsic and bg NaN).
+        sib_only: back-propagate ``sib_every`` times the S-IB terms alone, whatever ``step``:
+            StyleGAN2's form of lazy regularization, a separate optimizer step for the terms after
+            the cross-entropy step of every ``sib_every``-th batch (scale the learning rate and
+            Adam's betas by ``separate_step_compensation``). Cross-entropy is computed and
+            reported, not back-propagated, and no forward pass updates BatchNorm statistics (the
+            cross-entropy step of the batch did).
         label_smoothing: of the cross-entropy term (``F.cross_entropy``'s; ``ce`` in the stats
             is the smoothed one). The S-IB head does not use the labels.
 
@@ -230,7 +247,7 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
             backward; the message suggests ``vjp="finite_difference"``.
     """
     _check_arguments(model, x, target, criterion, vjp, fd_eps, fd_scheme, autocast_dtype,
-                     sib_batch, sib_bn, sib_every, step, label_smoothing)
+                     sib_batch, sib_bn, sib_every, step, label_smoothing, sib_only)
     device = x.device
     scaler_on = grad_scaler is not None and grad_scaler.is_enabled()
     # R in fp16 underflows (it is often 1e-6..1e-2): differentiate scale * phi, then divide.
@@ -246,7 +263,7 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
             raise ValueError(f"model must return (B, K) logits, got shape {tuple(logits.shape)}")
         return logits
 
-    if step % sib_every:
+    if step % sib_every and not sib_only:
         logits = forward(model, x.detach())
         ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target,
                              label_smoothing=label_smoothing)
@@ -260,7 +277,8 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
     inner = unwrap_ddp(model)
     x = x.detach().requires_grad_(not sub)
     rng = rng_state(device) if vjp == "finite_difference" or sub else None
-    with recorded_batch_statistics(inner, enabled=sub and sib_bn == "frozen") as full_batch_stats:
+    with frozen_norm_statistics(inner) if sib_only else contextlib.nullcontext(), \
+            recorded_batch_statistics(inner, enabled=sub and sib_bn == "frozen") as full_batch_stats:
         logits = forward(model, x)
     ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target,
                          label_smoothing=label_smoothing)
@@ -284,7 +302,7 @@ def sib_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor, criter
             return frozen_norm_statistics(inner)
 
     def finish(head: torch.Tensor, head_value: torch.Tensor, fd_step=None) -> SIBStats:
-        scaled(ce + weight * head).backward()
+        scaled(weight * head if sib_only else ce + weight * head).backward()
         criterion.ce, criterion.loss = ce.detach(), (ce + head_value).detach()
         return SIBStats(criterion.loss, criterion.ce, criterion.hsic, criterion.bg, logits.detach(),
                         criterion.backend_used, vjp, fd_step)
