@@ -6,7 +6,8 @@
         --sib-args "--lambda-fg 4.96 --lambda-bg 0"     # a term strong enough to act (RESULTS.md)
 
 Each mode of ``--modes`` (``exact`` every step; ``plain`` cross-entropy, the baseline that says what
-S-IB itself changes; ``everyK`` for ``--sib-every K``; ``batch`` for ``--sib-batch B/4``; ``both`` for
+S-IB itself changes; ``everyK`` for ``--sib-every K``; ``separateK`` for ``--sib-every K --sib-lazy
+separate``, StyleGAN2's form; ``batch`` for ``--sib-batch B/4``; ``both`` for
 ``--sib-every 4 --sib-batch B/4``) trains the default model
 from the same seed on the same data, in subprocesses as a user would run ``sib-train``
 (``--jobs`` at a time, one thread each). ``OUTPUT/summary.md`` gives, per mode, the mean over seeds
@@ -48,10 +49,12 @@ def main(argv=None) -> int:
     for key in args.modes.split(","):
         if key.startswith("every") and key[5:].isdigit():
             modes[f"--sib-every {key[5:]}"] = ["--sib-every", key[5:]]
+        elif key.startswith("separate") and key[8:].isdigit():
+            modes[f"--sib-every {key[8:]} --sib-lazy separate"] = ["--sib-every", key[8:], "--sib-lazy", "separate"]
         elif key in known:
             modes[known[key][0]] = known[key][1]
         else:
-            p.error(f"--modes: unknown mode {key!r} (exact, plain, everyK, batch, both)")
+            p.error(f"--modes: unknown mode {key!r} (exact, plain, everyK, separateK, batch, both)")
     if "exact every step" not in modes:
         p.error("--modes: the differences are taken from 'exact', which must be one of them")
     seeds = [int(s) for s in args.seeds.split(",")]
