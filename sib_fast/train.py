@@ -29,7 +29,7 @@ from sib_fast.training.checkpoint import CHECKPOINT
 from sib_fast.training.data import CLASSES, DEFAULT_MAX_BAD_IMAGES
 from sib_fast.training.faults import TrainingStopped
 from sib_fast.training.loop import run
-from sib_fast.training.models import BUILTIN, check_arch
+from sib_fast.training.models import BUILTIN, check_arch, check_image_size
 from sib_fast.training.norms import SUB_BATCH_NORMS
 from sib_fast.training.prepare import AMP_DTYPES, OUTPUT_FILES
 from sib_fast.training.step import VJP_MODES
@@ -256,6 +256,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--device cuda: no CUDA GPU is available")
     try:
         check_arch(args.arch)
+        check_image_size(args.arch, args.image_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.pretrained is not None and not args.resume and not args.eval_only:  # else the checkpoint's weights

@@ -77,6 +77,8 @@ def _bad_cases(tmp_path):
         (["--sib-batch", "1"], ["--sib-batch", ">= 2"]),
         (["--sib-every", "2", "--no-sib"], ["--sib-every", "--no-sib"]),
         (["--sib-lazy", "separate", "--no-sib"], ["--sib-lazy", "--no-sib"]),
+        (["--arch", "tiny_vit", "--image-size", "60"], ["--arch tiny_vit", "patch size 8", "60"]),
+        (["--arch", "vit_s_16", "--image-size", "40"], ["--arch vit_s_16", "patch size 16", "40"]),
         (["--hsic-features", "0"], ["--hsic-features", "hsic_features"]),
         (["--hsic-features", "16", "--no-sib"], ["--hsic-features", "--no-sib"]),
     ]

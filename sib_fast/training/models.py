@@ -110,16 +110,16 @@ def vit_s_16(num_classes: int, image_size: int) -> nn.Module:
     """ViT-S/16 (12 layers, 6 heads, width 384), torchvision's implementation: the benchmarks' ViT."""
     import torchvision
 
-    if image_size % 16:
-        raise ValueError(f"vit_s_16 needs an image size divisible by 16, got {image_size}")
-    return torchvision.models.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_heads=6,
+    check_image_size("vit_s_16", image_size)
+    return torchvision.models.VisionTransformer(image_size=image_size, patch_size=PATCH_SIZES["vit_s_16"], num_layers=12, num_heads=6,
                                                 hidden_dim=384, mlp_dim=1536, num_classes=num_classes)
 
 
 #: name -> (num_classes, image_size) -> model
 BUILTIN = {
     "sib_cnn": lambda num_classes, image_size: SmallCNN(num_classes),
-    "tiny_vit": lambda num_classes, image_size: TinyViT(num_classes, image_size=image_size),
+    "tiny_vit": lambda num_classes, image_size: TinyViT(num_classes, image_size=image_size,
+                                                        patch=PATCH_SIZES["tiny_vit"]),
     "tiny_cnn": lambda num_classes, image_size: tiny_cnn(num_classes),
     "vit_s_16": vit_s_16,
 }
@@ -142,6 +142,17 @@ def _timm():
     except ImportError:
         return None
     return timm
+
+
+#: the built-in transformers' patch sizes: the image side must be a multiple of them
+PATCH_SIZES = {"tiny_vit": 8, "vit_s_16": 16}
+
+
+def check_image_size(arch: str, image_size: int) -> None:
+    """Raise ValueError with one line if ``arch`` is a built-in ViT whose patch does not tile the image."""
+    patch = PATCH_SIZES.get(arch)
+    if patch is not None and image_size % patch:
+        raise ValueError(f"--arch {arch} needs an image size divisible by its patch size {patch}, got {image_size}")
 
 
 def check_arch(arch: str) -> None:
