@@ -11,9 +11,9 @@
 // channels needs no reduction across tasks; W's tile for each channel is built again and
 // du = grad_proj[0] W^T + 2 grad_sq[0] u (dv likewise) comes out of a tile product.
 //
-// Float32 (and half-precision inputs, computed in float32) evaluates W in float32 with
-// polynomials that vectorise (libm's logf/sinf/cosf do not, at -O3 without -ffast-math); float64
-// uses libm and matches the reference's W to rounding. No FMA, as in row_kernels.h.
+// Float32 (and half-precision inputs, computed in float32) evaluates W with the polynomials of
+// projection_generator.h, which vectorise; float64 uses libm and matches the reference's W to
+// rounding. No FMA, as in row_kernels.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu/row_kernels.h"
+#include "projection_generator.h"
 #include "sib_head_host.h"
 
 namespace sib_fast {
@@ -35,89 +36,11 @@ namespace {
 
 // ---------------------------------------------------------------- the generator
 
-constexpr uint32_t kRowSalt = 0x243f6a88u, kColSalt = 0x85a308d3u;
+using generator::mix32;
+using generator::SeedKeys;
 
-// lowbias32 (random_features.mix)
-inline uint32_t mix32(uint32_t z) {
-  z ^= z >> 16;
-  z *= 0x7feb352du;
-  z ^= z >> 15;
-  z *= 0x846ca68bu;
-  z ^= z >> 16;
-  return z;
-}
-
-struct SeedKeys {
-  uint32_t row, col;
-  explicit SeedKeys(int64_t seed) {
-    const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(seed)),
-                   hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-    row = mix32(lo ^ mix32(hi ^ kRowSalt));
-    col = mix32(hi ^ mix32(lo ^ kColSalt));
-  }
-};
-
-inline float bits_to_float(int32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-
-inline int32_t float_to_bits(float f) {
-  int32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  return b;
-}
-
-// ln x for x in (0, 1], no libm call: Cephes' logf (mantissa in [sqrt(1/2), sqrt(2)), a degree-9
-// polynomial of m - 1, the exponent's ln 2 in two parts); within 2 ulp, relative accuracy kept
-// near x = 1 where ln x is small.
-inline float log_poly(float x) {
-  const int32_t bits = float_to_bits(x);
-  int32_t e = (bits >> 23) - 126;  // x = m 2^e, m in [1/2, 1)
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);
-  const bool low = m < 0.707106781186547524f;
-  e = low ? e - 1 : e;
-  m = low ? (m + m) - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  const float fe = static_cast<float>(e);
-  y += -2.12194440e-4f * fe;
-  y += -0.5f * z;
-  return (m + y) + 0.693359375f * fe;
-}
-
-// One Box-Muller pair from two hash values: W[d, 2j] = r cos(2 pi u2), W[d, 2j+1] = r sin(2 pi u2),
-// r = sqrt(-2 ln u1), u1 = ((h1 >> 8) + 1) / 2^24, u2 = (h2 >> 8) / 2^24.
 struct GaussianPairF {
-  static inline void eval(uint32_t h1, uint32_t h2, float* c, float* s) {
-    const float u1 = static_cast<float>(static_cast<int32_t>(h1 >> 8) + 1) * 5.9604644775390625e-8f;
-    const float radius = std::sqrt(-2.0f * log_poly(u1));
-    // 2 pi u2 reduced exactly on u2's 24-bit grid: the nearest quarter turn q and the rest
-    // r in [-1/8, 1/8] turn; sin and cos of 2 pi r by Cephes' polynomials on [-pi/4, pi/4]
-    const int32_t k = static_cast<int32_t>(h2 >> 8);
-    const int32_t q = (k + (1 << 21)) >> 22;  // 0..4
-    const float x = static_cast<float>(k - (q << 22)) * (6.28318530717958648f * 5.9604644775390625e-8f);
-    const float z = x * x;
-    const float sn = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * x + x;
-    const float cs = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
-                     0.5f * z + 1.0f;
-    // rotate by q quarter turns: (cos, sin) -> (-sin, cos) per quarter
-    const int32_t quarter = q & 3;
-    const float cq = quarter == 0 ? cs : (quarter == 1 ? -sn : (quarter == 2 ? -cs : sn));
-    const float sq = quarter == 0 ? sn : (quarter == 1 ? cs : (quarter == 2 ? -sn : -cs));
-    *c = radius * cq;
-    *s = radius * sq;
-  }
+  static inline void eval(uint32_t h1, uint32_t h2, float* c, float* s) { generator::gaussian_pair_f32(h1, h2, c, s); }
 };
 
 // Float64: the reference's formula (random_features.gaussian_matrix) with libm.
@@ -279,7 +202,7 @@ template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask_t, int64_t features,
                     int64_t seed, at::Tensor& proj_t, at::Tensor& sq_t) {
   const Geometry g(R, features);
-  const SeedKeys keys(seed);
+  const SeedKeys keys = generator::seed_keys(seed);
   constexpr int64_t L = Vec<acc_t>::kLanes;
   const int64_t padded_pairs = round_up(g.pairs, 2 * L);
   const int64_t ld = 2 * padded_pairs;  // a partial row: cosine columns, then sine columns
@@ -371,7 +294,7 @@ void backward_kernel(const at::Tensor& grad_proj, const at::Tensor& grad_sq, con
                      const at::Tensor& mask_t, int64_t features, int64_t seed, at::Tensor& dR_t, at::Tensor* dx_t,
                      at::Tensor& dmask_t) {
   const Geometry g(R, features);
-  const SeedKeys keys(seed);
+  const SeedKeys keys = generator::seed_keys(seed);
   constexpr int64_t kPixels = 2 * Vec<acc_t>::kLanes;  // pixels per task tile: one register row
   std::vector<uint32_t> b_even, b_odd;
   column_keys(keys, g.pairs, b_even, b_odd);
