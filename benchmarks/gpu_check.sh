@@ -142,8 +142,9 @@ fi
 stage head_float32 150 80 "$PY" -m sib_fast.bench --device cuda --batch 128,32,8 --compile-batch 128,32 \
   --dtype float32 --min-time 0.3 --profile --json "$OUT/head_float32.json" --plot "$OUT/head_float32.png" \
   --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
-stage step 80 35 "$PY" -m sib_fast.bench --device cuda --step --model resnet50,vit_s_16 --step-batch 64 \
-  --step-reps 5 --json "$OUT/step.json" --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
+stage step 100 35 "$PY" -m sib_fast.bench --device cuda --step --model resnet50,vit_s_16 --step-batch 64 \
+  --step-reps 5 --sib-modes every=4,batch=B/8,every=4+batch=B/4 --json "$OUT/step.json" \
+  --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
 if [ -n "$SANITIZER" ]; then
   stage cuda_racecheck 40 30 "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" -c "$SANITIZER_CASE"
 fi

@@ -96,12 +96,14 @@ def test_sib_backward_under_ddp_in_both_modes():
 
 
 @pytest.mark.slow
-def test_sib_train_under_torchrun(tmp_path):
+@pytest.mark.parametrize("form", ["merged", "separate"])
+def test_sib_train_under_torchrun(tmp_path, form):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            "-m", "sib_fast.train", "--image-size", "16", "--train-samples", "32", "--val-samples", "8",
            "--batch-size", "8", "--num-classes", "3", "--threads", "1", "--epochs", "2",
-           "--vjp", "finite_difference", "--sib-every", "2", "--sib-batch", "4", "--output", str(out)]
+           "--vjp", "finite_difference", "--sib-every", "2", "--sib-batch", "4", "--sib-lazy", form,
+           "--output", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
