@@ -393,7 +393,7 @@ def test_arch_lookup():
     assert build_model("tiny_cnn", 3, 16)(torch.rand(2, 3, 16, 16)).shape == (2, 3)
     vit = build_model("vit_small", 4, 32)
     assert type(vit) is type(build_model("vit_s_16", 4, 32)) and vit.hidden_dim == 384 and len(vit.encoder.layers) == 12
-    with pytest.raises(ValueError, match="divisible by 16"):
+    with pytest.raises(ValueError, match="divisible by its patch size 16"):
         build_model("vit_s_16", 4, 40)
     with pytest.raises(ValueError, match=r"built-in model \(sib_cnn, tiny_vit, tiny_cnn, vit_s_16\)"):
         check_arch("no_such_net")
