@@ -224,6 +224,24 @@ def test_resume_on_damaged_metrics_refuses_and_keeps_them(trained, tmp_path, cap
     assert (out / METRICS).read_text() == text
 
 
+def test_sib_eval_reads_damaged_metrics_leniently(trained, tmp_path):
+    # the one metrics.jsonl reader: --resume refuses a damaged line (above), sib-eval's training
+    # curves leave it out and say so, through the same function
+    from sib_fast.evaluation.inputs import load_run
+
+    out = _copy(trained, tmp_path / "run")
+    good = (out / METRICS).read_text()
+    (out / METRICS).write_text(good + "{not json\n" + json.dumps({"loss": 1.0}) + "\n")
+    lines = []
+    run = load_run(str(out), log=lines.append)
+    assert [r["epoch"] for r in run["records"]] == [1]
+    assert len(lines) == 1 and "2 line(s) are not metrics records" in lines[0] and str(out / METRICS) in lines[0]
+    (out / METRICS).write_bytes(b"\xff\xfe")
+    lines.clear()
+    assert load_run(str(out), log=lines.append)["records"] == []
+    assert len(lines) == 1 and "cannot read" in lines[0] and "no training curves" in lines[0]
+
+
 def test_resume_with_a_new_learning_rate_trains_with_it(trained, tmp_path, capsys):
     same = _copy(trained, tmp_path / "same")
     new = _copy(trained, tmp_path / "new")

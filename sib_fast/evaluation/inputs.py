@@ -4,7 +4,6 @@ synthetic or from a folder in one of the layouts of ``sib_fast.datasets`` (mask 
 made masks in the evaluation view)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from sib_fast.evaluation import PROG
 from sib_fast.training.checkpoint import CHECKPOINT, EVAL_KEYS, load_checkpoint
 from sib_fast.training.data import (DEFAULT_MAX_BAD_IMAGES, IMAGENET_STATS, SYNTHETIC_STATS, BadImageError,
                                     SyntheticObjects, read_image)
-from sib_fast.training.history import METRICS
+from sib_fast.training.history import METRICS, read_metrics
 from sib_fast.training.models import build_model
 
 
@@ -35,31 +34,6 @@ class Normalized(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def _read_records(path: Path, log) -> list[dict]:
-    """metrics.jsonl beside a checkpoint, for the training curves; what cannot be read is said, not hidden."""
-    if not path.exists():
-        return []
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        log(f"{PROG}: warning: cannot read {path} ({exc}); no training curves for this run")
-        return []
-    records, bad = [], 0
-    for line in lines:
-        if line.strip():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                r = None
-            if isinstance(r, dict):
-                records.append(r)
-            else:
-                bad += 1
-    if bad:
-        log(f"{PROG}: warning: {path}: {bad} line(s) are not metrics records; the training curves leave them out")
-    return records
-
-
 def load_run(spec: str, log=print) -> dict:
     """Checkpoint ``spec`` (``[LABEL=]PATH``, a file or a run folder): model, args, metrics."""
     label = None
@@ -74,7 +48,7 @@ def load_run(spec: str, log=print) -> dict:
         raise UsageError(f"no checkpoint at {path} (pass a sib-train checkpoint.pt or its output folder)")
     ckpt = load_checkpoint(path, EVAL_KEYS)  # the same checks as sib-train --resume
     args = dict(ckpt["args"])
-    records = _read_records(path.parent / METRICS, log)
+    records = read_metrics(path.parent / METRICS, warn=lambda line: log(f"{PROG}: warning: {line}"))
     mode = "baseline" if args.get("no_sib") else "S-IB"
     return dict(label=label, group=label or mode, mode=mode, path=path, args=args, state=ckpt["model"],
                 epoch=ckpt.get("epoch"), records=records)

@@ -11,15 +11,20 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a damaged line is a UsageError (resuming would drop it from the file)."""
+def read_metrics(path: Path, warn=None) -> list[dict]:
+    """The records of metrics.jsonl ([] when there is none). An unreadable file or a damaged line is a
+    UsageError (``--resume`` would drop it from the file); with ``warn`` (sib-eval's training curves)
+    it is said through ``warn`` and left out."""
     if not path.exists():
         return []
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--resume: cannot read {path}: {exc}") from None
-    records = []
+        if warn is None:
+            raise UsageError(f"--resume: cannot read {path}: {exc}") from None
+        warn(f"cannot read {path} ({exc}); no training curves for this run")
+        return []
+    records, bad = [], 0
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -27,9 +32,14 @@ def read_metrics(path: Path) -> list[dict]:
             r = json.loads(line)
         except json.JSONDecodeError:
             r = None
-        if not isinstance(r, dict) or not isinstance(r.get("epoch"), int):
+        if isinstance(r, dict) and isinstance(r.get("epoch"), int):
+            records.append(r)
+        elif warn is None:
             raise UsageError(f"--resume: {path} line {n} is not a metrics record; repair or remove that line")
-        records.append(r)
+        else:
+            bad += 1
+    if bad:
+        warn(f"{path}: {bad} line(s) are not metrics records; the training curves leave them out")
     return records
 
 
