@@ -2,7 +2,6 @@
 last epoch, and means with 95% t-intervals over seeds."""
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 from sib_fast.evaluation.localization import mean_t_interval
+from sib_fast.training.history import METRICS, read_metrics
 
 
 def interval(values: list) -> str:
@@ -21,10 +21,8 @@ def interval(values: list) -> str:
 
 
 def history(out: Path) -> list[dict]:
-    metrics = out / "metrics.jsonl"
-    if not metrics.is_file():
-        return []
-    return [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()]
+    """The run's metrics.jsonl records ([] before its first epoch; damaged lines left out, with a warning)."""
+    return read_metrics(out / METRICS, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
 
 
 def last_record(out: Path, epochs: int) -> dict | None:
