@@ -84,14 +84,14 @@ def test_named_backend_that_cannot_run_says_why():
 
 def test_auto_falls_back_to_reference_only_with_one_warning(monkeypatch):
     monkeypatch.setitem(dispatch._AUTO_ORDER, "cpu", ("cuda",))  # a preference that cannot run on CPU
-    dispatch._warn_fallback.cache_clear()
+    dispatch._warn_once.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert sib_fast.resolve_backend("cpu") == "reference"
         assert sib_fast.resolve_backend("cpu") == "reference"
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "reference" in messages[0] and "cuda" in messages[0]
-    dispatch._warn_fallback.cache_clear()
+    dispatch._warn_once.cache_clear()
 
 
 @pytest.mark.parametrize("dtype, bits", [(torch.float32, 24), (torch.bfloat16, 24), (torch.float64, 53)])
@@ -125,7 +125,7 @@ def test_fused_backends_refuse_an_inexact_temperature_and_auto_falls_back(monkey
     with pytest.raises(ValueError, match="temperature=1 is above"):
         sib_fast.sib_terms(R, x, window_size=3, temperature=1.0, backend="cpu")
     # auto: the reference, with one warning that says why; SIBLoss records it
-    dispatch._warn_inexact.cache_clear()
+    dispatch._warn_once.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss = sib_fast.SIBLoss(window_size=3, temperature=1.0)
@@ -136,7 +136,7 @@ def test_fused_backends_refuse_an_inexact_temperature_and_auto_falls_back(monkey
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "'reference'" in messages[0] and "temperature=1 is above" in messages[0]
     assert loss.backend_used == "reference"
-    dispatch._warn_inexact.cache_clear()
+    dispatch._warn_once.cache_clear()
 
 
 def test_input_vjp_errors_name_the_problem():

@@ -153,18 +153,8 @@ def available_backends(device=None) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_fallback(device_type: str, reasons: str) -> None:
-    warnings.warn(
-        f"sib_fast: backend='auto' runs the plain-PyTorch 'reference' backend on {device_type} "
-        f"tensors because no fused backend is available: {reasons}",
-        RuntimeWarning, stacklevel=4)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_inexact(device_type: str, reason: str) -> None:
-    warnings.warn(
-        f"sib_fast: backend='auto' runs the plain-PyTorch 'reference' backend on {device_type} "
-        f"tensors because {reason}", RuntimeWarning, stacklevel=4)
+def _warn_once(note: str) -> None:
+    warnings.warn(f"sib_fast: {note}", RuntimeWarning, stacklevel=4)
 
 
 def _constant_under_compile(fn):
@@ -175,32 +165,50 @@ def _constant_under_compile(fn):
     return fn
 
 
+def backend_choice(device, backend: str = "auto", temperature: float = 0.1, dtype: torch.dtype = torch.float32,
+                   projection: bool = False) -> tuple[str, str | None]:
+    """``resolve_backend``'s choice and, when 'auto' falls back to 'reference', the note saying why
+    (None otherwise); warns nothing and loads nothing, so that a caller such as sib-train can log
+    the note on every run of a process."""
+    device_type = torch.device(device).type
+    name, reasons = _choose_backend(device, backend, projection)
+    note = None
+    if reasons is not None:
+        note = (f"backend='auto' runs the plain-PyTorch 'reference' backend on {device_type} tensors because no "
+                f"fused backend is available: {reasons}")
+    reason = _temperature_reason(name, temperature, dtype)
+    if reason is not None:
+        if backend != "auto":
+            raise ValueError(f"backend '{backend}': {reason}; use backend='reference' (or 'auto', "
+                             f"which falls back to it)")
+        note = f"backend='auto' runs the plain-PyTorch 'reference' backend on {device_type} tensors because {reason}"
+        name = "reference"
+    return name, note
+
+
 # Under torch.compile the choice is made once, eagerly, at trace time and baked in.
 @_constant_under_compile
 def resolve_backend(device, backend: str = "auto", temperature: float = 0.1,
                     dtype: torch.dtype = torch.float32, projection: bool = False) -> str:
     """The name of the backend that will run for tensors on ``device``, at this soft-quantile
     temperature, for inputs of ``dtype`` (see ``fused_temperature_limit``); with ``projection``,
-    one that also has the random-feature HSIC's fused projection (``hsic_features``).
+    one that also has the random-feature HSIC's fused projection (``hsic_features``). A fallback
+    of 'auto' to 'reference' warns once per process and reason (``backend_choice`` says why).
 
     It also imports that backend's module, so that ``backend_module`` is a
     plain lookup (traceable by torch.compile).
     """
-    name = _choose_backend(device, backend, projection)
-    reason = _temperature_reason(name, temperature, dtype)
-    if reason is not None:
-        if backend != "auto":
-            raise ValueError(f"backend '{backend}': {reason}; use backend='reference' (or 'auto', "
-                             f"which falls back to it)")
-        _warn_inexact(torch.device(device).type, reason)
-        name = "reference"
+    name, note = backend_choice(device, backend, temperature, dtype, projection)
+    if note is not None:
+        _warn_once(note)
     if name not in _LOADED:
         _LOADED[name] = importlib.import_module(_BACKEND_MODULES[name])
         log.info("sib_fast: backend %r runs for %s tensors (asked for %r)", name, torch.device(device).type, backend)
     return name
 
 
-def _choose_backend(device, backend: str, projection: bool = False) -> str:
+def _choose_backend(device, backend: str, projection: bool = False) -> tuple[str, str | None]:
+    """The backend for ``device`` and, when 'auto' finds no fused one, why each could not run."""
     if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
     device_type = torch.device(device).type
@@ -213,15 +221,14 @@ def _choose_backend(device, backend: str, projection: bool = False) -> str:
         reason = reason_for(backend)
         if reason is not None:
             raise BackendUnavailableError(f"backend '{backend}' is unavailable: {reason}")
-        return backend
+        return backend, None
     reasons = []
     for name in _AUTO_ORDER.get(device_type, ()):
         reason = reason_for(name)
         if reason is None:
-            return name
+            return name, None
         reasons.append(f"{name}: {reason}")
-    _warn_fallback(device_type, "; ".join(reasons) or f"none exists for {device_type} tensors")
-    return "reference"
+    return "reference", "; ".join(reasons) or f"none exists for {device_type} tensors"
 
 
 def backend_module(name: str):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from sib_fast.backends.dispatch import BackendUnavailableError, resolve_backend
+from sib_fast.backends.dispatch import BackendUnavailableError, backend_choice, resolve_backend
 from sib_fast.cli_errors import OutputError, UsageError, atomic_write_text, os_reason, remove_stale_temporaries
 from sib_fast.loss import SIBLoss
 from sib_fast.training import PROG
@@ -133,14 +133,17 @@ def cpu_threads(requested: int | None, world: int) -> tuple[int, str]:
 
 
 def _head_backend(args, d: Dist, notes: list[str]) -> str:
-    """Resolved once, so that a missing backend is one line and a fallback one note."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:  # R is float32 here, under --amp too
-            backend = resolve_backend(d.device, args.backend, args.temperature, torch.float32)
-        except (BackendUnavailableError, ValueError) as exc:
-            raise UsageError(str(exc)) from None
-    notes += [str(w.message).removeprefix("sib_fast: ") for w in caught]
+    """Resolved once, so that a missing backend is one line and a fallback one note (on every run
+    of a process: the note comes from ``backend_choice``, not from the once-only warning)."""
+    try:  # R is float32 here, under --amp too
+        backend, note = backend_choice(d.device, args.backend, args.temperature, torch.float32)
+    except (BackendUnavailableError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note says it
+        resolve_backend(d.device, args.backend, args.temperature, torch.float32)  # loads the module
+    if note is not None:
+        notes.append(note)
     return backend
 
 
