@@ -61,6 +61,19 @@ def test_sib_eval_groups_and_labels(runs, tmp_path):
     assert not list(out.glob("grid_*.png"))
 
 
+def test_guided_backprop_on_a_model_without_relu_gets_a_note(runs, tmp_path, capsys):
+    # the default model has GELUs: Captum's guided backprop then changes nothing, and the log says so
+    pytest.importorskip("captum")
+    rc = evaluate.main([str(runs / "base"), "--output", str(tmp_path / "r"), "--methods", "saliency,gbp",
+                        "--grid-images", "0"] + FAST[:8])
+    assert rc == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "guided backprop equals its saliency" in line]
+    assert len(notes) == 1 and "no nn.ReLU" in notes[0], notes
+    rc = evaluate.main([str(runs / "base"), "--output", str(tmp_path / "r2"), "--methods", "saliency",
+                        "--grid-images", "0"] + FAST[:8])
+    assert rc == 0 and "guided backprop" not in capsys.readouterr().out
+
+
 def test_sib_eval_folder_dataset(runs, tmp_path):
     from PIL import Image
     import numpy as np

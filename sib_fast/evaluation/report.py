@@ -64,6 +64,9 @@ def run(args, log=print) -> dict:
     for r in runs:
         log(f"{PROG}: {r['name']} ({r['path']})")
         model = build(r, len(classes), device)
+        if "guided_backprop" in args.methods and not any(isinstance(m, torch.nn.ReLU) for m in model.modules()):
+            log(f"{PROG}: note: {r['name']} has no nn.ReLU module, so its guided backprop equals its saliency "
+                f"(Captum's GuidedBackprop changes the backward of ReLU modules only)")
         scores, grid_maps, preds = evaluate_model(model, xs, ys, ms, args, log)
         correct = (preds == ys).double()
         r["acc"] = L.mean_ci(correct, n_boot=args.n_boot)
