@@ -150,13 +150,21 @@ if [ -n "$SANITIZER" ]; then
 fi
 stage head_bfloat16 45 0 "$PY" -m sib_fast.bench --device cuda --batch 128 --dtype bfloat16 --no-compile \
   --min-time 0.3 --json "$OUT/head_bfloat16.json" --markdown "$OUT/results.md" --note "benchmarks/gpu_check.sh"
-# ---- the random-feature HSIC's fused projections (issue 22), Triton: forward and forward+backward
-# at B = 16 and 128, 3x224x224, F = 512, against the plain head's time at the same B (the cost of
-# hsic_features on top of the head) and the materialised matrix's product (what the authors pay)
+# ---- the random-feature HSIC's fused projections (issue 22), per backend (argument: triton or
+# cuda): forward and forward+backward at B = 16 and 128, 3x224x224, F = 512, against the plain
+# head's time at the same B (the cost of hsic_features on top of the head) and the materialised
+# matrix's products (what the authors pay), with the largest relative error of u @ W against them
+# (neither backend's projection has run on a GPU before)
 PROJECTION_TIMING='
+import sys
 import torch
-from sib_fast.backends.triton import ops
 from sib_fast.backends.random_features import gaussian_matrix
+
+backend = sys.argv[1]
+if backend == "triton":
+    from sib_fast.backends.triton import ops as module
+else:
+    from sib_fast.backends import extension as module
 
 def ms(fn, reps=10):
     fn(); torch.cuda.synchronize()
@@ -173,56 +181,25 @@ for B in (16, 128):
     mask = torch.rand(B, 224, 224, device="cuda").requires_grad_()
     gp = torch.randn(2, B, 512, device="cuda")
     def forward():
-        return ops.masked_projection(R, x, mask, 512, 7)
+        return module.masked_projection(R, x, mask, 512, 7)
     def both():
         proj, sq = forward()
         torch.autograd.grad((proj * gp).sum() + sq.sum(), (R, mask))
     def head():
-        hsic, bg, m = ops.sib_terms(R, x, 31, 0.1, 10.0)
+        hsic, bg, m = module.sib_terms(R, x, 31, 0.1, 10.0)
         torch.autograd.grad(hsic + bg, R)
     W = gaussian_matrix(7, 3 * 224 * 224, 512, dtype=torch.float32, device="cuda")
     u = (R.detach() * mask.detach()[:, None]).reshape(B, -1)
     def materialised():
         return u @ W, (x * mask.detach()[:, None]).reshape(B, -1) @ W
-    print(f"B={B}: projection forward {ms(forward):.3f} ms, forward+backward {ms(both):.3f} ms; "
-          f"plain triton head forward+backward {ms(head):.3f} ms; materialised W products (forward only) "
-          f"{ms(materialised):.3f} ms", flush=True)
+    err = ((forward()[0].detach()[0] - u @ W).abs().max() / (u @ W).abs().max()).item()
+    print(f"B={B}: {backend} projection forward {ms(forward):.3f} ms, forward+backward {ms(both):.3f} ms; "
+          f"plain {backend} head forward+backward {ms(head):.3f} ms; materialised W products (forward only) "
+          f"{ms(materialised):.3f} ms; max relative error of u @ W against the materialised product {err:.2e}",
+          flush=True)
 '
-stage triton_projection 40 0 "$PY" -c "$PROJECTION_TIMING"
-# the same for the CUDA kernels (csrc/cuda/sib_projection_cuda.cu, never run on a GPU before:
-# their largest relative error against the materialised products is printed too)
-CUDA_PROJECTION_TIMING='
-import torch
-from sib_fast.backends import extension
-from sib_fast.backends.random_features import gaussian_matrix
-
-def ms(fn, reps=10):
-    fn(); torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record(); torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-for B in (16, 128):
-    R = (torch.randn(B, 3, 224, 224, device="cuda") * 1e-3).requires_grad_()
-    x = torch.rand(B, 3, 224, 224, device="cuda")
-    mask = torch.rand(B, 224, 224, device="cuda").requires_grad_()
-    gp = torch.randn(2, B, 512, device="cuda")
-    def forward():
-        return extension.masked_projection(R, x, mask, 512, 7)
-    def both():
-        proj, sq = forward()
-        torch.autograd.grad((proj * gp).sum() + sq.sum(), (R, mask))
-    W = gaussian_matrix(7, 3 * 224 * 224, 512, dtype=torch.float32, device="cuda")
-    u = (R.detach() * mask.detach()[:, None]).reshape(B, -1)
-    proj = forward()[0].detach()
-    err = ((proj[0] - u @ W).abs().max() / (u @ W).abs().max()).item()
-    print(f"B={B}: cuda projection forward {ms(forward):.3f} ms, forward+backward {ms(both):.3f} ms; "
-          f"max relative error of u @ W against the materialised product {err:.2e}", flush=True)
-'
-stage cuda_projection 30 0 "$PY" -c "$CUDA_PROJECTION_TIMING"
+stage triton_projection 40 0 "$PY" -c "$PROJECTION_TIMING" triton
+stage cuda_projection 40 0 "$PY" -c "$PROJECTION_TIMING" cuda
 # ---- with what time is left: the Triton launch-plan constants chosen without a GPU, against
 # their alternatives (B=128, float32, forward+backward)
 stage triton_plans 90 0 "$PY" -m sib_fast.bench.tune --json "$OUT/triton_plans.json"

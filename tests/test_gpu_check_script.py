@@ -82,3 +82,6 @@ def test_inline_python_compiles():
     compile(case.group(1), "SANITIZER_CASE", "exec")
     for snippet in re.findall(r"-c '([^']*)'", text):
         compile(snippet, "gpu_check.sh -c", "exec")
+    timing = re.search(r"PROJECTION_TIMING='\n(.*?)\n'", text, re.S)
+    assert timing, "the projection timing was not found"
+    compile(timing.group(1), "PROJECTION_TIMING", "exec")
