@@ -36,4 +36,34 @@ inline at::ScalarType compute_type(const at::Tensor& R) {
   return R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The masked projections' checks (docs/loss.md section 4b) that do not depend on the device; each
+// kernel adds its own device checks.
+inline void check_projection_inputs(const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask,
+                                    int64_t features, int64_t seed) {
+  TORCH_CHECK(R.dim() == 4 && R.sizes() == x.sizes(), "masked_projection: R and x must be (B, C, H, W) of one shape, got ",
+              R.sizes(), " and ", x.sizes());
+  TORCH_CHECK(R.scalar_type() == x.scalar_type(), "masked_projection: R and x must have the same dtype, got ",
+              R.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(mask.dim() == 3 && mask.size(0) == R.size(0) && mask.size(1) == R.size(2) && mask.size(2) == R.size(3),
+              "masked_projection: mask must be (B, H, W) of R's B, H, W, got ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == compute_type(R), "masked_projection: mask must be in the compute dtype ",
+              compute_type(R), ", got ", mask.scalar_type());
+  TORCH_CHECK(R.size(0) >= 1 && R.numel() > 0, "masked_projection: R must not be empty");
+  TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) <= (int64_t(1) << 32),
+              "masked_projection: C*H*W must be at most 2^32 (the generator's row index is 32 bits)");
+  TORCH_CHECK(features >= 1 && features < (int64_t(1) << 31), "masked_projection: features must be in [1, 2^31), got ",
+              features);
+  TORCH_CHECK(seed >= 0, "masked_projection: seed must be >= 0, got ", seed);
+}
+
+// The projections' upstream gradients: grad_proj (2, B, features), grad_sq (2, B) when given.
+inline void check_projection_grads(const at::Tensor& grad_proj, const at::Tensor* grad_sq, const at::Tensor& R,
+                                   int64_t features) {
+  TORCH_CHECK(grad_proj.dim() == 3 && grad_proj.size(0) == 2 && grad_proj.size(1) == R.size(0) &&
+                  grad_proj.size(2) == features,
+              "masked_projection_backward: grad_proj must be (2, B, features), got ", grad_proj.sizes());
+  TORCH_CHECK(grad_sq == nullptr || (grad_sq->dim() == 2 && grad_sq->size(0) == 2 && grad_sq->size(1) == R.size(0)),
+              "masked_projection_backward: grad_sq must be (2, B), got ", grad_sq ? grad_sq->sizes() : R.sizes());
+}
+
 }  // namespace sib_fast

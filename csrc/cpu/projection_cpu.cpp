@@ -369,30 +369,17 @@ void backward_kernel(const at::Tensor& grad_proj, const at::Tensor& grad_sq, con
 
 // ---------------------------------------------------------------- ops
 
-void check_projection_inputs(const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask, int64_t features,
-                             int64_t seed) {
+void check_cpu_inputs(const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask, int64_t features,
+                      int64_t seed) {
   TORCH_CHECK(R.device().is_cpu() && x.device().is_cpu() && mask.device().is_cpu(),
               "masked_projection (CPU kernel): R, x and mask must be CPU tensors");
-  TORCH_CHECK(R.dim() == 4 && R.sizes() == x.sizes(), "masked_projection: R and x must be (B, C, H, W) of one shape, got ",
-              R.sizes(), " and ", x.sizes());
-  TORCH_CHECK(R.scalar_type() == x.scalar_type(), "masked_projection: R and x must have the same dtype, got ",
-              R.scalar_type(), " and ", x.scalar_type());
-  TORCH_CHECK(mask.dim() == 3 && mask.size(0) == R.size(0) && mask.size(1) == R.size(2) && mask.size(2) == R.size(3),
-              "masked_projection: mask must be (B, H, W) of R's B, H, W, got ", mask.sizes());
-  TORCH_CHECK(mask.scalar_type() == compute_type(R), "masked_projection: mask must be in the compute dtype ",
-              compute_type(R), ", got ", mask.scalar_type());
-  TORCH_CHECK(R.size(0) >= 1 && R.numel() > 0, "masked_projection: R must not be empty");
-  TORCH_CHECK(R.size(1) * R.size(2) * R.size(3) <= (int64_t(1) << 32),
-              "masked_projection: C*H*W must be at most 2^32 (the generator's row index is 32 bits)");
-  TORCH_CHECK(features >= 1 && features < (int64_t(1) << 31), "masked_projection: features must be in [1, 2^31), got ",
-              features);
-  TORCH_CHECK(seed >= 0, "masked_projection: seed must be >= 0, got ", seed);
+  check_projection_inputs(R, x, mask, features, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_projection_forward_cpu(const at::Tensor& R, const at::Tensor& x,
                                                                  const at::Tensor& mask, int64_t features,
                                                                  int64_t seed) {
-  check_projection_inputs(R, x, mask, features, seed);
+  check_cpu_inputs(R, x, mask, features, seed);
   const auto opts = R.options().dtype(compute_type(R));
   at::Tensor proj = at::empty({2, R.size(0), features}, opts);
   at::Tensor sq = at::empty({2, R.size(0)}, opts);
@@ -407,18 +394,12 @@ std::tuple<at::Tensor, at::Tensor> masked_projection_forward_cpu(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_projection_backward_cpu(
     const at::Tensor& grad_proj, const std::optional<at::Tensor>& grad_sq, const at::Tensor& R, const at::Tensor& x,
     const at::Tensor& mask, int64_t features, int64_t seed, bool compute_grad_x) {
-  check_projection_inputs(R, x, mask, features, seed);
+  check_cpu_inputs(R, x, mask, features, seed);
   const auto acc = compute_type(R);
-  TORCH_CHECK(grad_proj.dim() == 3 && grad_proj.size(0) == 2 && grad_proj.size(1) == R.size(0) &&
-                  grad_proj.size(2) == features,
-              "masked_projection_backward: grad_proj must be (2, B, features), got ", grad_proj.sizes());
+  const bool has_sq = grad_sq.has_value() && grad_sq->defined();
+  check_projection_grads(grad_proj, has_sq ? &*grad_sq : nullptr, R, features);
   const at::Tensor gp = grad_proj.to(acc).contiguous();
-  at::Tensor gs;
-  if (grad_sq.has_value() && grad_sq->defined()) {
-    TORCH_CHECK(grad_sq->dim() == 2 && grad_sq->size(0) == 2 && grad_sq->size(1) == R.size(0),
-                "masked_projection_backward: grad_sq must be (2, B), got ", grad_sq->sizes());
-    gs = grad_sq->to(acc).contiguous();
-  }
+  const at::Tensor gs = has_sq ? grad_sq->to(acc).contiguous() : at::Tensor();
   const at::Tensor m = mask.contiguous();
   at::Tensor dR = at::empty_like(R);
   at::Tensor dx = compute_grad_x ? at::empty_like(x) : at::empty({0}, x.options());

@@ -7,15 +7,11 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#ifndef SIB_CUDA_EMULATE
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include <initializer_list>
 #include <optional>
 #include <tuple>
 
+#include "cuda/sib_cuda_host.h"
 #include "cuda/sib_cuda_launch.h"
 #include "sib_head_host.h"
 #include "sib_head_schema.h"
@@ -24,57 +20,7 @@ namespace sib_fast {
 namespace cuda {
 namespace {
 
-#ifdef SIB_CUDA_EMULATE
-constexpr const char* kKernelName = "sib_head (emulated CUDA kernel)";
-inline bool on_device(const at::Tensor& t) { return t.device().is_cpu(); }
-inline cudaStream_t current_stream() { return nullptr; }
-#define SIB_DEVICE_GUARD(t) (void)(t)
-#else
-constexpr const char* kKernelName = "sib_head (CUDA kernel)";
-inline bool on_device(const at::Tensor& t) { return t.device().is_cuda(); }
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
-#define SIB_DEVICE_GUARD(t) const c10::cuda::CUDAGuard device_guard((t).device())
-#endif
-
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return Dtype::kFloat;
-    case at::kDouble:
-      return Dtype::kDouble;
-    case at::kHalf:
-      return Dtype::kHalf;
-    case at::kBFloat16:
-      return Dtype::kBFloat16;
-    default:
-      TORCH_CHECK(false, kKernelName, ": R and x must be float32, float64, float16 or bfloat16, got ",
-                  t.scalar_type());
-  }
-  return Dtype::kFloat;
-}
-
-Shape shape_of(const at::Tensor& t) {
-  return {t.size(0), t.size(1), t.size(2), t.size(3), t.size(2) * t.size(3)};
-}
-
-// Strides of a (B, C, H, W) tensor for the kernels; size-1 dimensions take the stride
-// that keeps the pixels linear.
-Map4 make_map(const at::Tensor& t) {
-  const int64_t vec = 16 / static_cast<int64_t>(t.element_size());
-  const int64_t C = t.size(1), H = t.size(2), W = t.size(3), N = H * W;
-  Map4 m;
-  m.sb = t.stride(0);
-  m.sc = C == 1 ? 0 : t.stride(1);
-  m.sh = t.stride(2);
-  m.sw = t.stride(3);
-  if (W == 1) m.sw = m.sh;      // w is always 0
-  if (H == 1) m.sh = W * m.sw;  // h is always 0
-  m.W = W;
-  m.linear = m.sh == W * m.sw;
-  const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
-  m.vec = m.linear && m.sw == 1 && N % vec == 0 && m.sb % vec == 0 && m.sc % vec == 0 && addr % 16 == 0;
-  return m;
-}
+constexpr const char* kOp = "sib_head";
 
 QuantileWindows make_windows(std::initializer_list<int> quantiles, int64_t N, double temperature) {
   QuantileWindows w{};
@@ -114,12 +60,13 @@ BackwardPlanes backward_planes(const at::Tensor& dR, at::ScalarType acc, at::Ten
 }
 
 int64_t check_maps(const at::Tensor& R, const at::Tensor& x, int64_t window, double temperature, double slope) {
-  TORCH_CHECK(on_device(R) && R.device() == x.device(), kKernelName,
-              ": R and x must be tensors on the same GPU, got ", R.device(), " and ", x.device());
+  TORCH_CHECK(on_device(R) && R.device() == x.device(), kOp, " (", kKernelKind,
+              "): R and x must be tensors on the same GPU, got ", R.device(), " and ", x.device());
   const int64_t effective_window = check_head_inputs(R, x, window, temperature, slope);
-  TORCH_CHECK(R.size(0) <= 32768, kKernelName, ": batches of more than 32768 images are not supported");
-  TORCH_CHECK(R.numel() < (int64_t(1) << 32), kKernelName, ": tensors of 2^32 elements or more are not supported");
-  (void)dtype_of(R);
+  TORCH_CHECK(R.size(0) <= 32768, kOp, " (", kKernelKind, "): batches of more than 32768 images are not supported");
+  TORCH_CHECK(R.numel() < (int64_t(1) << 32), kOp, " (", kKernelKind,
+              "): tensors of 2^32 elements or more are not supported");
+  (void)dtype_of(R, kOp);
   return effective_window;
 }
 
@@ -145,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor plane = at::empty({B, N}, opts);
     at::Tensor rows = at::empty({B, N}, dopts);
     auto* lists = static_cast<int32_t*>(rows.data_ptr());
-    launch_channel_mean(dtype_of(R), R.data_ptr(), make_map(R), sh, plane.data_ptr(), stream);
+    launch_channel_mean(dtype_of(R, kOp), R.data_ptr(), make_map(R), sh, plane.data_ptr(), stream);
     launch_select(dbl, /*abs_values=*/true, plane.data_ptr(), sh,
                   make_windows({kQuantLow, kQuantMaskLevel, kQuantHigh}, N, temperature), lists, stats.data_ptr(),
                   ranks.data_ptr<int64_t>(), nullptr, slope, stream);
@@ -161,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gram_d = at::empty({2, B, B}, dopts);
   {
     at::Tensor gram_part = at::empty({plan.partial_elements()}, opts);
-    launch_gram(dtype_of(R), R.data_ptr(), x.data_ptr(), make_map(R), make_map(x), mask.data_ptr(), sh, plan,
+    launch_gram(dtype_of(R, kOp), R.data_ptr(), x.data_ptr(), make_map(R), make_map(x), mask.data_ptr(), sh, plan,
                 gram_part.data_ptr(), bg_part.data_ptr<double>(), stream);
     launch_gram_reduce(dbl, gram_part.data_ptr(), plan, B, gram.data_ptr(), gram_d.data_ptr<double>(), stream);
   }
@@ -213,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cuda(
   // pass 1 over R, x, M: the planes dM_u, dM_v, g, and dx
   at::Tensor own_planes;
   const BackwardPlanes planes = backward_planes(dR, acc, own_planes);
-  launch_backward_planes(dtype_of(R), R.data_ptr(), x.data_ptr(), make_map(R), make_map(x), mask.data_ptr(),
+  launch_backward_planes(dtype_of(R, kOp), R.data_ptr(), x.data_ptr(), make_map(R), make_map(x), mask.data_ptr(),
                          A.data_ptr(), Bp, bg_terms.data_ptr(), sh, compute_grad_x ? dx.data_ptr() : nullptr,
                          compute_grad_x ? make_map(dx) : make_map(x), planes, stream);
 
@@ -231,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> sib_head_backward_cuda(
 
   // pass 2 over R, M: dR with the mask chain's share, written once (over the planes when
   // they are its channels)
-  launch_backward_grad_r(dtype_of(R), R.data_ptr(), make_map(R), mask.data_ptr(), A.data_ptr(), Bp,
+  launch_backward_grad_r(dtype_of(R, kOp), R.data_ptr(), make_map(R), mask.data_ptr(), A.data_ptr(), Bp,
                          bg_terms.data_ptr(), sh, dR.data_ptr(), make_map(dR), planes, stream);
   return {dR, dx};
 }
