@@ -40,8 +40,8 @@ inline at::ScalarType compute_type(const at::Tensor& R) {
 // kernel adds its own device checks.
 inline void check_projection_inputs(const at::Tensor& R, const at::Tensor& x, const at::Tensor& mask,
                                     int64_t features, int64_t seed) {
-  TORCH_CHECK(R.dim() == 4 && R.sizes() == x.sizes(), "masked_projection: R and x must be (B, C, H, W) of one shape, got ",
-              R.sizes(), " and ", x.sizes());
+  TORCH_CHECK(R.dim() == 4 && R.sizes() == x.sizes(),
+              "masked_projection: R and x must be (B, C, H, W) of one shape, got ", R.sizes(), " and ", x.sizes());
   TORCH_CHECK(R.scalar_type() == x.scalar_type(), "masked_projection: R and x must have the same dtype, got ",
               R.scalar_type(), " and ", x.scalar_type());
   TORCH_CHECK(mask.dim() == 3 && mask.size(0) == R.size(0) && mask.size(1) == R.size(2) && mask.size(2) == R.size(3),

@@ -51,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> masked_projection_forward_cuda(const at::Tens
   // every chunk writes all of its partials: no zeroing
   at::Tensor part = at::empty({plan.chunks * plan.part_stride}, opts);
   const cudaStream_t stream = current_stream();
-  launch_projection_forward(dtype_of(R, kOp), R.data_ptr(), x.data_ptr(), map_of(R), map_of(x), m.data_ptr(), sh, features,
-                            seed, plan, part.data_ptr(), stream);
+  launch_projection_forward(dtype_of(R, kOp), R.data_ptr(), x.data_ptr(), map_of(R), map_of(x), m.data_ptr(), sh,
+                            features, seed, plan, part.data_ptr(), stream);
   launch_projection_reduce(dbl, part.data_ptr(), plan, sh.B, features, proj.data_ptr(), sq.data_ptr(), stream);
   return {proj, sq};
 }
