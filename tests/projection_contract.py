@@ -115,3 +115,22 @@ CASES = [
 def case_id(case) -> str:
     B, C, H, W, F, layout, dtype, x_grad = case
     return f"{B}x{C}x{H}x{W}-F{F}-{layout}-{str(dtype)[6:]}" + ("" if x_grad else "-x-no-grad")
+
+
+#: seeds whose row and column keys take both signs as int32 (the kernels' argument type)
+UNIT_IMAGE_SEEDS = [0, 1, 2**31 + 5, 2**32 + 3, 2**63 - 1, 987654321987]
+
+
+def check_unit_images(masked_projection, seed, dtype, device="cpu"):
+    """R = x = the unit vector of d, mask = 1: proj[0, b] = proj[1, b] = W[d_b], entry by entry as
+    gaussian_matrix makes it (float64 to 1e-14, float32 to 2e-6), and sq = 1."""
+    C, H, W, features = 2, 3, 3, 37
+    D = C * H * W
+    rows = torch.tensor([0, 5, 9, D - 1])
+    R = torch.zeros(len(rows), D, dtype=dtype)
+    R[torch.arange(len(rows)), rows] = 1
+    R = R.reshape(-1, C, H, W).to(device)
+    proj, sq = masked_projection(R, R, torch.ones(len(rows), H, W, dtype=dtype, device=device), features, seed)
+    expected = gaussian_matrix(seed, D, features)[rows]
+    torch.testing.assert_close(proj[0].cpu().double(), expected, rtol=0, atol=1e-14 if dtype == torch.float64 else 2e-6)
+    assert torch.equal(proj[0], proj[1]) and torch.equal(sq.cpu(), torch.ones(2, len(rows), dtype=dtype))

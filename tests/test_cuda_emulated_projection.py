@@ -13,7 +13,8 @@ entry by entry. On a GPU, tests/test_cuda_backend.py runs the real kernels.
 import pytest
 import torch
 
-from projection_contract import CASES, case_id, compare_projection, contract, maps, upstream
+from projection_contract import (CASES, UNIT_IMAGE_SEEDS, case_id, check_unit_images, compare_projection, contract,
+                                 maps, upstream)
 from sib_fast.backends import random_features, reference
 from test_cuda_emulated import _build_and_register, pytestmark  # noqa: F401 (skipped with it)
 
@@ -55,21 +56,10 @@ def test_several_chunks_f_blocks_and_image_blocks(monkeypatch, dtype):
     compare_projection(emulated, R, x, mask, 5, seed=98, what="emulated cuda, 64 chunks")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2**31 + 5, 2**32 + 3, 2**63 - 1, 987654321987])
+@pytest.mark.parametrize("seed", UNIT_IMAGE_SEEDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_unit_images_project_to_the_rows_of_w(seed, dtype):
-    # R = the unit vector of d, mask = 1: proj[0, b] = W[d_b] entry by entry, at seeds whose keys
-    # take every value of the high bit
-    C, H, W, features = 2, 3, 3, 37
-    D = C * H * W
-    rows = torch.tensor([0, 5, 9, D - 1])
-    R = torch.zeros(len(rows), D, dtype=dtype)
-    R[torch.arange(len(rows)), rows] = 1
-    R = R.reshape(-1, C, H, W)
-    proj, sq = emulated(R, R, torch.ones(len(rows), H, W, dtype=dtype), features, seed)
-    expected = random_features.gaussian_matrix(seed, D, features)[rows]
-    torch.testing.assert_close(proj[0].double(), expected, rtol=0, atol=1e-14 if dtype == torch.float64 else 2e-6)
-    assert torch.equal(proj[0], proj[1]) and torch.equal(sq, torch.ones(2, len(rows), dtype=dtype))
+    check_unit_images(emulated, seed, dtype)
 
 
 def test_seeds_give_different_projections():

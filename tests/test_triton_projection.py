@@ -14,8 +14,8 @@ shape and bitwise repeatability.
 import pytest
 import torch
 
-from projection_contract import CASES, case_id, compare_projection, contract, maps, upstream
-from sib_fast.backends import random_features
+from projection_contract import (CASES, UNIT_IMAGE_SEEDS, case_id, check_unit_images, compare_projection, contract,
+                                 maps, upstream)
 
 # the interpreter fixtures and the ops module imported as that file imports them (or skipped with it)
 from test_triton_backend import DEVICE, _interpreter_for_dispatch, _tensor_core_rounding, tb  # noqa: F401
@@ -65,26 +65,15 @@ def test_each_output_alone(use):
                        what=f"triton, {use} alone")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2**31 + 5, 2**32 + 3, 2**63 - 1, 987654321987])
+@pytest.mark.parametrize("seed", UNIT_IMAGE_SEEDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_unit_images_project_to_the_rows_of_w(seed, dtype):
-    # R = the unit vector of d, mask = 1: proj[0, b] = W[d_b], entry by entry as gaussian_matrix
-    # makes it, at seeds with row and column keys of either sign as int32 (the kernels' argument)
-    C, H, W, features = 2, 3, 3, 37
-    D = C * H * W
-    rows = torch.tensor([0, 5, 9, D - 1])
-    R = torch.zeros(len(rows), D, dtype=dtype)
-    R[torch.arange(len(rows)), rows] = 1
-    R = R.reshape(-1, C, H, W).to(DEVICE)
-    proj, sq = tb.masked_projection(R, R, torch.ones(len(rows), H, W, dtype=dtype, device=DEVICE), features, seed)
-    expected = random_features.gaussian_matrix(seed, D, features)[rows]
-    torch.testing.assert_close(proj[0].cpu().double(), expected, rtol=0, atol=1e-14 if dtype == torch.float64 else 2e-6)
-    assert torch.equal(proj[0], proj[1]) and torch.equal(sq.cpu(), torch.ones(2, len(rows), dtype=dtype))
+    check_unit_images(tb.masked_projection, seed, dtype, DEVICE)
 
 
 def test_keys_take_both_signs():
     # the seeds above reach negative int32 keys (bits >= 2^31), or the test would not cover them
-    signs = {k < 0 for seed in (0, 1, 2**31 + 5, 2**32 + 3, 2**63 - 1, 987654321987) for k in _signed_keys(seed)}
+    signs = {k < 0 for seed in UNIT_IMAGE_SEEDS for k in _signed_keys(seed)}
     assert signs == {True, False}
 
 

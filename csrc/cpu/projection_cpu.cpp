@@ -99,10 +99,11 @@ struct Vec {
 constexpr int64_t kRowBlock = 4;  // rows of [u; v] (or of grad_proj) per register block
 
 // out[r, j] += sum_{t < nd} U[r, t] Wt[t, j] for r < rows (a multiple of kRowBlock), j < cols
-// (a multiple of 2 kLanes); U rows `ld_u` apart, Wt rows `ld_w`, out rows `ld_out`.
+// (a multiple of 2 kLanes); U rows `ld_u` apart, Wt rows `ld_w`, out rows `ld_out`. The forward
+// takes proj += [u; v]^T W_tile with it, the backward du += grad_proj W_tile^T (cols = one tile).
 template <typename acc_t>
-SIB_MULTIVERSION void tile_product_forward(const acc_t* U, int64_t ld_u, int64_t rows, int64_t nd, const acc_t* Wt,
-                                           int64_t ld_w, int64_t cols, acc_t* out, int64_t ld_out) {
+SIB_MULTIVERSION void tile_product(const acc_t* U, int64_t ld_u, int64_t rows, int64_t nd, const acc_t* Wt,
+                                   int64_t ld_w, int64_t cols, acc_t* out, int64_t ld_out) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t L = Vec<acc_t>::kLanes;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock)
@@ -129,38 +130,6 @@ SIB_MULTIVERSION void tile_product_forward(const acc_t* U, int64_t ld_u, int64_t
         std::memcpy(o + L, &o1, sizeof(vec));
       }
     }
-}
-
-// T[r, t] += sum_{f < nf} G[r, f] Wt[f, t] for r < rows (a multiple of kRowBlock), t < 2 kLanes:
-// G rows `ld_g` apart, Wt rows 2 kLanes.
-template <typename acc_t>
-SIB_MULTIVERSION void tile_product_backward(const acc_t* G, int64_t ld_g, int64_t rows, int64_t nf, const acc_t* Wt,
-                                            acc_t* T) {
-  using vec = typename Vec<acc_t>::type;
-  constexpr int64_t L = Vec<acc_t>::kLanes;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    vec acc[kRowBlock][2] = {};
-    for (int64_t f = 0; f < nf; ++f) {
-      vec w0, w1;
-      std::memcpy(&w0, Wt + f * 2 * L, sizeof(vec));
-      std::memcpy(&w1, Wt + f * 2 * L + L, sizeof(vec));
-      for (int64_t r = 0; r < kRowBlock; ++r) {
-        const acc_t g = G[(r0 + r) * ld_g + f];
-        acc[r][0] += g * w0;
-        acc[r][1] += g * w1;
-      }
-    }
-    for (int64_t r = 0; r < kRowBlock; ++r) {
-      acc_t* o = T + (r0 + r) * 2 * L;
-      vec o0, o1;
-      std::memcpy(&o0, o, sizeof(vec));
-      std::memcpy(&o1, o + L, sizeof(vec));
-      o0 += acc[r][0];
-      o1 += acc[r][1];
-      std::memcpy(o, &o0, sizeof(vec));
-      std::memcpy(o + L, &o1, sizeof(vec));
-    }
-  }
 }
 
 // ---------------------------------------------------------------- shared layout
@@ -262,8 +231,8 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& x, const at::Tensor& 
         for (int64_t j0 = 0; j0 < padded_pairs; j0 += kPairBlock) {
           const int64_t nj = std::min(kPairBlock, padded_pairs - j0);
           gaussian_rows(a.data(), nd, &b_even[j0], &b_odd[j0], nj, kPairBlock, Wc.data(), Ws.data());
-          tile_product_forward(U.data(), kTileRows, g.rows, nd, Wc.data(), kPairBlock, nj, out + j0, ld);
-          tile_product_forward(U.data(), kTileRows, g.rows, nd, Ws.data(), kPairBlock, nj, out + padded_pairs + j0,
+          tile_product(U.data(), kTileRows, g.rows, nd, Wc.data(), kPairBlock, nj, out + j0, ld);
+          tile_product(U.data(), kTileRows, g.rows, nd, Ws.data(), kPairBlock, nj, out + padded_pairs + j0,
                                ld);
         }
       }
@@ -341,7 +310,7 @@ void backward_kernel(const at::Tensor& grad_proj, const at::Tensor& grad_sq, con
           const int64_t nj = std::min(kPairBlock, g.pairs - j0);
           gaussian_cols<acc_t, kPixels>(a.data(), &b_even[j0], &b_odd[j0], nj, Wt.data());
           const int64_t nf = std::min(2 * nj, g.F - 2 * j0);  // an odd F's last sine is not used
-          tile_product_backward(G + 2 * j0, g.F, g.rows, nf, Wt.data(), T.data());
+          tile_product(G + 2 * j0, g.F, g.rows, nf, Wt.data(), kPixels, kPixels, T.data(), kPixels);
         }
         for (int64_t b = 0; b < g.B; ++b) {
           const scalar_t* Rb = Rp + b * R.stride(0);
